@@ -1,0 +1,194 @@
+"""`kvmesh` console script: inject, explain, webhook, certs, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import yaml
+from pydantic import ValidationError
+
+from kvmesh import __version__, workloads
+from kvmesh.webhook import inject
+from kvmesh.webhook.policy import PolicyDefaults, load_defaults
+
+EXIT_DENIED = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    pass
+
+
+def _policy(args: argparse.Namespace) -> PolicyDefaults:
+    data: dict = {}
+    if getattr(args, "policy", None):
+        try:
+            with open(args.policy) as f:
+                loaded = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise UsageError(f"cannot read policy file {args.policy}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise UsageError(f"policy file {args.policy} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise UsageError(f"policy file {args.policy} must hold a mapping")
+        data = loaded
+    try:
+        policy = load_defaults(data)
+        if getattr(args, "mode", None):
+            policy = policy.model_copy(update={"mode": args.mode})
+        return policy
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
+                             for err in e.errors())
+        raise UsageError(f"invalid policy defaults: {problems}") from None
+
+
+def _read_docs(path: str) -> list:
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        return [d for d in yaml.safe_load_all(text)]
+    except yaml.YAMLError as e:
+        raise UsageError(f"{path} is not valid YAML: {e}") from None
+
+
+def _label(r: workloads.DocResult) -> str:
+    return f"{r.kind}/{r.namespace}/{r.name}" if r.name else f"{r.kind} in {r.namespace}"
+
+
+def cmd_inject(args: argparse.Namespace) -> int:
+    policy = _policy(args)
+    docs = _read_docs(args.file)
+    results = [workloads.process(d, policy, args.namespace, args.selected) for d in docs]
+    denied = [r for r in results if r.result and r.result.action == inject.DENY]
+    for r in results:
+        if r.result:
+            for w in r.result.warnings:
+                print(f"kvmesh: warning: {_label(r)}: {w}", file=sys.stderr)
+    if denied:
+        for r in denied:
+            print(f"kvmesh: denied: {_label(r)}: {r.result.message}", file=sys.stderr)
+        return EXIT_DENIED  # write nothing: a partial render would be applied by mistake
+    out = [r.doc for r in results if r.doc is not None]
+    sys.stdout.write(yaml.safe_dump_all(out, sort_keys=False, default_flow_style=False))
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    policy = _policy(args)
+    denied = False
+    for r in (workloads.process(d, policy, args.namespace, args.selected)
+              for d in _read_docs(args.file)):
+        if r.result is None:
+            if r.kind:
+                print(f"{r.kind}: passed through (not a workload kvmesh injects)")
+            continue
+        res = r.result
+        denied |= res.action == inject.DENY
+        head = {inject.INJECT: "inject", inject.SKIP: f"skip ({res.reason})",
+                inject.DENY: f"deny ({res.reason})"}[res.action]
+        print(f"{_label(r)}: {head}")
+        if res.mode:
+            print(f"  mode: {res.mode} ({res.mode_reason})")
+        if res.container:
+            print(f"  container: {res.container}")
+        print(f"  why: {res.message}")
+        for w in res.warnings:
+            print(f"  warning: {w}")
+    return EXIT_DENIED if denied else 0
+
+
+def cmd_webhook(args: argparse.Namespace) -> int:
+    from kvmesh.webhook import server
+    policy = _policy(args)
+    asyncio.run(server.serve(args.host, args.port, args.cert, args.key, lambda: policy))
+    return 0
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from kvmesh.certs import authority
+    now = dt.datetime.now(dt.timezone.utc)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ca = authority.new_ca(now)
+    leaf = authority.issue_leaf(ca, args.host, now, days=args.days)
+    (out / "ca.crt").write_bytes(ca.cert_pem)
+    (out / "tls.crt").write_bytes(leaf.cert_pem)
+    key = out / "tls.key"
+    key.write_bytes(leaf.key_pem)
+    os.chmod(key, 0o600)
+    print(f"wrote {out}/ca.crt, {out}/tls.crt, {out}/tls.key for {', '.join(args.host)}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from kvmesh import demo
+    return demo.run(args)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policy", metavar="FILE",
+                   help="policy defaults (YAML: bare defaults or a KVMeshPolicy)")
+    p.add_argument("--mode", choices=("redis", "controller"),
+                   help="force a mode (overrides the policy file)")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="kvmesh", description=__doc__)
+    ap.add_argument("--version", action="version", version=f"kvmesh {__version__}")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name, fn, help_ in (("inject", cmd_inject, "write manifests with LMCache P2P injected"),
+                            ("explain", cmd_explain, "say per workload what kvmesh would do")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("-f", "--file", required=True, help="YAML file, or - for stdin")
+        p.add_argument("-n", "--namespace", default="default",
+                       help="namespace of documents that name none (default: default)")
+        p.add_argument("--selected", action="store_true",
+                       help="treat workloads as selected by their namespace or a policy "
+                            "(inject without the kvmesh.dev/inject label)")
+        _common(p)
+        p.set_defaults(fn=fn)
+    p = sub.add_parser("webhook", help="run the admission webhook (HTTPS)")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8443)
+    p.add_argument("--cert", required=True)
+    p.add_argument("--key", required=True)
+    _common(p)
+    p.set_defaults(fn=cmd_webhook)
+    p = sub.add_parser("certs", help="write a CA and a serving certificate")
+    p.add_argument("--out", required=True, help="directory for ca.crt, tls.crt, tls.key")
+    p.add_argument("--host", action="append", required=True,
+                   help="DNS name or IP the certificate is for (repeatable)")
+    p.add_argument("--days", type=int, default=7)
+    p.set_defaults(fn=cmd_certs)
+    p = sub.add_parser("demo", help="run the webhook locally and inject a sample Deployment")
+    p.add_argument("--sample", default=None, help="manifest to inject (default: the "
+                   "packaged sample vLLM Deployment)")
+    p.set_defaults(fn=cmd_demo)
+    return ap
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    logging.basicConfig(level=os.environ.get("KVMESH_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except UsageError as e:
+        print(f"kvmesh: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

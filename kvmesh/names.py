@@ -1,0 +1,50 @@
+"""The public contract's fixed names: labels, annotations, object names.
+
+Every other module imports these; nothing else spells them out.
+"""
+
+from __future__ import annotations
+
+DOMAIN = "kvmesh.dev"
+PREFIX = DOMAIN + "/"
+
+# Opt-in is a label (not an annotation) so the webhook configuration's objectSelector keeps
+# every other pod away from the webhook.
+LABEL_INJECT = PREFIX + "inject"
+INJECT_ENABLED = "enabled"
+INJECT_DISABLED = "disabled"
+
+ANN_MODE = PREFIX + "mode"
+ANN_CONTAINER = PREFIX + "container"
+ANN_ALLOW_PARALLEL = PREFIX + "allow-parallel"
+ANN_GROUP = PREFIX + "group"
+ANN_CPU_CACHE_GB = PREFIX + "cpu-cache-gb"
+ANN_STATUS = PREFIX + "status"
+# Written by the controller on Deployments/StatefulSets; read there, accepted on pods too.
+ANN_INJECT = PREFIX + "inject"
+
+MODE_REDIS = "redis"
+MODE_CONTROLLER = "controller"
+MODES = (MODE_REDIS, MODE_CONTROLLER)
+
+DEFAULT_GROUP = "default"
+
+# Names of containerPorts kvmesh declares (<= 15 chars, IANA_SVC_NAME rules).
+PORT_NAME_DISTRIBUTED = "kvm-dist"
+PORT_NAME_INIT = "kvm-init-{rank}"
+PORT_NAME_LOOKUP = "kvm-look-{rank}"
+PORT_NAME_WORKER = "kvm-work-{rank}"
+PORT_NAME_PREFIX = "kvm-"
+
+# The env variable kvmesh adds for the pod IP when the container has none of its own.
+POD_IP_VAR = "KVMESH_POD_IP"
+
+
+def lookup_service_name(mode: str, group: str) -> str:
+    """Name of the Service in front of a peer group's lookup service (same namespace)."""
+    return f"kvmesh-{'redis' if mode == MODE_REDIS else 'lmcache'}-{group}"
+
+
+def lookup_host(mode: str, group: str, namespace: str) -> str:
+    # A namespace-qualified name so pods with custom dnsConfig/searches still resolve it.
+    return f"{lookup_service_name(mode, group)}.{namespace}.svc"

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Create the cached virtualenvs that host the REAL consumers of kvmesh's output
+# (LMCache's config loader of each generation, vLLM's CLI parser), used by the
+# contract tests through tests/consumers/consumers.py.
+#
+#   tests/consumers/setup_envs.sh            # all envs
+#   tests/consumers/setup_envs.sh lmcache-0.3.6 lmcache-0.5.6   # a subset
+#
+# Envs live in ${KVMESH_CACHE:-$HOME/.cache/kvmesh}/envs/<name>.  Each one carries
+# a stamp file holding its exact spec; a matching stamp means "done" (no-op in
+# well under a second), anything else means "rebuild".  A rebuild happens in a
+# temporary directory that is moved into place only when complete, so an
+# interrupted build never leaves a half env behind.
+# Needs only python3 (with venv) and access to PyPI.
+set -euo pipefail
+
+PYTHON="${PYTHON:-python3}"
+CACHE="${KVMESH_CACHE:-$HOME/.cache/kvmesh}"
+ENVS="$CACHE/envs"
+VLLM_VERSION="${KVMESH_VLLM_VERSION:-0.33.0}"
+# Bump when the way an env is built changes without its pip spec changing.
+SPEC_REV=1
+
+mkdir -p "$ENVS"
+PY_ID="$("$PYTHON" -c 'import sys; print(sys.implementation.name, ".".join(map(str, sys.version_info[:3])), sys.executable)')"
+
+# name -> pip install steps, one step per line (each line = args to `pip install`)
+spec_for() {
+  case "$1" in
+    lmcache-0.3.6|lmcache-0.5.6)
+      # Only the config loader is needed: PyYAML (lmcache/v1/config*.py) and
+      # requests (0.5.6 config_base) with their deps, then lmcache itself with
+      # --no-deps (its declared deps pull CUDA torch etc.).  Installing lmcache
+      # last keeps pip from printing its unmet-dependency report.  0.3.6 also
+      # needs `torch.dtype`/`torch.Tensor` for annotations: provided at probe
+      # time by tests/consumers/torch_standin (PYTHONPATH), not installed here.
+      printf '%s\n' "PyYAML requests" "--no-deps lmcache==${1#lmcache-}" ;;
+    vllm-*)
+      # Plain install (pulls CUDA torch, ~10 GB) together with lmcache 0.5.6 and
+      # its deps, so lmcache_controller runs here too.  One resolver run: a
+      # second `pip install lmcache` would downgrade opentelemetry and leave
+      # orphans that make `pip check` complain.
+      printf '%s\n' "vllm==${1#vllm-} lmcache==0.5.6" ;;
+    *) echo "unknown env: $1" >&2; return 1 ;;
+  esac
+}
+
+now() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN{printf "%.1f", b-a}'; }
+
+build_env() {
+  local name="$1" dest="$ENVS/$1" spec stamp t0 tmp
+  spec="$(printf 'rev=%s\npython=%s\n%s\n' "$SPEC_REV" "$PY_ID" "$(spec_for "$name")")"
+  stamp="$dest/.kvmesh-spec"
+  t0="$(now)"
+  if [[ -f "$stamp" ]] && [[ "$(cat "$stamp")" == "$spec" ]]; then
+    echo "[setup_envs] $name: up to date ($(elapsed "$t0")s) $dest"
+    return 0
+  fi
+  echo "[setup_envs] $name: building in $dest"
+  tmp="$(mktemp -d "$ENVS/.build-$name.XXXXXX")"
+  # shellcheck disable=SC2064
+  trap "rm -rf '$tmp'" EXIT
+  "$PYTHON" -m venv "$tmp"
+  local step ts
+  while IFS= read -r step; do
+    [[ -n "$step" ]] || continue
+    ts="$(now)"
+    # shellcheck disable=SC2086
+    "$tmp/bin/python" -m pip install --disable-pip-version-check -q $step
+    echo "[setup_envs] $name: pip install $step ($(elapsed "$ts")s)"
+  done <<<"$(spec_for "$name")"
+  # Console scripts / activate scripts embed the build path: point them at
+  # the final location before moving the env there.
+  grep -rlI --null -F "$tmp" "$tmp/bin" | xargs -0 -r sed -i "s#$tmp#$dest#g"
+  printf '%s\n' "$spec" >"$tmp/.kvmesh-spec"
+  rm -rf "$dest.old"
+  [[ -e "$dest" ]] && mv "$dest" "$dest.old"
+  mv "$tmp" "$dest"
+  rm -rf "$dest.old"
+  trap - EXIT
+  echo "[setup_envs] $name: done in $(elapsed "$t0")s, size $(du -sh "$dest" | cut -f1)"
+}
+
+if [[ $# -eq 0 ]]; then
+  set -- lmcache-0.3.6 lmcache-0.5.6 "vllm-$VLLM_VERSION"
+fi
+T0="$(now)"
+for name in "$@"; do
+  if command -v flock >/dev/null; then
+    # serialise concurrent builders of the same env (e.g. parallel CI jobs)
+    exec {lock}>"$ENVS/.lock-$name"
+    flock "$lock"
+    build_env "$name"
+    exec {lock}>&-
+  else
+    build_env "$name"
+  fi
+done
+echo "[setup_envs] all done in $(elapsed "$T0")s (envs under $ENVS)"

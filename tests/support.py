@@ -1,0 +1,109 @@
+"""Shared test helpers: a real `kvmesh webhook` process over TLS, AdmissionReview building,
+patch application with an independent JSON-patch implementation (jsonpatch)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import jsonpatch
+
+REPO = Path(__file__).resolve().parents[1]
+KVMESH = [sys.executable, "-m", "kvmesh.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(KVMESH + list(args), input=stdin, capture_output=True, text=True,
+                          timeout=60, cwd=REPO)
+
+
+def review_for(pod: dict, dry_run: bool = False, uid: str | None = None) -> dict:
+    return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {"uid": uid or str(uuid.uuid4()),
+                        "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                        "resource": {"group": "", "version": "v1", "resource": "pods"},
+                        "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
+                        "namespace": (pod.get("metadata") or {}).get("namespace", "default"),
+                        "operation": "CREATE", "userInfo": {"username": "system:test"},
+                        "object": pod, "dryRun": dry_run}}
+
+
+def apply_response(pod: dict, response: dict) -> dict:
+    if not response.get("patch"):
+        return pod
+    assert response["patchType"] == "JSONPatch"
+    ops = json.loads(base64.b64decode(response["patch"]))
+    return jsonpatch.apply_patch(pod, ops)
+
+
+class Webhook:
+    """A real `kvmesh webhook` subprocess on loopback with a fresh CA."""
+
+    def __init__(self, tmp: Path, extra_args: tuple[str, ...] = ()):
+        self.tmp = tmp
+        r = run_cli("certs", "--out", str(tmp), "--host", "127.0.0.1", "--days", "1")
+        assert r.returncode == 0, r.stderr
+        self.port = free_port()
+        self.url = f"https://127.0.0.1:{self.port}"
+        self.log = open(tmp / "webhook.log", "w")
+        self.proc = subprocess.Popen(
+            KVMESH + ["webhook", "--host", "127.0.0.1", "--port", str(self.port),
+                      "--cert", str(tmp / "tls.crt"), "--key", str(tmp / "tls.key"),
+                      *extra_args],
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO,
+            env={**os.environ, "KVMESH_LOG_LEVEL": "WARNING"})
+        self.ctx = ssl.create_default_context(cafile=str(tmp / "ca.crt"))
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if self.get("/readyz")[0] == 200:
+                    break
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("webhook did not start: "
+                                   + (tmp / "webhook.log").read_text())
+            time.sleep(0.05)
+
+    def request(self, path: str, body: bytes | None, method: str = "POST",
+                headers: dict | None = None) -> tuple[int, bytes]:
+        req = urllib.request.Request(self.url + path, body, method=method,
+                                     headers=headers or {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, context=self.ctx, timeout=10) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        return self.request(path, None, method="GET", headers={})
+
+    def review(self, pod: dict, dry_run: bool = False, query: str = "") -> dict:
+        status, body = self.request("/mutate" + query,
+                                    json.dumps(review_for(pod, dry_run)).encode())
+        assert status == 200, body
+        return json.loads(body)["response"]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()

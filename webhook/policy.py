@@ -1,0 +1,93 @@
+"""Policy defaults: the knobs a cluster operator sets once (pure, no I/O).
+
+Field defaults here are the single source of every default port, size and timing kvmesh uses.
+The same model is the `spec.defaults` of a KVMeshPolicy and the `--policy` file of the CLI.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+from kvmesh import names
+
+_HOSTPORT = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?:([0-9]{1,5})$")
+_GROUP = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
+
+
+class PolicyDefaults(BaseModel):
+    """Defaults applied to every injected pod unless a pod annotation or env overrides them."""
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, alias_generator=to_camel, populate_by_name=True
+    )
+
+    # Forces a mode for every pod this policy covers; None lets the image tag decide.
+    mode: Optional[Literal["redis", "controller"]] = None
+    # Used when neither annotation, policy mode nor image tag says which generation runs.
+    # The current LMCache generation (0.3.7+) is the safer guess for new images.
+    default_mode: Literal["redis", "controller"] = names.MODE_CONTROLLER
+    group: str = names.DEFAULT_GROUP
+    # LMCache's own default is 5 GB; P2P serves only from this CPU tier.
+    cpu_cache_gb: float = Field(default=5.0, gt=0, le=4096)
+    chunk_size: int = Field(default=256, ge=1, le=1_048_576)
+    # Maintainers' advice (LMCache#1799): one fixed PYTHONHASHSEED for every sharing pod.
+    hash_seed: int = Field(default=0, ge=0, le=4294967295)
+    # Worker heartbeats must beat the controller's reaper timeout, or healthy workers vanish
+    # (LMCache PR #4808).
+    heartbeat_seconds: int = Field(default=10, ge=1, le=3600)
+    worker_timeout_seconds: int = Field(default=30, ge=2, le=86400)
+    distributed_port: int = Field(default=8200, ge=1, le=65535)
+    p2p_init_port: int = Field(default=8200, ge=1, le=65535)
+    p2p_lookup_port: int = Field(default=8210, ge=1, le=65535)
+    worker_port: int = Field(default=8500, ge=1, le=65535)
+    redis_port: int = Field(default=6379, ge=1, le=65535)
+    controller_pull_port: int = Field(default=8300, ge=1, le=65535)
+    controller_reply_port: int = Field(default=8400, ge=1, le=65535)
+    # An external Redis (host:port) instead of the group's own; the controller then purges there.
+    redis_address: Optional[str] = None
+
+    @field_validator("group")
+    @classmethod
+    def _group(cls, v: str) -> str:
+        if not _GROUP.match(v):
+            raise ValueError(
+                "group must be 1-32 lowercase letters, digits or '-', starting and ending "
+                "with a letter or digit"
+            )
+        return v
+
+    @field_validator("redis_address")
+    @classmethod
+    def _redis_address(cls, v: Optional[str]) -> Optional[str]:
+        if v is None:
+            return v
+        m = _HOSTPORT.match(v)
+        # LMCache splits the URL on ':' and has no scheme, auth or IPv6 support (contract §1.2).
+        if not m or not 1 <= int(m.group(2)) <= 65535:
+            raise ValueError(
+                f"redisAddress {v!r} must be host:port without scheme (LMCache splits on ':')"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _heartbeat_below_timeout(self) -> "PolicyDefaults":
+        if self.heartbeat_seconds >= self.worker_timeout_seconds:
+            raise ValueError(
+                f"heartbeatSeconds ({self.heartbeat_seconds}) must be below "
+                f"workerTimeoutSeconds ({self.worker_timeout_seconds}), or the LMCache "
+                "controller reaps healthy workers"
+            )
+        return self
+
+
+def load_defaults(data: dict | None) -> PolicyDefaults:
+    """Accepts either bare defaults or a KVMeshPolicy object (uses spec.defaults)."""
+    if not data:
+        return PolicyDefaults()
+    if isinstance(data, dict) and data.get("kind") == "KVMeshPolicy":
+        data = (data.get("spec") or {}).get("defaults") or {}
+    return PolicyDefaults.model_validate(data)

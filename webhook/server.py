@@ -1,0 +1,233 @@
+"""The webhook's HTTPS edge: aiohttp, TLS with hot reload, probes, Prometheus metrics.
+
+All decisions happen in admission.review (pure); this module only moves bytes, measures and
+logs. It never answers 500: a request it cannot understand gets a 400 naming the problem, and
+an internal error admits the pod un-injected with a warning (and counts it), so a kvmesh bug
+can never block a workload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from kvmesh.webhook import admission
+from kvmesh.webhook.policy import PolicyDefaults
+
+log = logging.getLogger("kvmesh.webhook")
+
+MAX_BODY = 3 * 1024 * 1024  # etcd caps objects at 1.5 MiB; an AdmissionReview holds one
+LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.01,
+                   0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("kvmesh_webhook_requests_total",
+                                "Admission requests by outcome", ["outcome"], registry=r)
+        self.injections = Counter("kvmesh_webhook_injections_total",
+                                  "Pods injected, by mode", ["mode"], registry=r)
+        self.skips = Counter("kvmesh_webhook_skips_total", "Pods admitted without injection, "
+                             "by reason", ["reason"], registry=r)
+        self.denials = Counter("kvmesh_webhook_denials_total", "Pods denied, by reason",
+                               ["reason"], registry=r)
+        self.errors = Counter("kvmesh_webhook_errors_total", "Requests kvmesh could not "
+                              "process (bad_request: the caller's fault; internal: kvmesh's)",
+                              ["kind"], registry=r)
+        self.latency = Histogram("kvmesh_webhook_request_duration_seconds",
+                                 "Time to answer /mutate", buckets=LATENCY_BUCKETS, registry=r)
+        self.cert_reloads = Counter("kvmesh_webhook_cert_reloads_total",
+                                    "Serving certificate reloads", ["result"], registry=r)
+        self.cert_expiry = Gauge("kvmesh_webhook_cert_expiry_timestamp_seconds",
+                                 "notAfter of the serving certificate (unix time)", registry=r)
+
+
+class CertReloader:
+    """Serves from one SSLContext and reloads cert+key into it when the files change.
+
+    New handshakes pick up the new pair; connections already open keep theirs, so no request
+    is dropped. A half-written pair (cert and key not matching) is retried on the next tick
+    and the old pair keeps serving meanwhile.
+    """
+
+    def __init__(self, cert: str, key: str, metrics: Metrics, interval: float = 1.0):
+        self.cert, self.key, self.metrics, self.interval = cert, key, metrics, interval
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
+        self._stamp: Optional[tuple] = None
+        self.loaded = False
+        self.reload()
+
+    def _file_stamp(self) -> tuple:
+        out = []
+        for p in (self.cert, self.key):
+            st = os.stat(p)
+            out.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        return tuple(out)
+
+    def reload(self) -> bool:
+        try:
+            stamp = self._file_stamp()
+            if stamp == self._stamp:
+                return False
+            scratch = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            scratch.load_cert_chain(self.cert, self.key)  # validates the pair first
+            self.context.load_cert_chain(self.cert, self.key)
+        except (OSError, ssl.SSLError) as e:
+            self.metrics.cert_reloads.labels("error").inc()
+            log.error("cannot load serving certificate %s / key %s: %s; %s", self.cert,
+                      self.key, e, "keeping the previous pair" if self.loaded else
+                      "the webhook is not ready until a valid pair exists")
+            return False
+        self._stamp = stamp
+        self.loaded = True
+        self.metrics.cert_reloads.labels("ok").inc()
+        self._record_expiry()
+        log.info("loaded serving certificate %s", self.cert)
+        return True
+
+    def _record_expiry(self) -> None:
+        try:
+            from cryptography import x509
+            with open(self.cert, "rb") as f:
+                leaf = x509.load_pem_x509_certificate(f.read())
+            self.metrics.cert_expiry.set(leaf.not_valid_after_utc.timestamp())
+        except Exception as e:  # only a metric; never fatal
+            log.warning("cannot read the expiry of %s: %s", self.cert, e)
+
+    async def watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            self.reload()
+
+
+@dataclass
+class State:
+    policy: Callable[[], PolicyDefaults]
+    metrics: Metrics
+    ready: Callable[[], bool]
+
+
+def make_app(policy: Callable[[], PolicyDefaults], metrics: Optional[Metrics] = None,
+             ready: Callable[[], bool] = lambda: True) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY)
+    state = State(policy, metrics or Metrics(), ready)
+    app["state"] = state
+    app.router.add_post("/mutate", _mutate)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
+    return app
+
+
+def _bad(state: State, status: int, message: str) -> web.Response:
+    state.metrics.errors.labels("bad_request").inc()
+    state.metrics.requests.labels("bad_request").inc()
+    log.warning("rejected /mutate request: %s", message)
+    return web.json_response({"error": message}, status=status)
+
+
+async def _mutate(request: web.Request) -> web.Response:
+    state: State = request.app["state"]
+    t0 = time.perf_counter()
+    try:
+        if request.content_type not in ("application/json", ""):
+            return _bad(state, 415, f"Content-Type must be application/json, "
+                                    f"not {request.content_type}")
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return _bad(state, 413, f"body larger than {MAX_BODY} bytes")
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            return _bad(state, 400, f"body is not valid JSON: {e}")
+        try:
+            # Which webhook entry sent the pod: /mutate?selected=namespace (or =policy) means
+            # the API server matched the namespace or a cluster policy, not the pod's label.
+            selected = bool(request.query.get("selected"))
+            resp, out = admission.review(body, state.policy(), selected=selected)
+        except admission.BadReview as e:
+            return _bad(state, 400, str(e))
+        except Exception:
+            # A kvmesh bug must not block the workload: admit un-injected, loudly.
+            state.metrics.errors.labels("internal").inc()
+            state.metrics.requests.labels("error").inc()
+            uid = body["request"]["uid"]  # review() validated this before deciding
+            log.exception("internal error deciding request %s; admitting without injection",
+                          uid)
+            return web.json_response(admission._response(
+                uid, True, warnings=["internal error; pod admitted without LMCache P2P "
+                                     "injection (see kvmesh webhook logs)"]))
+        _count(state.metrics, out)
+        log.info("uid=%s pod=%s/%s action=%s reason=%s mode=%s dry_run=%s ops=%d %s",
+                 out.uid, out.namespace, out.name, out.action, out.reason, out.mode,
+                 out.dry_run, out.patch_ops, out.message)
+        return web.json_response(resp)
+    finally:
+        state.metrics.latency.observe(time.perf_counter() - t0)
+
+
+def _count(m: Metrics, out: admission.Outcome) -> None:
+    m.requests.labels(out.action).inc()
+    if out.action == "inject":
+        m.injections.labels(out.mode or "").inc()
+    elif out.action == "skip":
+        m.skips.labels(out.reason).inc()
+    elif out.action == "deny":
+        m.denials.labels(out.reason).inc()
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    state: State = request.app["state"]
+    if state.ready():
+        return web.Response(text="ok")
+    return web.Response(status=503, text="not ready")
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    state: State = request.app["state"]
+    return web.Response(body=generate_latest(state.metrics.registry),
+                        headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def serve(host: str, port: int, cert: str, key: str,
+                policy: Callable[[], PolicyDefaults], grace: float = 3.0,
+                started: Optional[asyncio.Event] = None) -> None:
+    """Run until SIGTERM/SIGINT; then report not-ready, let in-flight requests finish, stop."""
+    metrics = Metrics()
+    reloader = CertReloader(cert, key, metrics)
+    stopping = asyncio.Event()
+    app = make_app(policy, metrics, ready=lambda: reloader.loaded and not stopping.is_set())
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=grace)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, ssl_context=reloader.context)
+    await site.start()
+    watcher = asyncio.create_task(reloader.watch())
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    log.info("kvmesh webhook serving https://%s:%d/mutate", host, port)
+    if started:
+        started.set()
+    await stopping.wait()
+    log.info("stopping: readyz now fails; finishing in-flight requests")
+    await asyncio.sleep(min(grace, 1.0))  # give endpoints time to drop this replica
+    watcher.cancel()
+    await runner.cleanup()
