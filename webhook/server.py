@@ -120,11 +120,14 @@ class State:
     ready: Callable[[], bool]
 
 
+STATE = web.AppKey("state", State)
+
+
 def make_app(policy: Callable[[], PolicyDefaults], metrics: Optional[Metrics] = None,
              ready: Callable[[], bool] = lambda: True) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY)
     state = State(policy, metrics or Metrics(), ready)
-    app["state"] = state
+    app[STATE] = state
     app.router.add_post("/mutate", _mutate)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
@@ -140,7 +143,7 @@ def _bad(state: State, status: int, message: str) -> web.Response:
 
 
 async def _mutate(request: web.Request) -> web.Response:
-    state: State = request.app["state"]
+    state: State = request.app[STATE]
     t0 = time.perf_counter()
     try:
         if request.content_type not in ("application/json", ""):
@@ -195,14 +198,14 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    state: State = request.app["state"]
+    state: State = request.app[STATE]
     if state.ready():
         return web.Response(text="ok")
     return web.Response(status=503, text="not ready")
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    state: State = request.app["state"]
+    state: State = request.app[STATE]
     return web.Response(body=generate_latest(state.metrics.registry),
                         headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -1,0 +1,84 @@
+import base64
+import json
+
+import jsonpatch
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from kvmesh.webhook import admission
+from kvmesh.webhook.policy import PolicyDefaults
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text("a/~b", max_size=3), c,
+                                                          max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values, json_values)
+def test_diff_produces_a_patch_that_turns_before_into_after(before, after):
+    doc = {"root": before}
+    ops = admission.diff(doc, {"root": after})
+    assert jsonpatch.apply_patch(doc, ops) == {"root": after}
+
+
+def test_insertion_at_list_head_is_one_add():
+    ops = admission.diff({"l": [1, 2, 3]}, {"l": [0, 1, 2, 3]})
+    assert ops == [{"op": "add", "path": "/l/0", "value": 0}]
+
+
+def test_keys_with_slash_and_tilde_are_escaped():
+    ops = admission.diff({"a": {}}, {"a": {"kvmesh.dev/status": 1, "x~y": 2}})
+    assert {o["path"] for o in ops} == {"/a/kvmesh.dev~1status", "/a/x~0y"}
+
+
+def review(obj, **req):
+    base = {"uid": "u1", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "operation": "CREATE", "namespace": "ns", "object": obj}
+    base.update(req)
+    return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": base}
+
+
+@pytest.mark.parametrize("body,fragment", [
+    ([], "JSON object"),
+    ({"kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v1beta1"}, "v1beta1"),
+    ({"kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v1"}, "no request"),
+    ({"kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v1", "request": {"uid": 3}},
+     "uid"),
+])
+def test_bad_reviews_raise_with_reason(body, fragment):
+    with pytest.raises(admission.BadReview, match=fragment):
+        admission.review(body, PolicyDefaults())
+
+
+@pytest.mark.parametrize("req", [{"operation": "UPDATE"},
+                                 {"kind": {"group": "apps", "version": "v1", "kind": "Deployment"}},
+                                 {"subResource": "status"}])
+def test_non_pod_create_is_allowed_untouched_with_warning(req):
+    resp, out = admission.review(review({}, **req), PolicyDefaults())
+    assert resp["response"]["allowed"] is True and "patch" not in resp["response"]
+    assert out.action == "ignore" and resp["response"]["warnings"]
+
+
+def test_deny_carries_code_reason_and_uid():
+    pod = {"metadata": {"labels": {"kvmesh.dev/inject": "enabled"},
+                        "annotations": {"kvmesh.dev/mode": "x"}},
+           "spec": {"containers": [{"name": "v", "image": "i", "command": ["vllm", "serve"]}]}}
+    resp, out = admission.review(review(pod), PolicyDefaults())
+    r = resp["response"]
+    assert r["uid"] == "u1" and r["allowed"] is False
+    assert r["status"]["code"] == 403 and r["status"]["reason"] == "invalid-annotation"
+    assert "kvmesh.dev/mode" in r["status"]["message"]
+
+
+def test_patch_is_base64_json_patch():
+    pod = {"metadata": {"generateName": "a-", "labels": {"kvmesh.dev/inject": "enabled"}},
+           "spec": {"containers": [{"name": "v", "image": "lmcache/vllm-openai:v0.3.9",
+                                    "command": ["vllm", "serve", "m"]}]}}
+    resp, out = admission.review(review(pod), PolicyDefaults())
+    r = resp["response"]
+    ops = json.loads(base64.b64decode(r["patch"]))
+    assert r["patchType"] == "JSONPatch" and len(ops) == out.patch_ops > 0
+    patched = jsonpatch.apply_patch(pod, ops)
+    assert patched["spec"]["containers"][0]["args"][0] == "--kv-transfer-config"

@@ -1,0 +1,93 @@
+"""The real `kvmesh webhook` process over TLS: probes, metrics, bad input, dry run."""
+
+import json
+import re
+
+import pytest
+
+from support import review_for
+
+
+def metric(webhook, name, **labels):
+    text = webhook.get("/metrics")[1].decode()
+    sel = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    pat = re.escape(name) + (r"\{" + re.escape(sel) + r"\}" if sel else "") + r" ([0-9.e+]+)"
+    m = re.search(pat, text)
+    return float(m.group(1)) if m else 0.0
+
+
+POD = {"metadata": {"generateName": "q-", "namespace": "ns",
+                    "labels": {"kvmesh.dev/inject": "enabled"}},
+       "spec": {"containers": [{"name": "vllm", "image": "lmcache/vllm-openai:v0.3.6",
+                                "command": ["vllm", "serve", "m"]}]}}
+
+
+def test_probes(webhook):
+    assert webhook.get("/healthz")[0] == 200
+    assert webhook.get("/readyz")[0] == 200
+
+
+@pytest.mark.parametrize("body,status,fragment", [
+    (b"{not json", 400, "not valid JSON"),
+    (b"\xff\xfe", 400, "not valid JSON"),
+    (b"[]", 400, "JSON object"),
+    (b'{"kind":"Pod"}', 400, "AdmissionReview"),
+    (json.dumps({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                 "request": {"uid": ""}}).encode(), 400, "uid"),
+])
+def test_malformed_bodies_get_400_with_reason(webhook, body, status, fragment):
+    before = metric(webhook, "kvmesh_webhook_errors_total", kind="bad_request")
+    code, out = webhook.request("/mutate", body)
+    assert code == status and fragment in json.loads(out)["error"]
+    assert metric(webhook, "kvmesh_webhook_errors_total", kind="bad_request") == before + 1
+
+
+def test_oversized_body_is_413(webhook):
+    code, _ = webhook.request("/mutate", b" " * (4 * 1024 * 1024))
+    assert code == 413
+
+
+def test_wrong_content_type_is_415(webhook):
+    code, out = webhook.request("/mutate", b"{}", headers={"Content-Type": "text/plain"})
+    assert code == 415 and b"application/json" in out
+
+
+def test_get_on_mutate_is_405_not_500(webhook):
+    assert webhook.get("/mutate")[0] == 405
+
+
+def test_injection_counts_and_latency_histogram(webhook):
+    before = metric(webhook, "kvmesh_webhook_injections_total", mode="redis")
+    n_before = metric(webhook, "kvmesh_webhook_request_duration_seconds_count")
+    r = webhook.review(POD)
+    assert r["allowed"] and r["patch"]
+    assert metric(webhook, "kvmesh_webhook_injections_total", mode="redis") == before + 1
+    assert metric(webhook, "kvmesh_webhook_request_duration_seconds_count") == n_before + 1
+    text = webhook.get("/metrics")[1].decode()
+    assert 'kvmesh_webhook_request_duration_seconds_bucket{le="0.0001"}' in text
+
+
+def test_skip_and_denial_counted_by_reason(webhook):
+    tp2 = json.loads(json.dumps(POD))
+    tp2["spec"]["containers"][0]["command"] += ["-tp", "2"]
+    s0 = metric(webhook, "kvmesh_webhook_skips_total", reason="parallelism-unsupported")
+    webhook.review(tp2)
+    assert metric(webhook, "kvmesh_webhook_skips_total",
+                  reason="parallelism-unsupported") == s0 + 1
+    bad = json.loads(json.dumps(POD))
+    bad["metadata"]["annotations"] = {"kvmesh.dev/mode": "nope"}
+    d0 = metric(webhook, "kvmesh_webhook_denials_total", reason="invalid-annotation")
+    r = webhook.review(bad)
+    assert r["allowed"] is False
+    assert metric(webhook, "kvmesh_webhook_denials_total", reason="invalid-annotation") == d0 + 1
+
+
+def test_dry_run_gets_the_same_answer(webhook):
+    assert webhook.review(POD, dry_run=True)["patch"] == webhook.review(POD)["patch"]
+
+
+def test_unlabelled_pod_only_injected_when_api_server_selected_it(webhook):
+    pod = json.loads(json.dumps(POD))
+    del pod["metadata"]["labels"]
+    assert "patch" not in webhook.review(pod)
+    assert webhook.review(pod, query="?selected=namespace")["patch"]
