@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 export KVMESH_CACHE ?= $(HOME)/.cache/kvmesh
 
-.PHONY: demo test setup consumers clean
+.PHONY: demo test bench setup consumers clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ demo: setup
 
 test: setup consumers
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
+
+# Benchmarks print figures next to a baseline measured in the same run; not part of `test`.
+bench: setup
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(VENV)/bin/python bench/mutate.py
 
 clean:
 	rm -rf $(VENV)

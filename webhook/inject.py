@@ -85,12 +85,19 @@ def decide(pod: Any, ctx: Context) -> Result:
     try:
         if not isinstance(pod, dict):
             raise _Deny(R_MALFORMED, "the object is not a JSON object")
-        pod = copy.deepcopy(pod)
-        return _decide(pod, ctx, warnings)
+        return _decide(_copy(pod), ctx, warnings)
     except _Deny as d:
         return Result(DENY, d.reason, str(d), original, warnings)
     except _Skip as s:  # skips that happen before a mode is known
         return Result(SKIP, s.reason, str(s), original, warnings)
+
+
+def _copy(obj: dict) -> dict:
+    """A deep copy; the C JSON codec is ~5x faster than copy.deepcopy for API objects."""
+    try:
+        return json.loads(json.dumps(obj))
+    except (TypeError, ValueError):  # e.g. YAML timestamps from the CLI
+        return copy.deepcopy(obj)
 
 
 # --- helpers over plain dicts (the pod is untrusted JSON: check every type) ---------------
@@ -340,11 +347,12 @@ def _apply_env(c: dict, specs: list[contract.EnvSpec], pod_ip_var: str, create_i
     if create_ip_var:
         env.insert(0, {"name": pod_ip_var,
                        "valueFrom": {"fieldRef": {"fieldPath": contract.POD_IP_FIELD}}})
-    ip_at = next(i for i, e in enumerate(env) if e.get("name") == pod_ip_var)
+    index = {e.get("name"): i for i, e in enumerate(env)}
+    ip_at = index[pod_ip_var]
     appended: list[dict] = []
     for spec in specs:
         want = _entry(spec)
-        idx = next((i for i, e in enumerate(env) if e.get("name") == spec.name), None)
+        idx = index.get(spec.name)
         if idx is None:
             appended.append(want)
             continue
@@ -374,12 +382,11 @@ def _apply_env(c: dict, specs: list[contract.EnvSpec], pod_ip_var: str, create_i
         warnings.append(_replace_message(spec, old, problem))
         if ref in str(want.get("value", "")) and idx < ip_at:
             # $(VAR) only sees variables defined earlier: move it after the pod IP variable.
-            env.pop(idx)
+            env[idx] = None
             appended.append(want)
-            ip_at -= 1
         else:
             env[idx] = want
-    return env + appended
+    return [e for e in env if e is not None] + appended
 
 
 # --- the decision ---------------------------------------------------------------------------

@@ -130,6 +130,7 @@ class Word:
 
 
 _OPERATOR_CHARS = ";&|()\n"
+_PLAIN = re.compile(r"[^\s;&|()<>\\'\"`$]+")
 
 
 def _is_operator(script: str, i: int) -> bool:
@@ -172,6 +173,11 @@ def split_script(script: str) -> list[list[Word]]:
         buf: list[str] = []
         dynamic = False
         while i < n and script[i] not in " \t" and not (i > start and _is_operator(script, i)):
+            m = _PLAIN.match(script, i)
+            if m:  # fast path: a run of characters with no shell meaning
+                buf.append(m.group())
+                i = m.end()
+                continue
             c = script[i]
             if c in "<>&":
                 # Redirection operators (2>&1, >|, >>, &>) stay inside the word so that `&`
