@@ -26,9 +26,11 @@ How a command line is parsed (mirrors vLLM 0.33.0):
   vllm.entrypoints.launchers.api_server.entry.main(): FlexibleArgumentParser +
   make_arg_parser + validate_parsed_serve_args.
 - `--kv-transfer-config` JSON is turned into a KVTransferConfig by the argparse
-  type (pydantic TypeAdapter) while parsing; we then build EngineArgs from the
-  namespace (EngineArgs.from_cli_args, as the server does) and, if its
-  kv_transfer_config is not already a KVTransferConfig, construct one from it.
+  type (pydantic TypeAdapter) while parsing, so a rejected config is a parse
+  error (SystemExit 2); EngineArgs passes that object on unchanged.  (If a
+  vLLM version leaves a dict/str there, the probe constructs KVTransferConfig
+  from it: stage "kv_transfer_config".)
+- Runs with VLLM_TARGET_DEVICE=cpu (no GPU here; see below).
 - connector_registered: kv_connector is a key of KVConnectorFactory._registry
   (vllm/distributed/kv_transfer/kv_connector/factory.py); null when
   kv_connector_module_path names an external module instead.
@@ -64,7 +66,6 @@ os.dup2(2, 1)
 
 import vllm  # noqa: E402
 from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory  # noqa: E402
-from vllm.engine.arg_utils import EngineArgs  # noqa: E402
 from vllm.entrypoints.cli.serve import ServeSubcommand  # noqa: E402
 from vllm.entrypoints.common.cli_args import (  # noqa: E402
     make_arg_parser,
@@ -85,7 +86,7 @@ _PYTHON = re.compile(r"^(.*/)?python[0-9.]*$")
 
 
 def _serve_parser() -> FlexibleArgumentParser:
-    parser = FlexibleArgumentParser(description="vLLM CLI")
+    parser = FlexibleArgumentParser(prog="vllm", description="vLLM CLI")
     subparsers = parser.add_subparsers(required=False, dest="subparser")
     cmd = ServeSubcommand()
     cmd.subparser_init(subparsers).set_defaults(dispatch_function=cmd.cmd)
@@ -93,7 +94,9 @@ def _serve_parser() -> FlexibleArgumentParser:
 
 
 def _api_server_parser() -> FlexibleArgumentParser:
-    parser = FlexibleArgumentParser(description="vLLM OpenAI-Compatible RESTful API server.")
+    parser = FlexibleArgumentParser(
+        prog="api_server.py", description="vLLM OpenAI-Compatible RESTful API server."
+    )
     return make_arg_parser(parser)
 
 
@@ -186,9 +189,10 @@ def parse_one(argv: list[str], load_connector: bool = False) -> dict:
         with contextlib.redirect_stderr(stderr):
             args = parser.parse_args(args_list)
     except SystemExit as e:
-        text = stderr.getvalue().strip().splitlines()
-        last = text[-1] if text else f"exit {e.code}"
-        return {**res, "ok": False, "stage": "parse", "error": f"SystemExit({e.code}): {last}",
+        text = stderr.getvalue()
+        i = text.find(" error: ")
+        msg = text[i + len(" error: ") :].strip() if i >= 0 else (text.strip() or f"exit {e.code}")
+        return {**res, "ok": False, "stage": "parse", "error": f"SystemExit({e.code}): {msg}",
                 "stderr": stderr.getvalue()[-3000:]}
     except Exception as e:  # noqa: BLE001
         return {**res, "ok": False, "stage": "parse", "error": _err(e)}
@@ -208,9 +212,12 @@ def parse_one(argv: list[str], load_connector: bool = False) -> dict:
         kv_transfer_config=None,
         connector_registered=None,
     )
+    # The argparse type of --kv-transfer-config already built a KVTransferConfig
+    # (pydantic TypeAdapter); EngineArgs keeps it as-is and hands it to
+    # VllmConfig.  (EngineArgs.from_cli_args itself is not used: its
+    # __post_init__ resolves the model on the HF hub.)
     try:
-        engine_args = EngineArgs.from_cli_args(args)
-        kv = engine_args.kv_transfer_config
+        kv = getattr(args, "kv_transfer_config", None)
         if kv is not None and not isinstance(kv, KVTransferConfig):
             kv = KVTransferConfig(**(json.loads(kv) if isinstance(kv, str) else dict(kv)))
     except Exception as e:  # noqa: BLE001

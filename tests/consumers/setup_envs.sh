@@ -58,6 +58,8 @@ build_env() {
     return 0
   fi
   echo "[setup_envs] $name: building in $dest"
+  # leftovers of an interrupted earlier build (we hold this env's lock)
+  rm -rf "$ENVS/.build-$name."* "$dest.old"
   tmp="$(mktemp -d "$ENVS/.build-$name.XXXXXX")"
   # shellcheck disable=SC2064
   trap "rm -rf '$tmp'" EXIT

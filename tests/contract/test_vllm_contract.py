@@ -5,6 +5,9 @@ with a connector vLLM has registered. Shell-script launches are parsed the same 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -15,20 +18,49 @@ from kvmesh.webhook import contract, launch
 CASES = [c for c in injected_goldens() if "v0-connector" not in c.case]
 
 
-def _probe_case(c) -> dict:
+STUB = """#!{python}
+import json, os, sys
+with open(os.environ["KVMESH_ARGV_OUT"], "w") as f:
+    json.dump([os.path.basename(sys.argv[0])] + sys.argv[1:], f)
+"""
+
+
+def run_script_with_real_shell(argv: list[str], env: dict, tmp) -> list[str]:
+    """Run the container's `sh -c` command with the real shell, `vllm`/`python*` replaced by
+    a stub that records its argv: quoting, line continuations, redirections and $VAR
+    expansion are then exactly what the shell does, not what kvmesh's parser believes."""
+    bindir = tmp / "bin"
+    bindir.mkdir(exist_ok=True)
+    for name in ("vllm", "python", "python3"):
+        stub = bindir / name
+        stub.write_text(STUB.format(python=sys.executable))
+        stub.chmod(0o755)
+    (bindir / "tee").write_text("#!/bin/sh\nexec cat\n")  # no writes outside tmp
+    (bindir / "tee").chmod(0o755)
+    out = tmp / "argv.json"
+    subprocess.run(argv, env={**env, "PATH": f"{bindir}:/usr/bin:/bin",
+                              "KVMESH_ARGV_OUT": str(out)},
+                   check=True, timeout=20, capture_output=True)
+    return json.loads(out.read_text())
+
+
+def _probe_case(c, tmp) -> dict:
     command, args = c.container.get("command") or [], c.container.get("args") or []
     argv = command + args
     if launch.server_start(argv) is not None:
         return {"argv": argv}
     if command and launch._base(command[0]) in launch.SHELLS:
-        return {"shell": argv[-1]}
+        env = consumers.kubelet_expand(c.container.get("env") or [], c.pod)
+        return {"argv": run_script_with_real_shell(argv, env, tmp)}
     # args-only: the vLLM image's entrypoint is `vllm serve`
     return {"argv": ["vllm", "serve", *args]}
 
 
 @pytest.fixture(scope="module")
-def results():
-    return dict(zip((c.case for c in CASES), consumers.vllm_parse([_probe_case(c) for c in CASES])))
+def results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("shell")
+    return dict(zip((c.case for c in CASES),
+                    consumers.vllm_parse([_probe_case(c, tmp) for c in CASES])))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.case for c in CASES])
@@ -42,7 +74,10 @@ def test_vllm_parses_mutated_command_line(case, results):
 
 
 def test_shell_form_is_covered(results):
-    assert any("shell-script" in c.case for c in CASES)
+    shell = [c.case for c in CASES if "shell-script" in c.case]
+    assert shell
+    for case in shell:  # the real shell expanded $MODEL and kept every flag
+        assert results[case]["argv"][:4] == ["vllm", "serve", "/models/model", "--port"]
 
 
 def test_parser_really_rejects_broken_configs():
