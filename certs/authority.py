@@ -95,3 +95,115 @@ def issue_leaf(ca: KeyPair, hosts: list[str], now: dt.datetime,
 def needs_renewal(cert: x509.Certificate, now: dt.datetime) -> bool:
     start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
     return now >= end - (end - start) * RENEW_FRACTION
+
+
+# --- the CA Secret's life cycle (pure) ---------------------------------------------------------
+#
+# Secret data: ca.crt/ca.key = the CA that signs serving leaves now; next.crt/next.key = its
+# successor while the webhook configuration does not trust it yet; bundle.crt = every CA the
+# API server must trust (current, next, and previous CAs until they expire, because leaves
+# they signed may still be served). Rotation never leaves a moment where a served leaf is not
+# trusted: the successor enters the bundle first, becomes current only once the live
+# configuration carries it, and the old CA stays in the bundle after that.
+
+
+@dataclass(frozen=True)
+class CAState:
+    current: KeyPair
+    next: "KeyPair | None"
+    bundle: tuple[bytes, ...]  # PEM certificates
+
+    def to_secret_data(self) -> dict[str, bytes]:
+        data = {"ca.crt": self.current.cert_pem, "ca.key": self.current.key_pem,
+                "bundle.crt": b"".join(self.bundle)}
+        if self.next:
+            data["next.crt"], data["next.key"] = self.next.cert_pem, self.next.key_pem
+        return data
+
+    @classmethod
+    def from_secret_data(cls, data: dict[str, bytes]) -> "CAState":
+        nxt = None
+        if data.get("next.crt") and data.get("next.key"):
+            nxt = KeyPair(data["next.crt"], data["next.key"])
+        return cls(KeyPair(data["ca.crt"], data["ca.key"]), nxt,
+                   tuple(split_pem(data.get("bundle.crt", b"")) or [data["ca.crt"]]))
+
+    @property
+    def bundle_pem(self) -> bytes:
+        return b"".join(self.bundle)
+
+
+def split_pem(blob: bytes) -> list[bytes]:
+    marker = b"-----END CERTIFICATE-----"
+    out = []
+    for part in blob.split(marker):
+        part = part.strip()
+        if part:
+            out.append(part + b"\n" + marker + b"\n")
+    return out
+
+
+def fingerprint(cert_pem: bytes) -> bytes:
+    return x509.load_pem_x509_certificate(cert_pem).fingerprint(hashes.SHA256())
+
+
+def bundle_contains(bundle_pem: bytes, cert_pem: bytes) -> bool:
+    fp = fingerprint(cert_pem)
+    return any(fingerprint(c) == fp for c in split_pem(bundle_pem))
+
+
+def plan_ca(state: "CAState | None", live_bundle: bytes, now: dt.datetime) -> CAState:
+    """The CA Secret's next state given what the live webhook configuration trusts."""
+    if state is None:
+        ca = new_ca(now)
+        return CAState(ca, None, (ca.cert_pem,))
+    current, nxt = state.current, state.next
+    bundle = list(state.bundle)
+    if nxt is not None and bundle_contains(live_bundle, nxt.cert_pem):
+        current, nxt = nxt, None  # the API server trusts the successor: sign with it now
+    if nxt is None and needs_renewal(current.cert, now):
+        nxt = new_ca(now)
+    for pem in (current.cert_pem, nxt.cert_pem if nxt else None):
+        if pem and not any(fingerprint(b) == fingerprint(pem) for b in bundle):
+            bundle.append(pem)
+    # Drop expired CAs only: a previous CA's leaves expire no later than the CA itself.
+    bundle = [b for b in bundle
+              if x509.load_pem_x509_certificate(b).not_valid_after_utc > now]
+    return CAState(current, nxt, tuple(bundle))
+
+
+def leaf_trusted(leaf_pem: bytes, bundle_pem: bytes, now: dt.datetime) -> bool:
+    """True when a CA of the bundle signed the leaf and the leaf is within its validity."""
+    leaf = x509.load_pem_x509_certificate(leaf_pem)
+    if not leaf.not_valid_before_utc <= now < leaf.not_valid_after_utc:
+        return False
+    for pem in split_pem(bundle_pem):
+        ca = x509.load_pem_x509_certificate(pem)
+        if ca.subject != leaf.issuer:
+            continue
+        try:
+            leaf.verify_directly_issued_by(ca)
+            return True
+        except (ValueError, TypeError, Exception):
+            continue
+    return False
+
+
+def leaf_needs_reissue(leaf_pem: "bytes | None", ca: KeyPair, hosts: list[str],
+                       now: dt.datetime) -> bool:
+    if not leaf_pem:
+        return True
+    leaf = x509.load_pem_x509_certificate(leaf_pem)
+    if needs_renewal(leaf, now):
+        return True
+    try:
+        leaf.verify_directly_issued_by(ca.cert)
+    except Exception:
+        return True  # signed by a CA that is no longer current
+    try:
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return True
+    have = {str(v) for v in san.get_values_for_type(x509.DNSName)} | \
+        {str(v) for v in san.get_values_for_type(x509.IPAddress)}
+    return not set(hosts) <= have

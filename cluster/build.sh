@@ -8,6 +8,8 @@
 #   module cache at build time).
 # Idempotent: when the stamp file exists nothing is built. A build happens in a
 # temp dir that is renamed into place only when complete.
+#   build.sh           build if needed, print the bin dir
+#   build.sh --check   print the bin dir if built, else exit 1 (never builds)
 # The bin dir path is the LAST line printed on stdout; progress goes to stderr.
 set -euo pipefail
 
@@ -29,6 +31,11 @@ if [[ -f "$STAMP" ]]; then
   echo "$OUT/bin"
   exit 0
 fi
+if [[ "${1:-}" == "--check" ]]; then
+  # Report only: exit 1 when the binaries are not built yet.
+  echo "build.sh: not built: $OUT" >&2
+  exit 1
+fi
 
 log() { echo "[build.sh $(date +%H:%M:%S)] $*" >&2; }
 command -v go >/dev/null || { echo "build.sh: 'go' not found on PATH (need Go >= 1.26)" >&2; exit 1; }
@@ -39,6 +46,7 @@ if command -v flock >/dev/null; then
   exec 9>"$CACHE/.$KEY.lock"
   flock 9
   if [[ -f "$STAMP" ]]; then echo "$OUT/bin"; exit 0; fi
+  rm -rf "$CACHE/.build-$KEY".*  # left by an interrupted (killed) build; we hold the lock
 fi
 
 TMP="$(mktemp -d "$CACHE/.build-$KEY.XXXXXX")"
@@ -87,9 +95,10 @@ KWOK_DIR="$(cd "$TMP" && go mod download -json "sigs.k8s.io/kwok@$KWOK_VERSION" 
   done
 } > "$TMP/bin/kwok-stages.yaml"
 
-"$TMP/bin/kube-apiserver" --version >&2
-"$TMP/bin/etcd" --version | head -1 >&2
-"$TMP/bin/kwok" --version >&2 || true
+# Smoke-check every binary (output to stderr; never fatal to the pipe).
+for b in kube-apiserver kube-controller-manager kube-scheduler kwok; do "$TMP/bin/$b" --version >&2; done
+"$TMP/bin/kubectl" version --client >&2
+"$TMP/bin/etcd" --version 2>&1 | sed -n 1p >&2
 (cd "$TMP/bin" && ls -l) >&2
 
 echo "k8s=$K8S_VERSION etcd=$ETCD_VERSION kwok=$KWOK_VERSION built=$(date -u +%Y-%m-%dT%H:%M:%SZ) seconds=$(( $(date +%s) - T0 ))" > "$TMP/.complete"

@@ -110,7 +110,33 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_webhook(args: argparse.Namespace) -> int:
     from kvmesh.webhook import server
     policy = _policy(args)
-    asyncio.run(server.serve(args.host, args.port, args.cert, args.key, lambda: policy))
+    if args.cert_source == "files":
+        if not (args.cert and args.key):
+            raise UsageError("--cert-source files needs --cert and --key")
+        asyncio.run(server.serve(args.host, args.port, args.cert, args.key, lambda: policy))
+        return 0
+    if not args.cert_dir or not args.san:
+        raise UsageError("--cert-source self needs --cert-dir and at least one --san")
+
+    async def main() -> None:
+        from kvmesh import kube
+        from kvmesh.certs.serving import SelfSigned
+        api = await kube.api_client(args.kubeconfig)
+        source = SelfSigned(api, Path(args.cert_dir), args.san, on_change=lambda: None)
+        try:
+            await server.serve(args.host, args.port, str(source.cert_file),
+                               str(source.key_file), lambda: policy, cert_source=source)
+        finally:
+            await api.close()
+
+    asyncio.run(main())
+    return 0
+
+
+def cmd_controller(args: argparse.Namespace) -> int:
+    from kvmesh.controller import main as controller
+    asyncio.run(controller.run(args.kubeconfig, args.metrics_port,
+                               manage_certs=args.cert_source == "self"))
     return 0
 
 
@@ -160,10 +186,23 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("webhook", help="run the admission webhook (HTTPS)")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8443)
-    p.add_argument("--cert", required=True)
-    p.add_argument("--key", required=True)
+    p.add_argument("--cert-source", choices=("files", "self"), default="files",
+                   help="files: --cert/--key managed outside (cert-manager); self: sign a leaf "
+                        "from the kvmesh CA Secret into --cert-dir")
+    p.add_argument("--cert", help="serving certificate file (--cert-source files)")
+    p.add_argument("--key", help="serving key file (--cert-source files)")
+    p.add_argument("--cert-dir", help="where to write the self-signed leaf")
+    p.add_argument("--san", action="append", default=[],
+                   help="DNS name or IP for the leaf (repeatable)")
+    p.add_argument("--kubeconfig", help="kubeconfig (default: in-cluster, else ~/.kube/config)")
     _common(p)
     p.set_defaults(fn=cmd_webhook)
+    p = sub.add_parser("controller", help="run the controller (leader-elected)")
+    p.add_argument("--kubeconfig", help="kubeconfig (default: in-cluster, else ~/.kube/config)")
+    p.add_argument("--metrics-port", type=int, default=9090)
+    p.add_argument("--cert-source", choices=("files", "self"), default="self",
+                   help="self: manage the webhook CA and caBundle; files: cert-manager does")
+    p.set_defaults(fn=cmd_controller)
     p = sub.add_parser("certs", help="write a CA and a serving certificate")
     p.add_argument("--out", required=True, help="directory for ca.crt, tls.crt, tls.key")
     p.add_argument("--host", action="append", required=True,

@@ -316,23 +316,10 @@ class DevCluster:
             atexit.unregister(self.stop)
         except Exception:
             pass
+        # Reverse start order, one at a time: kube-apiserver still needs etcd to
+        # clean up its lease while shutting down.
         for name, proc in reversed(self._procs):
-            if proc.poll() is not None:
-                continue
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                continue
-        deadline = time.monotonic() + 15
-        for name, proc in reversed(self._procs):
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait()
+            self._terminate(proc, timeout=10 if name == "kube-apiserver" else 5)
         self._procs.clear()
         if self.workdir is None:
             return
@@ -340,6 +327,22 @@ class DevCluster:
             print(f"kvmesh devcluster: logs kept in {self.workdir / 'logs'}", file=sys.stderr)
         else:
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+    @staticmethod
+    def _terminate(proc: subprocess.Popen, timeout: float) -> None:
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)  # pgid == pid: start_new_session=True
+            proc.wait(timeout)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
 
     def mark_failed(self) -> None:
         """Keep the work dir (and logs) at stop()."""
@@ -365,6 +368,7 @@ class DevCluster:
         kcm = pki.issue("kube-controller-manager", "system:kube-controller-manager")
         sched = pki.issue("kube-scheduler", "system:kube-scheduler")
         kwok = pki.issue("kwok", "kwok-controller", orgs=("system:masters",))
+        proxy_crt, proxy_key = pki.issue("front-proxy-client", "front-proxy-client")
 
         self.kubeconfig = str(self._write_kubeconfig(w / "admin.kubeconfig", *admin))
         kcm_kc = self._write_kubeconfig(w / "kube-controller-manager.kubeconfig", *kcm)
@@ -399,6 +403,14 @@ class DevCluster:
             "--endpoint-reconciler-type=none",
             "--profiling=false",
             f"--cert-dir={w / 'apiserver-certs'}",
+            # Aggregation-layer settings; without them every component logs
+            # "missing content for CA bundle ... requestheader-client-ca-file".
+            f"--requestheader-client-ca-file={pki.ca_cert}",
+            "--requestheader-allowed-names=front-proxy-client",
+            "--requestheader-username-headers=X-Remote-User",
+            "--requestheader-group-headers=X-Remote-Group",
+            "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+            f"--proxy-client-cert-file={proxy_crt}", f"--proxy-client-key-file={proxy_key}",
         ])
         self._wait("kube-apiserver /readyz", lambda: self._api_ok("/readyz"))
 

@@ -48,3 +48,13 @@ def lookup_service_name(mode: str, group: str) -> str:
 def lookup_host(mode: str, group: str, namespace: str) -> str:
     # A namespace-qualified name so pods with custom dnsConfig/searches still resolve it.
     return f"{lookup_service_name(mode, group)}.{namespace}.svc"
+
+# --- install-time names (manifests/ uses the same) ---
+SYSTEM_NAMESPACE = "kvmesh-system"
+WEBHOOK_SERVICE = "kvmesh-webhook"
+WEBHOOK_CONFIGURATION = "kvmesh"
+WEBHOOK_POD_ENTRY = "pods.kvmesh.dev"  # pods labelled kvmesh.dev/inject=enabled
+WEBHOOK_NAMESPACE_ENTRY = "namespaces.kvmesh.dev"  # unlabelled pods in enabled namespaces
+CA_SECRET = "kvmesh-webhook-ca"
+LEADER_LEASE = "kvmesh-controller"
+FIELD_MANAGER = "kvmesh-controller"

@@ -212,25 +212,44 @@ async def _metrics(request: web.Request) -> web.Response:
 
 async def serve(host: str, port: int, cert: str, key: str,
                 policy: Callable[[], PolicyDefaults], grace: float = 3.0,
-                started: Optional[asyncio.Event] = None) -> None:
-    """Run until SIGTERM/SIGINT; then report not-ready, let in-flight requests finish, stop."""
+                started: Optional[asyncio.Event] = None,
+                cert_source: Optional[object] = None) -> None:
+    """Run until SIGTERM/SIGINT; then report not-ready, let in-flight requests finish, stop.
+
+    cert_source (certs.serving.SelfSigned) keeps cert/key files current and says whether the
+    live webhook configuration trusts them; without it the files are managed outside
+    (cert-manager, the demo)."""
     metrics = Metrics()
+    if cert_source is not None:
+        await cert_source.step()  # first leaf before the listener needs it
     reloader = CertReloader(cert, key, metrics)
+    if cert_source is not None:
+        cert_source.on_change = reloader.reload
     stopping = asyncio.Event()
-    app = make_app(policy, metrics, ready=lambda: reloader.loaded and not stopping.is_set())
+
+    def ready() -> bool:
+        return reloader.loaded and not stopping.is_set() and \
+            (cert_source is None or cert_source.ready())
+
+    app = make_app(policy, metrics, ready=ready)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=grace)
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=reloader.context)
     await site.start()
-    watcher = asyncio.create_task(reloader.watch())
+    tasks = [asyncio.create_task(reloader.watch())]
+    if cert_source is not None:
+        tasks.append(asyncio.create_task(cert_source.run()))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     log.info("kvmesh webhook serving https://%s:%d/mutate", host, port)
     if started:
         started.set()
-    await stopping.wait()
-    log.info("stopping: readyz now fails; finishing in-flight requests")
-    await asyncio.sleep(min(grace, 1.0))  # give endpoints time to drop this replica
-    watcher.cancel()
-    await runner.cleanup()
+    try:
+        await stopping.wait()
+        log.info("stopping: readyz now fails; finishing in-flight requests")
+        await asyncio.sleep(min(grace, 1.0))  # give endpoints time to drop this replica
+    finally:
+        for t in tasks:
+            t.cancel()
+        await runner.cleanup()

@@ -104,12 +104,14 @@ def test_server_side_dry_run_apply(devcluster, namespace):
         "metadata": {"name": "dry", "namespace": namespace},
         "data": {"key": "value"},
     }
-    res = devcluster.kubectl("apply", "--server-side", "--dry-run=server", "-o", "json", "-f", "-",
+    res = devcluster.kubectl("apply", "--server-side", "--dry-run=server", "--show-managed-fields",
+                             "-o", "json", "-f", "-",
                              input=json.dumps(cm))
     out = json.loads(res.stdout)
     assert out["kind"] == "ConfigMap" and out["data"] == {"key": "value"}
     assert out["metadata"]["uid"]  # filled by the apiserver, so it really went through admission/storage layers
-    assert any(m.get("operation") == "Apply" for m in out["metadata"]["managedFields"])
+    # The server computed field ownership for the apply: a real server-side apply.
+    assert [(m["manager"], m["operation"]) for m in out["metadata"]["managedFields"]] == [("kubectl", "Apply")]
 
     missing = devcluster.kubectl("get", "configmap", "dry", "-n", namespace, check=False)
     assert missing.returncode != 0 and "NotFound" in missing.stderr  # dry run persisted nothing
