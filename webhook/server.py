@@ -129,6 +129,9 @@ def make_app(policy: Callable[[], PolicyDefaults], metrics: Optional[Metrics] = 
     state = State(policy, metrics or Metrics(), ready)
     app[STATE] = state
     app.router.add_post("/mutate", _mutate)
+    # Entries that select by namespace or policy call /mutate/<why>: the pod is opted in
+    # without its own label.
+    app.router.add_post("/mutate/{selected}", _mutate)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
@@ -158,9 +161,7 @@ async def _mutate(request: web.Request) -> web.Response:
         except (ValueError, UnicodeDecodeError) as e:
             return _bad(state, 400, f"body is not valid JSON: {e}")
         try:
-            # Which webhook entry sent the pod: /mutate?selected=namespace (or =policy) means
-            # the API server matched the namespace or a cluster policy, not the pod's label.
-            selected = bool(request.query.get("selected"))
+            selected = bool(request.match_info.get("selected"))
             resp, out = admission.review(body, state.policy(), selected=selected)
         except admission.BadReview as e:
             return _bad(state, 400, str(e))

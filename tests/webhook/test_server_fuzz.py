@@ -69,7 +69,7 @@ async def client():
 
 
 async def _check(client, body: bytes):
-    r = await client.post("/mutate?selected=namespace", data=body,
+    r = await client.post("/mutate/namespace", data=body,
                           headers={"Content-Type": "application/json"})
     assert r.status in (200, 400), (r.status, await r.text())
     data = await r.json()

@@ -90,4 +90,4 @@ def test_unlabelled_pod_only_injected_when_api_server_selected_it(webhook):
     pod = json.loads(json.dumps(POD))
     del pod["metadata"]["labels"]
     assert "patch" not in webhook.review(pod)
-    assert webhook.review(pod, query="?selected=namespace")["patch"]
+    assert webhook.review(pod, query="/namespace")["patch"]

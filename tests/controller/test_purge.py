@@ -1,0 +1,363 @@
+"""kvmesh.controller.purge against a real redis-server (started per test by conftest.py).
+
+Keys are written the way LMCache's RedisLookupServer writes them: plain SET, no TTL, DB 0,
+from a client of their own."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+import redis
+import redis.asyncio as aredis
+
+from kvmesh.controller import purge as P
+
+DEAD, LIVE_A, LIVE_B = "10.1.0.9:8200", "10.1.0.10:8200", "10.1.0.11:8200"
+MODEL = "vllm@meta-llama/Llama-3.1-8B-Instruct@1@0@"
+
+
+def key(tag: str, i: int) -> bytes:
+    return f"{MODEL}{tag}{i:060x}".encode()
+
+
+async def load(r: aredis.Redis, addr: str, n: int, tag: str) -> list[bytes]:
+    keys = [key(tag, i) for i in range(n)]
+    for i in range(0, n, 5000):
+        pipe = r.pipeline(transaction=False)
+        for k in keys[i:i + 5000]:
+            pipe.set(k, addr)
+        await pipe.execute()
+    return keys
+
+
+async def values_of(r: aredis.Redis) -> dict[bytes, bytes]:
+    """Every LMCache-style string key -> value (own kvmesh: keys excluded)."""
+    out: dict[bytes, bytes] = {}
+    async for keys in P._scan_batches(r, 5000):
+        out.update(zip(keys, await r.mget(keys)))
+    return out
+
+
+def count(values: dict, addr: str) -> int:
+    return sum(1 for v in values.values() if v == addr.encode())
+
+
+@pytest.fixture
+async def lmcache(redis_server):
+    """The writer: a client of its own, as LMCache's pods are."""
+    r = aredis.Redis(port=redis_server.port)
+    yield r
+    await r.aclose()
+
+
+@pytest.fixture
+async def index(redis_server):
+    idx = P.AddressIndex(port=redis_server.port, health_interval=1.0)
+    assert await idx.start(wait=10)
+    yield idx
+    await idx.stop()
+
+
+# ---- pure functions ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value,expected", [
+    (b"10.0.0.1:8200", "10.0.0.1:8200"), ("pod-a.ns:1", "pod-a.ns:1"),
+    (b"10.0.0.1", None), (b"10.0.0.1:", None), (b":80", None), (b"10.0.0.1:0", None),
+    (b"10.0.0.1:65536", None), (b"::1:80", None), (b"a b:80", None), (b"h:8x", None),
+    (b"\xff:80", None), (None, None), (b"x" * 400 + b":1", None),
+])
+def test_parse_addr(value, expected):
+    assert P.parse_addr(value) == expected
+
+
+@pytest.mark.parametrize("current,expected", [
+    ("", "E$"), ("E", "E$"), ("$E", None), ("AE", None), ("Kx", "KxE$"), ("KA", "KAE"),
+])
+def test_notify_flags_to_set(current, expected):
+    assert P.notify_flags_to_set(current) == expected
+
+
+def test_parse_resp_frames_partial_and_events():
+    ch = b"__keyevent@0__:set"
+    msg = P.resp_command("message", ch, b"k1") + P.resp_command("message", ch, b"kvmesh:addr:x")
+    msg += P.resp_command("message", ch, b"kvmesh:barrier:ab12") + P.resp_command("message", ch, b"k1")
+    sub = b"*3\r\n$9\r\nsubscribe\r\n$18\r\n" + ch + b"\r\n:1\r\n"
+    data = sub + msg + b"*2\r\n$4\r\npong\r\n$0\r\n\r\n"
+    for cut in range(len(data) + 1):  # every split point parses to the same frames
+        f1, pos = P.parse_resp_frames(data[:cut])
+        f2, pos2 = P.parse_resp_frames(data[:cut][pos:] + data[cut:])
+        assert pos2 == len(data[:cut][pos:] + data[cut:])
+        frames = f1 + f2
+        assert frames[0] == [b"subscribe", ch, 1] and frames[-1] == [b"pong", b""]
+    assert P.event_keys(frames, ch) == ([b"k1"], ["ab12"])
+    assert P.parse_resp_frames(b"-ERR no\r\n") == ([("-", b"ERR no")], 9)
+
+
+def test_group_by_addr_drops_own_and_junk():
+    keys = [b"a", b"b", b"kvmesh:x", b"c", b"d"]
+    values = [DEAD.encode(), b"junk", DEAD.encode(), None, LIVE_A.encode()]
+    assert P.group_by_addr(keys, values) == {DEAD: [b"a"], LIVE_A: [b"d"]}
+
+
+# ---- index from notifications + purge ---------------------------------------------------------
+
+async def test_purge_dead_address_exact_counts(index, lmcache):
+    dead = await load(lmcache, DEAD, 10000, "d")
+    await load(lmcache, LIVE_A, 6000, "a")
+    await load(lmcache, LIVE_B, 4000, "b")
+    await lmcache.set(b"vllm@junk@1", b"not-an-address")
+    await lmcache.sadd(b"some:set", b"x")  # non-string keys are left alone
+    assert await index.sync()
+
+    # The index came from notifications only (the start-up reconcile saw an empty Redis).
+    assert set(await lmcache.smembers(P.index_key(DEAD))) == set(dead)
+    assert await lmcache.scard(P.index_key(LIVE_A)) == 6000
+    assert await lmcache.scard(P.index_key(LIVE_B)) == 4000
+    assert index.stats.keys_indexed == 20000
+
+    res = await index.purge_address(DEAD)
+    assert (res.deleted, res.checked, res.full_scan) == (10000, 10000, False)
+    vals = await values_of(lmcache)
+    assert (count(vals, DEAD), count(vals, LIVE_A), count(vals, LIVE_B)) == (0, 6000, 4000)
+    assert len(vals) == 10001 and vals[b"vllm@junk@1"] == b"not-an-address"
+    assert not await lmcache.exists(P.index_key(DEAD))
+    assert await lmcache.scard(P.index_key(LIVE_A)) == 6000
+    assert index.stats.keys_purged == 10000 and index.stats.purges == 1
+
+    again = await index.purge_address(DEAD)  # idempotent
+    assert (again.deleted, again.checked) == (0, 0)
+
+
+async def test_key_rewritten_by_live_pod_survives(index, lmcache):
+    dead = await load(lmcache, DEAD, 5000, "d")
+    assert await index.sync()
+    stolen = dead[:300]
+    pipe = lmcache.pipeline(transaction=False)
+    for k in stolen:  # a live pod stored the same chunk since: the key is now its own
+        pipe.set(k, LIVE_A)
+    await pipe.execute()
+    # Drain straight away, before the indexer has seen these writes: the dead pod's index set
+    # still lists the stolen keys, and only the atomic value check spares them.
+    res = await P.drain_index(index.redis, DEAD)
+    assert (res.deleted, res.checked) == (4700, 5000)
+    vals = await values_of(lmcache)
+    assert len(vals) == 300 and all(vals[k] == LIVE_A.encode() for k in stolen)
+    assert await index.sync()
+    assert set(await lmcache.smembers(P.index_key(LIVE_A))) == set(stolen)
+
+
+async def test_purge_waits_for_indexer_backlog(index, lmcache):
+    # Written and purged back to back: purge_address's barrier makes the indexer catch up first.
+    await load(lmcache, DEAD, 20000, "d")
+    res = await index.purge_address(DEAD)
+    assert res.deleted == 20000 and not res.full_scan
+    assert await values_of(lmcache) == {}  # only kvmesh:barrier:* probes (PX 30 s) remain
+
+
+# ---- reconcile --------------------------------------------------------------------------------
+
+async def test_reconcile_purges_stale_and_rebuilds_live(redis_server, lmcache):
+    a = await load(lmcache, LIVE_A, 3000, "a")
+    b = await load(lmcache, LIVE_B, 2000, "b")
+    await load(lmcache, DEAD, 4000, "d")
+    await load(lmcache, "10.1.0.99:8200", 1000, "e")
+    # Leftovers in the index: a member now owned by B, one since deleted, an empty dead set.
+    await lmcache.sadd(P.index_key(LIVE_A), b[0], b"vllm@gone@1")
+    await lmcache.sadd(P.index_key("10.1.0.77:8200"), b"vllm@gone@2")
+    r = aredis.Redis(port=redis_server.port)
+    try:
+        res = await P.reconcile(r, {LIVE_A, LIVE_B})
+    finally:
+        await r.aclose()
+    assert (res.scanned, res.indexed, res.purged, res.pruned) == (10000, 10000, 5000, 2)
+    assert res.stale_addrs == {DEAD: 4000, "10.1.0.99:8200": 1000}
+    vals = await values_of(lmcache)
+    assert len(vals) == 5000 and (count(vals, LIVE_A), count(vals, LIVE_B)) == (3000, 2000)
+    assert set(await lmcache.smembers(P.index_key(LIVE_A))) == set(a)
+    assert set(await lmcache.smembers(P.index_key(LIVE_B))) == set(b)
+    idx_keys = set(await lmcache.keys(b"kvmesh:addr:*"))
+    assert idx_keys == {P.index_key(LIVE_A), P.index_key(LIVE_B)}
+
+
+async def test_reconcile_live_provider_evaluated_after_scan(redis_server, lmcache):
+    await load(lmcache, DEAD, 500, "d")
+    calls = []
+
+    async def live():  # e.g. the pod informer; a pod that became live during the scan counts
+        calls.append(1)
+        return {DEAD}
+
+    r = aredis.Redis(port=redis_server.port)
+    try:
+        res = await P.reconcile(r, live)
+        assert res.purged == 0 and calls == [1]
+        assert (await P.reconcile(r, None)).purged == 0  # None: rebuild only
+    finally:
+        await r.aclose()
+    assert await lmcache.dbsize() == 501
+
+
+async def test_startup_reconcile_with_live_provider(redis_server, lmcache):
+    await load(lmcache, DEAD, 2000, "d")  # died while nobody watched
+    await load(lmcache, LIVE_A, 1000, "a")
+    async with P.AddressIndex(port=redis_server.port, live_addrs=lambda: {LIVE_A}) as idx:
+        assert idx.index_complete and idx.stats.reconcile_purged == 2000
+        vals = await values_of(lmcache)
+        assert len(vals) == 1000 and count(vals, LIVE_A) == 1000
+
+
+async def test_full_scan_fallback_without_subscription(redis_server, lmcache):
+    await load(lmcache, DEAD, 3000, "d")
+    await load(lmcache, LIVE_A, 1000, "a")
+    idx = P.AddressIndex(port=redis_server.port)  # never started: no index to trust
+    try:
+        res = await idx.purge_address(DEAD)
+    finally:
+        await idx.stop()
+    assert res.full_scan and res.deleted == 3000
+    assert await lmcache.dbsize() == 1000
+
+
+async def test_naive_baseline(redis_server, lmcache):
+    await load(lmcache, DEAD, 3000, "d")
+    await load(lmcache, LIVE_A, 1000, "a")
+    r = aredis.Redis(port=redis_server.port)
+    try:
+        res = await P.purge_address_naive(r, DEAD)
+    finally:
+        await r.aclose()
+    assert (res.deleted, res.checked) == (3000, 4000)
+    assert await lmcache.dbsize() == 1000
+
+
+# ---- resilience -------------------------------------------------------------------------------
+
+async def test_redis_restarted_mid_purge(redis_server, lmcache, caplog):
+    caplog.set_level(logging.INFO, logger="kvmesh.purge")
+    idx = P.AddressIndex(port=redis_server.port, drain_batch=100, health_interval=1.0,
+                         backoff_base=0.02)
+    assert await idx.start(wait=10)
+    try:
+        await load(lmcache, DEAD, 20000, "d")
+        await load(lmcache, LIVE_A, 2000, "a")
+        assert await idx.sync()
+        restarted = []
+
+        def hook(addr, res):
+            if not restarted:  # kill -9 after the first round trip, come back empty
+                restarted.append(res.deleted)
+                redis_server.restart_empty()
+
+        idx.progress_hook = hook
+        res = await idx.purge_address(DEAD)  # retries, finds the (empty) set, finishes
+        assert restarted and 0 < restarted[0] < 20000 and res.deleted == restarted[0]
+        assert idx.stats.errors >= 1
+        idx.progress_hook = None
+
+        assert await idx.wait_complete(15), "did not resubscribe after the restart"
+        assert idx.stats.subscriptions == 2
+        assert "E" in (await lmcache.config_get("notify-keyspace-events"))["notify-keyspace-events"]
+        assert any("subscription lost" in r.message for r in caplog.records)
+
+        await load(lmcache, DEAD, 3000, "n")  # later writes are indexed and purged
+        await load(lmcache, LIVE_A, 500, "m")
+        res = await idx.purge_address(DEAD)
+        assert (res.deleted, res.full_scan) == (3000, False)
+        vals = await values_of(lmcache)
+        assert len(vals) == 500 and count(vals, LIVE_A) == 500
+    finally:
+        await idx.stop()
+
+
+async def test_connection_killed_mid_purge_then_resumed(redis_server, lmcache):
+    idx = P.AddressIndex(port=redis_server.port, drain_batch=100, max_attempts=1)
+    assert await idx.start(wait=10)
+    try:
+        await load(lmcache, DEAD, 20000, "d")
+        await load(lmcache, LIVE_A, 2000, "a")
+        assert await idx.sync()
+        killer = redis.Redis(port=redis_server.port)
+        killed = []
+
+        def hook(addr, res):
+            if not killed:
+                killed.append(killer.client_kill_filter(_type="normal"))
+
+        idx.progress_hook = hook
+        with pytest.raises(P.PurgeError) as err:
+            await idx.purge_address(DEAD)
+        partial = err.value.partial
+        assert killed and 0 < partial.deleted < 20000
+        idx.progress_hook = None
+        res = await idx.purge_address(DEAD)  # resumes from what is left in the index set
+        assert partial.deleted + res.deleted == 20000
+        vals = await values_of(lmcache)
+        assert (count(vals, DEAD), count(vals, LIVE_A)) == (0, 2000)
+        assert not await lmcache.exists(P.index_key(DEAD))
+        killer.close()
+    finally:
+        await idx.stop()
+
+
+async def test_connection_killed_mid_purge_retried_transparently(redis_server, lmcache):
+    idx = P.AddressIndex(port=redis_server.port, drain_batch=100, backoff_base=0.01)
+    assert await idx.start(wait=10)
+    try:
+        await load(lmcache, DEAD, 5000, "d")
+        assert await idx.sync()
+        killer = redis.Redis(port=redis_server.port)
+        idx.progress_hook = lambda a, r: r.checked == 400 and killer.client_kill_filter(_type="normal")
+        res = await idx.purge_address(DEAD)
+        killer.close()
+        assert idx.stats.errors >= 1 and await values_of(lmcache) == {}
+        assert res.deleted <= 5000
+    finally:
+        await idx.stop()
+
+
+async def test_subscription_killed_resubscribes_and_reconciles(redis_server, lmcache):
+    idx = P.AddressIndex(port=redis_server.port, backoff_base=0.01)
+    assert await idx.start(wait=10)
+    try:
+        await lmcache.client_kill_filter(_type="pubsub")
+        await load(lmcache, DEAD, 2000, "d")  # written while the subscriber is away
+        assert await idx.wait_complete(10)
+        assert idx.stats.subscriptions == 2 and idx.stats.reconciles == 2
+        assert await lmcache.scard(P.index_key(DEAD)) == 2000  # rebuilt by the reconcile
+        res = await idx.purge_address(DEAD)
+        assert res.deleted == 2000 and not res.full_scan
+    finally:
+        await idx.stop()
+
+
+async def test_config_refused_logs_and_falls_back(make_redis_server, caplog):
+    srv = make_redis_server("--rename-command", "CONFIG", "")
+    caplog.set_level(logging.INFO, logger="kvmesh.purge")
+    idx = P.AddressIndex(port=srv.port, sync_timeout=0.3, backoff_base=0.01)
+    w = aredis.Redis(port=srv.port)
+    try:
+        assert not await idx.start(wait=1.5)
+        assert any("notify-keyspace-events E$" in r.message and r.levelno == logging.ERROR
+                   for r in caplog.records)
+        await load(w, DEAD, 1000, "d")
+        res = await idx.purge_address(DEAD)
+        assert res.full_scan and res.deleted == 1000
+    finally:
+        await idx.stop()
+        await w.aclose()
+
+
+async def test_preconfigured_notifications_without_config_command(make_redis_server):
+    srv = make_redis_server("--rename-command", "CONFIG", "", "--notify-keyspace-events", "E$")
+    idx = P.AddressIndex(port=srv.port)
+    w = aredis.Redis(port=srv.port)
+    try:
+        assert await idx.start(wait=10)  # the probe write proved events arrive
+        await load(w, DEAD, 1000, "d")
+        res = await idx.purge_address(DEAD)
+        assert res.deleted == 1000 and not res.full_scan
+    finally:
+        await idx.stop()
+        await w.aclose()
