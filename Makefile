@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 export KVMESH_CACHE ?= $(HOME)/.cache/kvmesh
 
-.PHONY: demo test bench setup consumers clean
+.PHONY: demo test bench setup consumers cluster system-packages clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,11 +18,18 @@ setup: $(VENV)/.installed
 consumers:
 	bash tests/consumers/setup_envs.sh
 
-demo: setup
+cluster:
+	bash cluster/build.sh
+
+demo: setup cluster
 	$(VENV)/bin/kvmesh demo
 
-test: setup consumers
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
+# redis-server: the real lookup service for the controller's tests (Debian package).
+system-packages:
+	command -v redis-server >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null)
+
+test: setup consumers cluster system-packages
+	KVMESH_REQUIRE_CLUSTER=1 $(VENV)/bin/python -m pytest -q -p no:cacheprovider
 
 # Benchmarks print figures next to a baseline measured in the same run; not part of `test`.
 bench: setup

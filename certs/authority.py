@@ -14,8 +14,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-CA_DAYS = 365
-LEAF_DAYS = 7
+CA_VALIDITY = dt.timedelta(days=365)
+LEAF_VALIDITY = dt.timedelta(days=7)
 # Renew when less than this fraction of the lifetime is left (cert-manager renews at 1/3).
 RENEW_FRACTION = 1 / 3
 
@@ -41,16 +41,22 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
+def _backdate(validity: dt.timedelta) -> dt.timedelta:
+    # Tolerate clock skew between replicas and the API server, without eating short
+    # (test) lifetimes.
+    return min(dt.timedelta(minutes=5), validity / 10)
+
+
 def new_ca(now: dt.datetime, common_name: str = "kvmesh-webhook-ca",
-           days: int = CA_DAYS) -> KeyPair:
+           validity: dt.timedelta = CA_VALIDITY) -> KeyPair:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     cert = (x509.CertificateBuilder()
             .subject_name(name).issuer_name(name)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))  # tolerate clock skew
-            .not_valid_after(now + dt.timedelta(days=days))
+            .not_valid_before(now - _backdate(validity))
+            .not_valid_after(now + validity)
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True,
                                          crl_sign=True, content_commitment=False,
@@ -64,7 +70,7 @@ def new_ca(now: dt.datetime, common_name: str = "kvmesh-webhook-ca",
 
 
 def issue_leaf(ca: KeyPair, hosts: list[str], now: dt.datetime,
-               days: int = LEAF_DAYS) -> KeyPair:
+               validity: dt.timedelta = LEAF_VALIDITY) -> KeyPair:
     """A serving certificate for `hosts` (DNS names and/or IP addresses)."""
     key = ec.generate_private_key(ec.SECP256R1())
     sans: list[x509.GeneralName] = []
@@ -74,13 +80,13 @@ def issue_leaf(ca: KeyPair, hosts: list[str], now: dt.datetime,
         except ValueError:
             sans.append(x509.DNSName(h))
     ca_cert = ca.cert
-    not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
+    not_after = min(now + validity, ca_cert.not_valid_after_utc)
     cert = (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
             .issuer_name(ca_cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_before(now - _backdate(validity))
             .not_valid_after(not_after)
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -152,17 +158,18 @@ def bundle_contains(bundle_pem: bytes, cert_pem: bytes) -> bool:
     return any(fingerprint(c) == fp for c in split_pem(bundle_pem))
 
 
-def plan_ca(state: "CAState | None", live_bundle: bytes, now: dt.datetime) -> CAState:
+def plan_ca(state: "CAState | None", live_bundle: bytes, now: dt.datetime,
+            validity: dt.timedelta = CA_VALIDITY) -> CAState:
     """The CA Secret's next state given what the live webhook configuration trusts."""
     if state is None:
-        ca = new_ca(now)
+        ca = new_ca(now, validity=validity)
         return CAState(ca, None, (ca.cert_pem,))
     current, nxt = state.current, state.next
     bundle = list(state.bundle)
     if nxt is not None and bundle_contains(live_bundle, nxt.cert_pem):
         current, nxt = nxt, None  # the API server trusts the successor: sign with it now
     if nxt is None and needs_renewal(current.cert, now):
-        nxt = new_ca(now)
+        nxt = new_ca(now, validity=validity)
     for pem in (current.cert_pem, nxt.cert_pem if nxt else None):
         if pem and not any(fingerprint(b) == fingerprint(pem) for b in bundle):
             bundle.append(pem)

@@ -31,11 +31,12 @@ def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
 
 class SelfSigned:
     def __init__(self, api: client.ApiClient, cert_dir: Path, hosts: list[str],
-                 on_change: Callable[[], object], interval: float = 5.0):
+                 on_change: Callable[[], object], interval: float = 5.0,
+                 validity: dt.timedelta = authority.LEAF_VALIDITY):
         self.core = client.CoreV1Api(api)
         self.adm = client.AdmissionregistrationV1Api(api)
         self.cert_dir, self.hosts, self.on_change = cert_dir, hosts, on_change
-        self.interval = interval
+        self.interval, self.validity = interval, validity
         self.trusted = False
         cert_dir.mkdir(parents=True, exist_ok=True)
 
@@ -60,7 +61,7 @@ class SelfSigned:
             return
         leaf_pem = self.cert_file.read_bytes() if self.cert_file.exists() else None
         if authority.leaf_needs_reissue(leaf_pem, state.current, self.hosts, now):
-            leaf = authority.issue_leaf(state.current, self.hosts, now)
+            leaf = authority.issue_leaf(state.current, self.hosts, now, self.validity)
             _write(self.key_file, leaf.key_pem, 0o600)
             _write(self.cert_file, leaf.cert_pem)
             leaf_pem = leaf.cert_pem

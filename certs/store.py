@@ -93,12 +93,13 @@ async def apply_bundle(adm: client.AdmissionregistrationV1Api, bundle_pem: bytes
 
 
 async def reconcile(core: client.CoreV1Api, adm: client.AdmissionregistrationV1Api,
-                    now: Optional[dt.datetime] = None) -> str:
+                    now: Optional[dt.datetime] = None,
+                    validity: dt.timedelta = authority.CA_VALIDITY) -> str:
     """One pass of the leader's certificate loop. Returns what it did (for logs/tests)."""
     now = now or _now()
     state, rv = await read_ca(core)
     live, consistent = await live_bundle(adm)
-    desired = authority.plan_ca(state, live if consistent else b"", now)
+    desired = authority.plan_ca(state, live if consistent else b"", now, validity)
     actions = []
     if desired != state:
         await write_ca(core, desired, rv)

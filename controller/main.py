@@ -35,12 +35,12 @@ class Metrics:
                               ["loop"], registry=r)
 
 
-async def cert_loop(api, metrics: Metrics, interval: float) -> None:
+async def cert_loop(api, metrics: Metrics, interval: float, ca_validity) -> None:
     from kubernetes_asyncio import client
     core, adm = client.CoreV1Api(api), client.AdmissionregistrationV1Api(api)
     while True:
         try:
-            did = await store.reconcile(core, adm)
+            did = await store.reconcile(core, adm, validity=ca_validity)
             if did != "in-sync":
                 log.info("certificates: %s", did)
             for a in did.split(","):
@@ -52,7 +52,10 @@ async def cert_loop(api, metrics: Metrics, interval: float) -> None:
 
 
 async def run(kubeconfig: Optional[str], metrics_port: int, cert_interval: float = 5.0,
-              manage_certs: bool = True, started: Optional[asyncio.Event] = None) -> None:
+              manage_certs: bool = True, started: Optional[asyncio.Event] = None,
+              ca_validity=None) -> None:
+    from kvmesh.certs import authority
+    ca_validity = ca_validity or authority.CA_VALIDITY
     api = await kube.api_client(kubeconfig)
     metrics = Metrics()
     identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
@@ -63,7 +66,7 @@ async def run(kubeconfig: Optional[str], metrics_port: int, cert_interval: float
     async def lead() -> None:
         loops = []
         if manage_certs:
-            loops.append(cert_loop(api, metrics, cert_interval))
+            loops.append(cert_loop(api, metrics, cert_interval, ca_validity))
         await asyncio.gather(*loops)
 
     app = web.Application()

@@ -122,7 +122,9 @@ def cmd_webhook(args: argparse.Namespace) -> int:
         from kvmesh import kube
         from kvmesh.certs.serving import SelfSigned
         api = await kube.api_client(args.kubeconfig)
-        source = SelfSigned(api, Path(args.cert_dir), args.san, on_change=lambda: None)
+        source = SelfSigned(api, Path(args.cert_dir), args.san, on_change=lambda: None,
+                            interval=args.cert_check_seconds,
+                            validity=dt.timedelta(seconds=args.leaf_validity_seconds))
         try:
             await server.serve(args.host, args.port, str(source.cert_file),
                                str(source.key_file), lambda: policy, cert_source=source)
@@ -136,7 +138,9 @@ def cmd_webhook(args: argparse.Namespace) -> int:
 def cmd_controller(args: argparse.Namespace) -> int:
     from kvmesh.controller import main as controller
     asyncio.run(controller.run(args.kubeconfig, args.metrics_port,
-                               manage_certs=args.cert_source == "self"))
+                               cert_interval=args.cert_check_seconds,
+                               manage_certs=args.cert_source == "self",
+                               ca_validity=dt.timedelta(seconds=args.ca_validity_seconds)))
     return 0
 
 
@@ -146,7 +150,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ca = authority.new_ca(now)
-    leaf = authority.issue_leaf(ca, args.host, now, days=args.days)
+    leaf = authority.issue_leaf(ca, args.host, now, dt.timedelta(days=args.days))
     (out / "ca.crt").write_bytes(ca.cert_pem)
     (out / "tls.crt").write_bytes(leaf.cert_pem)
     key = out / "tls.key"
@@ -195,6 +199,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--san", action="append", default=[],
                    help="DNS name or IP for the leaf (repeatable)")
     p.add_argument("--kubeconfig", help="kubeconfig (default: in-cluster, else ~/.kube/config)")
+    p.add_argument("--leaf-validity-seconds", type=int, default=7 * 86400,
+                   help="lifetime of the self-signed serving leaf (renewed at 2/3)")
+    p.add_argument("--cert-check-seconds", type=float, default=5.0)
     _common(p)
     p.set_defaults(fn=cmd_webhook)
     p = sub.add_parser("controller", help="run the controller (leader-elected)")
@@ -202,6 +209,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=9090)
     p.add_argument("--cert-source", choices=("files", "self"), default="self",
                    help="self: manage the webhook CA and caBundle; files: cert-manager does")
+    p.add_argument("--ca-validity-seconds", type=int, default=365 * 86400,
+                   help="lifetime of the webhook CA (rotated at 2/3, with overlap)")
+    p.add_argument("--cert-check-seconds", type=float, default=5.0)
     p.set_defaults(fn=cmd_controller)
     p = sub.add_parser("certs", help="write a CA and a serving certificate")
     p.add_argument("--out", required=True, help="directory for ca.crt, tls.crt, tls.key")
@@ -209,9 +219,11 @@ def parser() -> argparse.ArgumentParser:
                    help="DNS name or IP the certificate is for (repeatable)")
     p.add_argument("--days", type=int, default=7)
     p.set_defaults(fn=cmd_certs)
-    p = sub.add_parser("demo", help="run the webhook locally and inject a sample Deployment")
-    p.add_argument("--sample", default=None, help="manifest to inject (default: the "
-                   "packaged sample vLLM Deployment)")
+    p = sub.add_parser("demo", help="kvmesh on a local control plane with a sample vLLM "
+                                    "Deployment")
+    p.add_argument("--sample", default=None, help="Deployment to create (default: "
+                   "manifests/samples/vllm-deployment.yaml)")
+    p.add_argument("--exit", action="store_true", help="stop after showing the pods")
     p.set_defaults(fn=cmd_demo)
     return ap
 

@@ -1,93 +1,107 @@
-"""`kvmesh demo`: the webhook on loopback over TLS, a sample vLLM Deployment injected through
-both the offline CLI path and a real HTTPS AdmissionReview, and what the pod received."""
+"""`kvmesh demo`: the main job on the embedded control plane.
+
+Builds (cached) and starts a local Kubernetes control plane, installs manifests/, runs the
+kvmesh webhook and controller against it, creates the sample vLLM Deployment opted in with
+one label, and prints what its pods received through the real admission chain. Ctrl-C stops
+everything it started.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import json
-import socket
-import ssl
+import signal
 import tempfile
-import urllib.request
-import uuid
+import time
 from pathlib import Path
 
-import jsonpatch
 import yaml
 
-from kvmesh import workloads
-from kvmesh.webhook import server
-from kvmesh.webhook.policy import PolicyDefaults
+from kvmesh import names
+from kvmesh.devcluster import DevCluster, build_binaries
+from kvmesh.localstack import LocalStack
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "manifests" / "samples" / "vllm-deployment.yaml"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _say(msg: str) -> None:
+    print(f"kvmesh demo: {msg}", flush=True)
 
 
-def admission_review(pod: dict) -> dict:
-    return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-            "request": {"uid": str(uuid.uuid4()),
-                        "kind": {"group": "", "version": "v1", "kind": "Pod"},
-                        "resource": {"group": "", "version": "v1", "resource": "pods"},
-                        "namespace": pod["metadata"].get("namespace", "default"),
-                        "operation": "CREATE", "object": pod, "dryRun": False}}
+def _running(cluster: DevCluster, ns: str, selector: str, n: int, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pods = [p for p in cluster.kubectl_json("get", "pods", "-n", ns, "-l", selector)["items"]
+                if p["status"].get("phase") == "Running" and p["status"].get("podIP")]
+        if len(pods) >= n:
+            return pods[:n]
+        time.sleep(0.3)
+    raise TimeoutError(f"pods {selector} in {ns} did not start within {timeout}s")
 
 
-def _post(url: str, body: dict, ca: Path) -> dict:
-    ctx = ssl.create_default_context(cafile=str(ca))
-    req = urllib.request.Request(url, json.dumps(body).encode(),
-                                 {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, context=ctx, timeout=5) as r:
-        return json.loads(r.read())
+def show_pod(p: dict) -> None:
+    ann = p["metadata"].get("annotations") or {}
+    status = json.loads(ann.get(names.ANN_STATUS, "{}"))
+    print(f"\npod {p['metadata']['name']}  IP {p['status']['podIP']}  "
+          f"mode={status.get('mode')} ({status.get('modeReason')})")
+    c = next(c for c in p["spec"]["containers"] if c["name"] == status.get("container"))
+    ip_var = None
+    for e in c.get("env", []):
+        if "valueFrom" in e:
+            path = e["valueFrom"].get("fieldRef", {}).get("fieldPath", "?")
+            value = {"status.podIP": p["status"]["podIP"],
+                     "metadata.name": p["metadata"]["name"],
+                     "metadata.uid": p["metadata"].get("uid")}.get(path, f"<{path}>")
+            if path == "status.podIP":
+                ip_var = e["name"]
+            print(f"  env  {e['name']}={value}   (downward API {path})")
+        else:
+            shown = e["value"]
+            if ip_var and f"$({ip_var})" in shown:
+                shown += f"   -> {shown.replace(f'$({ip_var})', p['status']['podIP'])}"
+            print(f"  env  {e['name']}={shown}")
+    for port in c.get("ports", []):
+        print(f"  port {port.get('name', '')}={port['containerPort']}")
+    print(f"  argv {' '.join((c.get('command') or []) + (c.get('args') or []))}")
 
 
 def run(args) -> int:
-    from kvmesh.cli import cmd_certs
-    import argparse
-
     sample = Path(args.sample) if args.sample else SAMPLE
     doc = yaml.safe_load(sample.read_text())
-    policy = PolicyDefaults()
+    ns = doc["metadata"].get("namespace", "default")
+    t0 = time.monotonic()
+    _say("building the control plane (cached after the first run)...")
+    bin_dir = build_binaries()
     with tempfile.TemporaryDirectory(prefix="kvmesh-demo-") as tmp:
-        cmd_certs(argparse.Namespace(out=tmp, host=["127.0.0.1", "localhost"], days=1))
-        port = _free_port()
-
-        async def main() -> dict:
-            started = asyncio.Event()
-            task = asyncio.create_task(server.serve(
-                "127.0.0.1", port, f"{tmp}/tls.crt", f"{tmp}/tls.key", lambda: policy,
-                started=started))
-            await started.wait()
-            pod = workloads.pod_for(doc)
-            resp = await asyncio.to_thread(_post, f"https://127.0.0.1:{port}/mutate",
-                                           admission_review(pod), Path(tmp) / "ca.crt")
-            task.cancel()
-            return {"pod": pod, "resp": resp["response"]}
-
-        got = asyncio.run(main())
-    resp, pod = got["resp"], got["pod"]
-    patch = json.loads(base64.b64decode(resp["patch"])) if resp.get("patch") else []
-    injected = jsonpatch.apply_patch(pod, patch)
-    offline = workloads.process(doc, policy).doc["spec"]["template"]["spec"]
-    same = offline == injected["spec"]
-    c = injected["spec"]["containers"][0]
-    print(f"\nkvmesh demo: webhook on https://127.0.0.1:{port}/mutate "
-          f"(allowed={resp['allowed']}, {len(patch)} patch operations)")
-    print(f"pod {pod['metadata']['generateName']}* received, in container {c['name']!r}:")
-    for e in c["env"]:
-        val = e.get("value") if "value" in e else f"<fieldRef {e['valueFrom']['fieldRef']['fieldPath']}>"
-        print(f"  env   {e['name']}={val}")
-    for p in c.get("ports", []):
-        print(f"  port  {p.get('name')}={p['containerPort']}")
-    print(f"  args  {' '.join(c.get('args', []))}")
-    print(f"  status {injected['metadata']['annotations']['kvmesh.dev/status']}")
-    for w in resp.get("warnings", []):
-        print(f"  warning {w}")
-    print(f"offline `kvmesh inject` renders the same pod spec: {same}")
-    return 0 if same and resp["allowed"] else 1
+        cluster = DevCluster(bin_dir, nodes=2, workdir=Path(tmp) / "cluster")
+        cluster.start()
+        stack = LocalStack(cluster, Path(tmp) / "stack")
+        try:
+            _say(f"control plane up at {cluster.server}; kubeconfig {cluster.kubeconfig}")
+            stack.up()
+            _say(f"manifests/ applied; webhook https://127.0.0.1:{stack.webhook_port} trusted "
+                 "by the API server; controller leading")
+            if ns != "default":
+                cluster.create_namespace(ns)
+            cluster.kubectl("apply", "-f", str(sample))
+            sel = ",".join(f"{k}={v}" for k, v in
+                           doc["spec"]["selector"]["matchLabels"].items())
+            pods = _running(cluster, ns, sel, doc["spec"].get("replicas", 1))
+            _say(f"{sample.name}: {len(pods)} pods created by the ReplicaSet controller "
+                 f"through the admission chain ({time.monotonic() - t0:.1f}s since start)")
+            for p in pods:
+                show_pod(p)
+            print()
+            if args.exit:
+                return 0
+            _say(f"running; try `KUBECONFIG={cluster.kubeconfig} kubectl get pods -A` in "
+                 "another shell. Ctrl-C stops everything.")
+            signal.signal(signal.SIGTERM, signal.default_int_handler)
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            _say("stopping webhook, controller and control plane")
+            stack.down()
+            cluster.stop()

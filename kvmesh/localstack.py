@@ -105,21 +105,28 @@ class LocalStack:
     def _kvmesh(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "kvmesh.cli", *args]
 
-    def start_controller(self) -> Process:
+    def start_controller(self, *extra: str) -> Process:
         self.controller = Process("controller", self._kvmesh(
             "controller", "--kubeconfig", self.cluster.kubeconfig,
-            "--metrics-port", str(self.controller_metrics_port)),
+            "--metrics-port", str(self.controller_metrics_port), *extra),
             self.workdir / "controller.log", env={"POD_NAMESPACE": names.SYSTEM_NAMESPACE,
                                                  "POD_NAME": "kvmesh-controller-local"})
         return self.controller
 
-    def start_webhook(self, port: Optional[int] = None) -> Process:
+    def start_webhook(self, *extra: str) -> Process:
         self.webhook = Process("webhook", self._kvmesh(
-            "webhook", "--host", "127.0.0.1", "--port", str(port or self.webhook_port),
+            "webhook", "--host", "127.0.0.1", "--port", str(self.webhook_port),
             "--cert-source", "self", "--cert-dir", str(self.workdir / "certs"),
-            "--san", "127.0.0.1", "--kubeconfig", self.cluster.kubeconfig),
+            "--san", "127.0.0.1", "--kubeconfig", self.cluster.kubeconfig, *extra),
             self.workdir / "webhook.log")
         return self.webhook
+
+    def restart(self, controller_args: tuple = (), webhook_args: tuple = ()) -> None:
+        """Restart both processes with extra flags (tests that change timing or policy)."""
+        self.down()
+        self.start_controller(*controller_args)
+        self.start_webhook(*webhook_args)
+        self.wait("the webhook to be ready", self.webhook_ready, timeout=90)
 
     def webhook_ready(self) -> bool:
         import ssl
