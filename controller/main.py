@@ -14,7 +14,7 @@ import uuid
 from typing import Optional
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from kvmesh import kube, names
@@ -33,6 +33,25 @@ class Metrics:
                                     "Certificate reconcile actions", ["action"], registry=r)
         self.errors = Counter("kvmesh_controller_errors_total", "Reconcile errors by loop",
                               ["loop"], registry=r)
+        self.purges = Counter("kvmesh_controller_purges_total", "Lookup-state purges of "
+                              "departed peers", ["mode", "reason"], registry=r)
+        self.purged = Counter("kvmesh_controller_purged_total", "Redis keys (redis mode) or "
+                              "worker ranks (controller mode) removed", ["mode"], registry=r)
+        self.purge_seconds = Histogram("kvmesh_controller_purge_duration_seconds",
+                                       "Time to purge one departed peer", ["mode"],
+                                       buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1,
+                                                2.5, 5, 10), registry=r)
+        self.reconcile_seconds = Histogram("kvmesh_controller_reconcile_duration_seconds",
+                                           "Time of one pass over all peer groups",
+                                           registry=r)
+        self.members = Gauge("kvmesh_controller_members", "Injected pods known", registry=r)
+        self.peers = Gauge("kvmesh_controller_ready_peers", "Running, Ready injected pods "
+                           "with an IP", registry=r)
+        self.uninjected = Counter("kvmesh_controller_uninjected_pods_total",
+                                  "Opted-in pods admitted without injection (webhook down "
+                                  "with failurePolicy Ignore)", registry=r)
+        self.optin = Counter("kvmesh_controller_optin_actions_total", "Workload opt-in "
+                             "actions", ["action"], registry=r)
 
 
 async def cert_loop(api, metrics: Metrics, interval: float, ca_validity) -> None:
@@ -51,9 +70,82 @@ async def cert_loop(api, metrics: Metrics, interval: float, ca_validity) -> None
         await asyncio.sleep(interval)
 
 
+async def optin_loop(api, metrics: Metrics) -> None:
+    """Workload opt-in by annotation, for Deployments and StatefulSets."""
+    from kubernetes_asyncio import client
+    from kvmesh.controller import optin
+    from kvmesh.controller.informer import Informer
+    apps = client.AppsV1Api(api)
+
+    def handler(kind):
+        async def on(type_, obj, old):
+            if type_ == "DELETED":
+                return
+            obj.setdefault("kind", kind)
+            obj.setdefault("apiVersion", "apps/v1")
+            try:
+                did = await optin.reconcile(apps, obj)
+            except Exception as e:
+                metrics.errors.labels("optin").inc()
+                log.error("opt-in of %s %s/%s failed: %s", kind,
+                          obj["metadata"].get("namespace"), obj["metadata"].get("name"), e)
+                return
+            if did != "in-sync":
+                metrics.optin.labels(did).inc()
+                log.info("opt-in: %s %s/%s %s", kind, obj["metadata"]["namespace"],
+                         obj["metadata"]["name"], did)
+        return on
+
+    infs = [Informer(apps.list_deployment_for_all_namespaces, handlers=[handler("Deployment")],
+                     name="deployments"),
+            Informer(apps.list_stateful_set_for_all_namespaces,
+                     handlers=[handler("StatefulSet")], name="statefulsets")]
+    await asyncio.gather(*(i.run() for i in infs))
+
+
+async def uninjected_loop(api, metrics: Metrics) -> None:
+    """Opted-in pods that were admitted without kvmesh's status annotation: the webhook was
+    unreachable under failurePolicy Ignore. Made visible as a metric and an Event."""
+    from kubernetes_asyncio import client
+    from kvmesh.controller.informer import Informer
+    from kvmesh.controller import kapply
+    core = client.CoreV1Api(api)
+    seen: set[str] = set()
+
+    async def on(type_, obj, old):
+        meta = obj.get("metadata") or {}
+        if type_ != "ADDED" or names.ANN_STATUS in (meta.get("annotations") or {}) \
+                or meta.get("uid") in seen:
+            return
+        seen.add(meta.get("uid"))
+        metrics.uninjected.inc()
+        log.warning("pod %s/%s is opted in but was admitted without LMCache P2P injection "
+                    "(was the kvmesh webhook down?); recreate it to inject",
+                    meta.get("namespace"), meta.get("name"))
+        try:
+            await kapply.create(api, {
+                "apiVersion": "v1", "kind": "Event",
+                "metadata": {"generateName": f"{meta['name']}.kvmesh.",
+                             "namespace": meta["namespace"]},
+                "involvedObject": {"apiVersion": "v1", "kind": "Pod", "name": meta["name"],
+                                   "namespace": meta["namespace"], "uid": meta.get("uid")},
+                "reason": "NotInjected", "type": "Warning",
+                "message": "opted in to kvmesh but admitted without LMCache P2P injection "
+                           "(the webhook was unreachable and failurePolicy is Ignore); "
+                           "delete the pod to have it recreated with injection",
+                "source": {"component": "kvmesh-controller"}, "count": 1})
+        except Exception as e:
+            log.warning("could not record NotInjected Event: %s", e)
+
+    await Informer(core.list_pod_for_all_namespaces,
+                   label_selector=f"{names.LABEL_INJECT}={names.INJECT_ENABLED}",
+                   handlers=[on], name="opted-in pods").run()
+
+
 async def run(kubeconfig: Optional[str], metrics_port: int, cert_interval: float = 5.0,
               manage_certs: bool = True, started: Optional[asyncio.Event] = None,
-              ca_validity=None) -> None:
+              ca_validity=None, policy=None, grace_seconds: float = 300.0,
+              resync_seconds: float = 15.0) -> None:
     from kvmesh.certs import authority
     ca_validity = ca_validity or authority.CA_VALIDITY
     api = await kube.api_client(kubeconfig)
@@ -64,7 +156,11 @@ async def run(kubeconfig: Optional[str], metrics_port: int, cert_interval: float
     elector.on_change = lambda leading: metrics.leader.set(1 if leading else 0)
 
     async def lead() -> None:
-        loops = []
+        from kvmesh.controller.mesh import Mesh
+        from kvmesh.webhook.policy import PolicyDefaults
+        mesh = Mesh(api, policy or PolicyDefaults(), metrics, grace_seconds=grace_seconds,
+                    resync_seconds=resync_seconds)
+        loops = [mesh.run(), optin_loop(api, metrics), uninjected_loop(api, metrics)]
         if manage_certs:
             loops.append(cert_loop(api, metrics, cert_interval, ca_validity))
         await asyncio.gather(*loops)

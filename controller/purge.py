@@ -25,6 +25,7 @@ it was not passed in KEYS; LMCache's lookup server is a single Redis anyway).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import os
@@ -266,16 +267,19 @@ if #doomed > 0 then redis.call('DEL', unpack(doomed)) end
 return #doomed
 """
 
-# Remove from the index set KEYS[1] the members (ARGV[2..]) whose value is no longer ARGV[1].
+# One SSCAN step over the index set KEYS[1] (cursor ARGV[2], COUNT ARGV[3]) removing members
+# whose value is no longer ARGV[1]; the members never leave Redis. Returns {cursor, removed}.
 LUA_PRUNE = """
-local members = {unpack(ARGV, 2)}
+local r = redis.call('SSCAN', KEYS[1], ARGV[2], 'COUNT', tonumber(ARGV[3]))
+local members = r[2]
+if #members == 0 then return {r[1], 0} end
 local values = redis.call('MGET', unpack(members))
 local gone = {}
 for i, v in ipairs(values) do
   if v ~= ARGV[1] then gone[#gone + 1] = members[i] end
 end
-if #gone == 0 then return 0 end
-return redis.call('SREM', KEYS[1], unpack(gone))
+if #gone == 0 then return {r[1], 0} end
+return {r[1], redis.call('SREM', KEYS[1], unpack(gone))}
 """
 
 
@@ -314,6 +318,8 @@ class Stats:
     subscriptions: int = 0           # successful (re)subscriptions
     reconciles: int = 0
     reconcile_purged: int = 0
+    prunes: int = 0
+    pruned: int = 0                  # stale index members removed (prune and reconcile)
 
 
 class PurgeError(RuntimeError):
@@ -329,7 +335,7 @@ class PurgeError(RuntimeError):
 # Redis primitives (no retries here; AddressIndex adds them)
 # --------------------------------------------------------------------------------------------
 
-async def drain_index(r: aredis.Redis, addr: str, batch: int = 2000, depth: int = 4,
+async def drain_index(r: aredis.Redis, addr: str, batch: int = 1000, depth: int = 4,
                       progress: Callable[[PurgeResult], None] | None = None,
                       result: PurgeResult | None = None) -> PurgeResult:
     """Delete every key in addr's index set whose value is still addr, emptying the set (Redis
@@ -359,25 +365,39 @@ async def scan_purge(r: aredis.Redis, addr: str, count: int = 2000,
     res = result or PurgeResult()
     res.full_scan = True
     want = addr.encode("ascii")
-    async for keys in _scan_batches(r, count):
-        values = await r.mget(keys)
-        match = [k for k, v in zip(keys, values) if v == want]
-        res.checked += len(keys)
-        if match:
-            res.deleted += await r.eval(LUA_DEL_IF, len(match), *match, addr)
+    async with contextlib.aclosing(_scan_batches(r, count)) as batches:
+        async for keys in batches:
+            values = await r.mget(keys)
+            match = [k for k, v in zip(keys, values) if v == want]
+            res.checked += len(keys)
+            if match:
+                res.deleted += await r.eval(LUA_DEL_IF, len(match), *match, addr)
     return res
 
 
 async def _scan_batches(r: aredis.Redis, count: int):
-    """SCAN string keys, own keys dropped, one list per SCAN reply (may repeat keys)."""
-    cursor = 0
-    while True:
-        cursor, keys = await r.scan(cursor=cursor, count=count, _type="string")
-        keys = [k for k in keys if not is_own_key(k)]
-        if keys:
-            yield keys
-        if cursor == 0:
-            return
+    """SCAN string keys, own keys dropped, one list per SCAN reply (may repeat keys). The next
+    SCAN is already in flight (on a second pooled connection) while the caller works on a
+    batch, so Redis and this process work in parallel."""
+    nxt = asyncio.ensure_future(r.scan(cursor=0, count=count, _type="string"))
+    try:
+        while True:
+            cursor, keys = await nxt
+            nxt = None
+            if cursor != 0:
+                nxt = asyncio.ensure_future(r.scan(cursor=cursor, count=count, _type="string"))
+            keys = [k for k in keys if not is_own_key(k)]
+            if keys:
+                yield keys
+            if cursor == 0:
+                return
+    finally:
+        if nxt is not None and not nxt.done():
+            nxt.cancel()
+            try:
+                await nxt
+            except (asyncio.CancelledError, Exception):
+                pass
 
 
 async def purge_address_naive(r: aredis.Redis, addr: str, count: int = 2000) -> PurgeResult:
@@ -387,12 +407,13 @@ async def purge_address_naive(r: aredis.Redis, addr: str, count: int = 2000) -> 
     t0 = time.perf_counter()
     res = PurgeResult(full_scan=True)
     want = addr.encode("ascii")
-    async for keys in _scan_batches(r, count):
-        values = await r.mget(keys)
-        res.checked += len(keys)
-        match = [k for k, v in zip(keys, values) if v == want]
-        if match:
-            res.deleted += await r.delete(*match)
+    async with contextlib.aclosing(_scan_batches(r, count)) as batches:
+        async for keys in batches:
+            values = await r.mget(keys)
+            res.checked += len(keys)
+            match = [k for k, v in zip(keys, values) if v == want]
+            if match:
+                res.deleted += await r.delete(*match)
     res.seconds = time.perf_counter() - t0
     return res
 
@@ -409,9 +430,9 @@ async def _resolve_live(live_addrs: LiveAddrs) -> set[str] | None:
 
 
 async def reconcile(r: aredis.Redis, live_addrs: LiveAddrs, count: int = 2000,
-                    drain_batch: int = 2000) -> ReconcileResult:
-    """Rebuild every address's index from a full SCAN, prune index members that no longer
-    point at their address, and purge every address not in ``live_addrs``.
+                    drain_batch: int = 1000) -> ReconcileResult:
+    """Rebuild every address's index from a full SCAN, then ``prune_index``: drop index members
+    that no longer point at their address, and purge every address not in ``live_addrs``.
 
     ``live_addrs``: a set, or a (sync or async) callable evaluated after the scan, right
     before anything is deleted (a pod that became live during the scan is then spared).
@@ -419,19 +440,32 @@ async def reconcile(r: aredis.Redis, live_addrs: LiveAddrs, count: int = 2000,
     purging goes through LUA_DRAIN, which re-checks each key's value inside Redis."""
     t0 = time.perf_counter()
     res = ReconcileResult()
-    seen: set[str] = set()
-    async for keys in _scan_batches(r, count):
-        values = await r.mget(keys)
-        res.scanned += len(keys)
-        groups = group_by_addr(keys, values)
-        if groups:
-            pipe = r.pipeline(transaction=False)
-            for addr, members in groups.items():
-                pipe.sadd(index_key(addr), *members)
-            await pipe.execute()
-            res.indexed += sum(len(m) for m in groups.values())
-            seen.update(groups)
-    # Every index set, including those of addresses that no longer have keys.
+    async with contextlib.aclosing(_scan_batches(r, count)) as batches:
+        async for keys in batches:
+            values = await r.mget(keys)
+            res.scanned += len(keys)
+            groups = group_by_addr(keys, values)
+            if groups:
+                pipe = r.pipeline(transaction=False)
+                for addr, members in groups.items():
+                    pipe.sadd(index_key(addr), *members)
+                await pipe.execute()
+                res.indexed += sum(len(m) for m in groups.values())
+    await prune_index(r, live_addrs, count, drain_batch, res)
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+async def prune_index(r: aredis.Redis, live_addrs: LiveAddrs = None, count: int = 2000,
+                      drain_batch: int = 1000, result: ReconcileResult | None = None
+                      ) -> ReconcileResult:
+    """Visit every ``kvmesh:addr:*`` set: purge it (LUA_DRAIN) if its address is not live, else
+    remove members whose key is gone or now holds another value (LUA_PRUNE, SSCAN inside
+    Redis). Cost: the index size, not the keyspace. Keeps the index from growing with
+    LMCache's eviction churn (its DELs are not tracked); run it periodically."""
+    res = result or ReconcileResult()
+    t0 = time.perf_counter()
+    addrs: set[str] = set()
     cursor = 0
     while True:
         cursor, ikeys = await r.scan(cursor=cursor, match=INDEX_PREFIX + b"*", count=count,
@@ -439,11 +473,11 @@ async def reconcile(r: aredis.Redis, live_addrs: LiveAddrs, count: int = 2000,
         for ik in ikeys:
             addr = parse_addr(ik[len(INDEX_PREFIX):])
             if addr is not None:
-                seen.add(addr)
+                addrs.add(addr)
         if cursor == 0:
             break
     live = await _resolve_live(live_addrs)
-    for addr in sorted(seen):
+    for addr in sorted(addrs):
         if live is not None and addr not in live:
             got = await drain_index(r, addr, batch=drain_batch)
             if got.deleted:
@@ -451,14 +485,14 @@ async def reconcile(r: aredis.Redis, live_addrs: LiveAddrs, count: int = 2000,
                 res.purged += got.deleted
             continue
         ikey = index_key(addr)
-        scur = 0
+        scur = b"0"
         while True:
-            scur, members = await r.sscan(ikey, cursor=scur, count=count)
-            if members:
-                res.pruned += await r.eval(LUA_PRUNE, 1, ikey, addr, *members)
-            if scur == 0:
+            scur, removed = await r.eval(LUA_PRUNE, 1, ikey, addr, scur, count)
+            res.pruned += removed
+            if scur in (b"0", 0):
                 break
-    res.seconds = time.perf_counter() - t0
+    if result is None:
+        res.seconds = time.perf_counter() - t0
     return res
 
 
@@ -475,6 +509,10 @@ class AddressIndex:
     ``index_complete`` is True only while the subscription has been up since that reconcile
     finished; otherwise ``purge_address`` adds a full SCAN so nothing is missed.
 
+    Every ``prune_interval`` s it prunes the index (members whose key LMCache evicted or another
+    pod re-wrote), and every ``reconcile_interval`` s (off by default) it runs a full reconcile
+    with ``live_addrs``.
+
     On any loss of the subscription (Redis restart, CLIENT KILL, network) it reconnects with
     capped exponential backoff forever, re-applies the config (a restarted Redis forgets it),
     resubscribes and reconciles again (events were lost). ``purge_address`` retries a bounded
@@ -488,6 +526,7 @@ class AddressIndex:
                  reconnect_cap: float = 10.0, health_interval: float = 5.0,
                  sync_timeout: float = 5.0, connect_timeout: float = 3.0,
                  socket_timeout: float = 30.0,
+                 prune_interval: float | None = 600.0, reconcile_interval: float | None = None,
                  on_purge: Callable[[str, PurgeResult], None] | None = None,
                  on_error: Callable[[str, BaseException], None] | None = None):
         self.host, self.port, self.db = host, port, db
@@ -497,6 +536,7 @@ class AddressIndex:
         self.backoff_base, self.backoff_cap, self.reconnect_cap = backoff_base, backoff_cap, reconnect_cap
         self.health_interval, self.sync_timeout = health_interval, sync_timeout
         self.connect_timeout = connect_timeout
+        self.prune_interval, self.reconcile_interval = prune_interval, reconcile_interval
         self.on_purge, self.on_error = on_purge, on_error
         self.stats = Stats()
         self.channel = f"__keyevent@{db}__:set".encode()
@@ -506,6 +546,7 @@ class AddressIndex:
         self.name = f"redis://{host}:{port}/{db}"
         self._task: asyncio.Task | None = None
         self._catchup: asyncio.Task | None = None
+        self._maint: asyncio.Task | None = None
         self._subscribed = asyncio.Event()
         self._complete = False
         self._generation = 0
@@ -526,6 +567,9 @@ class AddressIndex:
         if self._task is None:
             self._stopping = False
             self._task = asyncio.create_task(self._run(), name=f"kvmesh-address-index {self.name}")
+            if self.prune_interval or self.reconcile_interval:
+                self._maint = asyncio.create_task(self._maintenance(),
+                                                  name=f"kvmesh-address-index-maint {self.name}")
         if wait:
             return await self.wait_complete(wait)
         return self.index_complete
@@ -540,14 +584,14 @@ class AddressIndex:
 
     async def stop(self) -> None:
         self._stopping = True
-        for t in (self._catchup, self._task):
+        for t in (self._maint, self._catchup, self._task):
             if t is not None:
                 t.cancel()
                 try:
                     await t
                 except (asyncio.CancelledError, Exception):
                     pass
-        self._task = self._catchup = None
+        self._task = self._catchup = self._maint = None
         self._subscribed.clear()
         self._complete = False
         await self.redis.aclose()
@@ -614,9 +658,6 @@ class AddressIndex:
                 first = frames[0]
                 if not (isinstance(first, list) and first and first[0] == b"subscribe"):
                     raise ResponseError(f"SUBSCRIBE refused: {first!r}")
-                if self.stats.subscriptions:
-                    # Idle pooled connections may predate a Redis restart: drop them.
-                    await self.redis.connection_pool.disconnect(inuse_connections=False)
                 self._generation += 1
                 self.stats.subscriptions += 1
                 self._complete = False
@@ -632,11 +673,16 @@ class AddressIndex:
             except Exception as e:  # noqa: BLE001 - anything: log, back off, reconnect
                 self._error("subscription", e)
                 delay = backoff_delay(attempt, self.backoff_base * 2, self.reconnect_cap)
-                log.warning("%s: address-index subscription lost or refused (%s: %s); "
-                            "reconnecting in %.2fs (attempt %d). Purges meanwhile scan the "
-                            "whole keyspace; check that Redis is up and reachable.",
-                            self.name, type(e).__name__, e, delay, attempt + 1)
+                log.log(logging.WARNING if attempt < 3 else logging.ERROR,
+                        "%s: address-index subscription lost or refused (%s: %s); "
+                        "reconnecting in %.2fs (attempt %d). Purges meanwhile scan the whole "
+                        "keyspace; check that Redis is up and reachable from the controller.",
+                        self.name, type(e).__name__, e, delay, attempt + 1)
                 attempt += 1
+                try:  # idle pooled connections may predate a Redis restart: drop them
+                    await self.redis.connection_pool.disconnect(inuse_connections=False)
+                except Exception:  # noqa: BLE001
+                    pass
             finally:
                 self._subscribed.clear()
                 self._complete = False
@@ -812,6 +858,7 @@ class AddressIndex:
         res = await self._with_retries(
             "reconcile", lambda: reconcile(self.redis, live_addrs, self.scan_count, self.drain_batch))
         self.stats.reconciles += 1
+        self.stats.pruned += res.pruned
         self.stats.reconcile_purged += res.purged
         self.stats.keys_purged += res.purged
         if res.stale_addrs:
@@ -819,6 +866,37 @@ class AddressIndex:
                      res.purged, len(res.stale_addrs),
                      ", ".join(f"{a} ({n})" for a, n in sorted(res.stale_addrs.items())[:20]))
         return res
+
+    async def prune(self) -> ReconcileResult:
+        """``prune_index`` with retries (purges nothing live: no live set is applied)."""
+        res = await self._with_retries(
+            "index prune", lambda: prune_index(self.redis, None, self.scan_count, self.drain_batch))
+        self.stats.prunes += 1
+        self.stats.pruned += res.pruned
+        return res
+
+    async def _maintenance(self) -> None:
+        last_prune = last_reconcile = time.monotonic()
+        while True:
+            await asyncio.sleep(min(x for x in (self.prune_interval, self.reconcile_interval) if x))
+            if not self.index_complete:
+                continue  # the catch-up after (re)subscribing does a reconcile anyway
+            now = time.monotonic()
+            try:
+                if self.reconcile_interval and now - last_reconcile >= self.reconcile_interval:
+                    await self.reconcile(self.live_addrs)
+                    last_reconcile = last_prune = now
+                elif self.prune_interval and now - last_prune >= self.prune_interval:
+                    res = await self.prune()
+                    last_prune = now
+                    log.info("%s: index pruned: %d stale members removed in %.2fs", self.name,
+                             res.pruned, res.seconds)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - logged; next round tries again
+                self._error("maintenance", e)
+                log.error("%s: index maintenance failed (%s: %s); next try in the next interval",
+                          self.name, type(e).__name__, e)
 
     async def purge_address_naive(self, addr: str) -> PurgeResult:
         return await purge_address_naive(self.redis, addr, self.scan_count)

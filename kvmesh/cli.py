@@ -140,7 +140,9 @@ def cmd_controller(args: argparse.Namespace) -> int:
     asyncio.run(controller.run(args.kubeconfig, args.metrics_port,
                                cert_interval=args.cert_check_seconds,
                                manage_certs=args.cert_source == "self",
-                               ca_validity=dt.timedelta(seconds=args.ca_validity_seconds)))
+                               ca_validity=dt.timedelta(seconds=args.ca_validity_seconds),
+                               policy=_policy(args), grace_seconds=args.group_grace_seconds,
+                               resync_seconds=args.resync_seconds))
     return 0
 
 
@@ -212,6 +214,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ca-validity-seconds", type=int, default=365 * 86400,
                    help="lifetime of the webhook CA (rotated at 2/3, with overlap)")
     p.add_argument("--cert-check-seconds", type=float, default=5.0)
+    p.add_argument("--group-grace-seconds", type=float, default=300.0,
+                   help="keep an empty peer group's lookup service this long")
+    p.add_argument("--resync-seconds", type=float, default=15.0,
+                   help="period of the full pass over peer groups (purge retries, status)")
+    _common(p)
     p.set_defaults(fn=cmd_controller)
     p = sub.add_parser("certs", help="write a CA and a serving certificate")
     p.add_argument("--out", required=True, help="directory for ca.crt, tls.crt, tls.key")

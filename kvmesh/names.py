@@ -58,3 +58,15 @@ WEBHOOK_NAMESPACE_ENTRY = "namespaces.kvmesh.dev"  # unlabelled pods in enabled 
 CA_SECRET = "kvmesh-webhook-ca"
 LEADER_LEASE = "kvmesh-controller"
 FIELD_MANAGER = "kvmesh-controller"
+
+# Written by the webhook on injected pods, so the controller can watch exactly its peers.
+LABEL_PEER_GROUP = PREFIX + "peer-group"
+# Per-group custom resource (namespaced) that owns the group's lookup objects.
+PEER_GROUP_KIND = "KVMeshPeerGroup"
+API_GROUP = "kvmesh.dev"
+API_VERSION = "v1alpha1"
+
+
+def group_id(mode: str, group: str) -> str:
+    """Label value and KVMeshPeerGroup name of a peer group, e.g. `redis-default`."""
+    return f"{mode}-{group}"

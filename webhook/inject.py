@@ -565,6 +565,9 @@ def _decide(pod: dict, ctx: Context, warnings: list[str]) -> Result:
             warnings.append(f"kvmesh found no vLLM command in container {c['name']!r}; add "
                             f"{contract.KV_TRANSFER_FLAG} '{value}' to its vLLM command line")
 
+    # The controller watches injected pods by this label (one watch, no annotation scans).
+    labels = meta.setdefault("labels", labels)
+    labels[names.LABEL_PEER_GROUP] = names.group_id(mode, group)
     _set_status(annotations, {
         "injected": True, "mode": mode, "modeReason": mode_reason, "container": c["name"],
         "group": group, "version": __version__,

@@ -361,3 +361,28 @@ async def test_preconfigured_notifications_without_config_command(make_redis_ser
     finally:
         await idx.stop()
         await w.aclose()
+
+
+async def test_periodic_prune_drops_evicted_and_rewritten_members(redis_server, lmcache):
+    idx = P.AddressIndex(port=redis_server.port, prune_interval=0.2)
+    assert await idx.start(wait=10)
+    try:
+        keys = await load(lmcache, LIVE_A, 1000, "a")
+        assert await idx.sync()
+        await lmcache.delete(*keys[:300])  # LMCache's eviction: DEL, which is not tracked
+        pipe = lmcache.pipeline(transaction=False)
+        for k in keys[300:400]:
+            pipe.set(k, LIVE_B)
+        await pipe.execute()
+        assert await idx.sync()
+        assert await lmcache.scard(P.index_key(LIVE_A)) == 1000  # stale until pruned
+        for _ in range(100):
+            if idx.stats.pruned >= 400:
+                break
+            await asyncio.sleep(0.05)
+        assert idx.stats.pruned == 400 and idx.stats.prunes >= 1
+        assert set(await lmcache.smembers(P.index_key(LIVE_A))) == set(keys[400:])
+        assert set(await lmcache.smembers(P.index_key(LIVE_B))) == set(keys[300:400])
+        assert await lmcache.dbsize() - len(await lmcache.keys(b"kvmesh:*")) == 700
+    finally:
+        await idx.stop()

@@ -1,0 +1,153 @@
+"""Peer groups and membership (pure: pods in, members and departures out).
+
+A peer is a Running, Ready pod with an IP whose vLLM container kvmesh injected. The moment a
+peer stops being one (deleted, terminating, not ready, new IP, restarted container), its
+lookup state must go: its Redis keys (redis mode) or its LMCache controller registration
+(controller mode). `departure` decides that from two consecutive views of one pod.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Optional
+
+from kvmesh import names
+from kvmesh.webhook import contract
+
+
+@dataclass(frozen=True)
+class Member:
+    namespace: str
+    name: str
+    uid: str
+    group_id: str  # "<mode>-<group>"
+    mode: str
+    group: str
+    ip: Optional[str]
+    ready: bool
+    terminating: bool
+    restarts: int
+    # redis mode: the address its keys carry; controller mode: instance id, ranks, ports
+    address: Optional[str] = None
+    instance_id: Optional[str] = None
+    worker_ports: tuple[int, ...] = ()
+    image: str = ""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.namespace, self.name
+
+    @property
+    def is_peer(self) -> bool:
+        return bool(self.ip) and self.ready and not self.terminating
+
+
+@dataclass(frozen=True)
+class Departure:
+    member: Member  # the incarnation whose lookup state must go
+    reason: str  # deleted | terminating | not-ready | ip-changed | restarted
+
+    @property
+    def what(self) -> str:
+        m = self.member
+        return (f"{m.address}" if m.mode == names.MODE_REDIS
+                else f"instance {m.instance_id} ({len(m.worker_ports)} ranks)")
+
+
+def _env(container: dict) -> dict[str, dict]:
+    return {e.get("name"): e for e in container.get("env") or [] if isinstance(e, dict)}
+
+
+def member_from_pod(pod: dict) -> Optional[Member]:
+    """The member view of an injected pod, or None if kvmesh did not inject it."""
+    meta = pod.get("metadata") or {}
+    gid = (meta.get("labels") or {}).get(names.LABEL_PEER_GROUP)
+    try:
+        status = json.loads((meta.get("annotations") or {}).get(names.ANN_STATUS, "{}"))
+    except ValueError:
+        return None
+    if not gid or not status.get("injected"):
+        return None
+    mode, group = status.get("mode"), status.get("group", names.DEFAULT_GROUP)
+    container = next((c for c in (pod.get("spec") or {}).get("containers") or []
+                      if c.get("name") == status.get("container")), None)
+    if container is None or mode not in names.MODES:
+        return None
+    pstatus = pod.get("status") or {}
+    ip = pstatus.get("podIP") or None
+    conditions = {c.get("type"): c.get("status") for c in pstatus.get("conditions") or []}
+    ready = pstatus.get("phase") == "Running" and conditions.get("Ready") == "True"
+    restarts = sum(cs.get("restartCount", 0) for cs in pstatus.get("containerStatuses") or []
+                   if cs.get("name") == container.get("name"))
+    env = _env(container)
+    address = instance = None
+    ports: tuple[int, ...] = ()
+    if mode == names.MODE_REDIS:
+        url = (env.get("LMCACHE_DISTRIBUTED_URL") or {}).get("value", "")
+        port = url.rsplit(":", 1)[-1] if ":" in url else ""
+        address = f"{ip}:{port}" if ip and port.isdigit() else None
+    else:
+        ref = ((env.get("LMCACHE_LMCACHE_INSTANCE_ID") or {}).get("valueFrom") or {}) \
+            .get("fieldRef", {}).get("fieldPath")
+        instance = {contract.INSTANCE_FROM_NAME: meta.get("name"),
+                    contract.INSTANCE_FROM_UID: meta.get("uid")}.get(ref) or \
+            (env.get("LMCACHE_LMCACHE_INSTANCE_ID") or {}).get("value")
+        raw = (env.get("LMCACHE_LMCACHE_WORKER_PORTS") or {}).get("value", "")
+        ports = tuple(int(p) for p in raw.split(",") if p.strip().isdigit())
+    return Member(namespace=meta.get("namespace", ""), name=meta.get("name", ""),
+                  uid=meta.get("uid", ""), group_id=gid, mode=mode, group=group, ip=ip,
+                  ready=ready, terminating=bool(meta.get("deletionTimestamp")),
+                  restarts=restarts, address=address, instance_id=instance,
+                  worker_ports=ports, image=str(container.get("image", "")))
+
+
+def departure(old: Optional[Member], new: Optional[Member]) -> Optional[Departure]:
+    """Does this change end `old`'s life as a peer? (None when nothing to purge.)"""
+    if old is None or not old.is_peer and old.ip is None:
+        return None
+    # Only state that was published can be stale: a pod that never became a peer may still
+    # have stored chunks while starting (LMCache publishes as it stores), so any member with
+    # an IP counts.
+    if new is None:
+        return Departure(old, "deleted")
+    if new.uid != old.uid:
+        return Departure(old, "deleted")
+    if new.ip != old.ip and old.ip:
+        return Departure(old, "ip-changed")
+    if new.restarts > old.restarts:
+        return Departure(old, "restarted")
+    if new.terminating and not old.terminating:
+        return Departure(old, "terminating")
+    if old.ready and not new.ready:
+        return Departure(old, "not-ready")
+    return None
+
+
+@dataclass
+class Group:
+    namespace: str
+    group_id: str
+    mode: str
+    group: str
+    members: dict[str, Member] = field(default_factory=dict)  # by pod name
+
+    @property
+    def peers(self) -> list[Member]:
+        return [m for m in self.members.values() if m.is_peer]
+
+
+def groups_of(members: list[Member]) -> dict[tuple[str, str], Group]:
+    """Members by (namespace, group id)."""
+    out: dict[tuple[str, str], Group] = {}
+    for m in members:
+        g = out.setdefault((m.namespace, m.group_id),
+                           Group(m.namespace, m.group_id, m.mode, m.group))
+        g.members[m.name] = m
+    return out
+
+
+def live_addresses(members: list[Member]) -> set[str]:
+    """Redis values that belong to live peers (never purged by reconciliation)."""
+    return {m.address for m in members if m.mode == names.MODE_REDIS and m.is_peer
+            and m.address}

@@ -1,0 +1,313 @@
+"""The leader's mesh loop: peer membership from a pod watch, a purge the moment a member stops
+being a peer, and one lookup service per peer group with its status.
+
+Purges run on the watch path itself (no queue in between), so the time from a pod's deletion
+to its lookup state being gone is one watch event plus the purge. A purge that fails (lookup
+service unreachable) is retried by the resync loop until it succeeds; the Redis reverse index
+additionally reconciles against the live membership on every (re)connection and periodically,
+so a death nobody saw (controller down, watch gap) is still cleaned up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Optional
+
+from kubernetes_asyncio import client
+
+from kvmesh import names
+from kvmesh.controller import groups, kapply, lookup
+from kvmesh.controller.informer import Informer
+from kvmesh.webhook.policy import PolicyDefaults
+
+log = logging.getLogger("kvmesh.mesh")
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+@dataclass
+class PurgeRecord:
+    pod: str
+    reason: str
+    what: str
+    removed: int
+    seconds: float
+    time: str = field(default_factory=_now)
+
+
+class Mesh:
+    def __init__(self, api: client.ApiClient, policy: PolicyDefaults, metrics=None,
+                 grace_seconds: float = 300.0, resync_seconds: float = 15.0,
+                 manage_lookup: bool = True):
+        self.api, self.policy, self.metrics = api, policy, metrics
+        self.grace, self.resync_seconds = grace_seconds, resync_seconds
+        self.manage_lookup = manage_lookup
+        self.core = client.CoreV1Api(api)
+        self.pods = Informer(self.core.list_pod_for_all_namespaces,
+                             label_selector=names.LABEL_PEER_GROUP, name="kvmesh peer pods",
+                             handlers=[self._on_pod])
+        self.members: dict[tuple[str, str], groups.Member] = {}
+        self.owners: dict[tuple[str, str], list] = {}  # ownerReferences, kept past deletion
+        # Incarnations already purged (uid, ip, restarts): "terminating" then "deleted" is one
+        # departure, not two.
+        self.purged: set[tuple[str, Optional[str], int]] = set()
+        self.pending: dict[tuple[str, str], groups.Departure] = {}  # purges to retry
+        self.redis: dict[str, object] = {}  # "host:port" -> purge.AddressIndex
+        self.last_purge: dict[tuple[str, str], PurgeRecord] = {}
+        self.empty_since: dict[tuple[str, str], float] = {}
+        self.dirty: set[tuple[str, str]] = set()
+        self._wake = asyncio.Event()
+
+    # --- membership ---------------------------------------------------------------------------
+
+    async def _on_pod(self, type_: str, obj: dict, old: Optional[dict]) -> None:
+        meta = obj.get("metadata") or {}
+        key = (meta.get("namespace", ""), meta.get("name", ""))
+        new_m = None if type_ == "DELETED" else groups.member_from_pod(obj)
+        old_m = self.members.get(key)
+        self.owners[key] = meta.get("ownerReferences") or []
+        d = groups.departure(old_m, new_m)
+        if new_m is None:
+            self.members.pop(key, None)
+        else:
+            self.members[key] = new_m
+        for m in (old_m, new_m):
+            if m is not None:
+                self.dirty.add((m.namespace, m.group_id))
+        if d is not None:
+            inc = (d.member.uid, d.member.ip, d.member.restarts)
+            if inc not in self.purged and await self.purge(d):
+                self.purged.add(inc)
+        if new_m is None:
+            self.owners.pop(key, None)
+            if old_m is not None:
+                self.purged = {i for i in self.purged if i[0] != old_m.uid}
+        self._wake.set()
+
+    def live_addresses(self) -> set[str]:
+        return groups.live_addresses(list(self.members.values()))
+
+    async def _live_for_reconcile(self) -> set[str]:
+        # Never reconcile (which purges everything not live) before the member view is
+        # complete: an unsynced view would make live pods look dead.
+        await self.pods.has_synced.wait()
+        return self.live_addresses()
+
+    # --- lookup endpoints -------------------------------------------------------------------
+
+    async def endpoint(self, namespace: str, mode: str, group: str, port_name: str
+                       ) -> Optional[tuple[str, int]]:
+        """(pod IP, port) of a ready pod of the group's lookup service.
+
+        The controller talks to the lookup pod directly, as the Service's endpoints would:
+        this needs neither cluster DNS nor kube-proxy in the controller's path, and works
+        where EndpointSlices cannot list the address (the local control plane's loopback
+        pod IPs)."""
+        if mode == names.MODE_REDIS and self.policy.redis_address:
+            host, port = self.policy.redis_address.rsplit(":", 1)
+            return host, int(port)
+        gid = names.group_id(mode, group)
+        found = await self.core.list_namespaced_pod(
+            namespace, label_selector=f"kvmesh.dev/lookup-for={gid}")
+        for pod in found.items:
+            ready = any(c.type == "Ready" and c.status == "True"
+                        for c in (pod.status.conditions or []))
+            if not (ready and pod.status.pod_ip and not pod.metadata.deletion_timestamp):
+                continue
+            for c in pod.spec.containers:
+                for p in c.ports or []:
+                    if p.name == port_name:
+                        return pod.status.pod_ip, p.container_port
+        return None
+
+    async def redis_index(self, namespace: str, group: str):
+        from kvmesh.controller import purge
+        ep = await self.endpoint(namespace, names.MODE_REDIS, group, "redis")
+        if ep is None:
+            raise LookupError(f"no ready endpoint for Service "
+                              f"{namespace}/{names.lookup_service_name('redis', group)}")
+        addr = f"{ep[0]}:{ep[1]}"
+        idx = self.redis.get(addr)
+        if idx is None:
+            idx = purge.AddressIndex(ep[0], ep[1], live_addrs=self._live_for_reconcile)
+            self.redis[addr] = idx
+            await idx.start(wait=10)
+        return idx
+
+    # --- purge --------------------------------------------------------------------------------
+
+    async def purge(self, d: groups.Departure) -> bool:
+        m = d.member
+        gkey = (m.namespace, m.group_id)
+        t0 = time.perf_counter()
+        try:
+            if m.mode == names.MODE_REDIS:
+                if not m.address:
+                    return True
+                idx = await self.redis_index(m.namespace, m.group)
+                res = await idx.purge_address(m.address)
+                removed = res.deleted
+            else:
+                from kvmesh.controller import lmcache_ctrl
+                ep = await self.endpoint(m.namespace, m.mode, m.group, "pull")
+                if ep is None:
+                    raise LookupError(f"no ready pod of the lookup service {m.namespace}/"
+                                      f"{names.lookup_service_name(m.mode, m.group)}")
+                ranks = max(1, len(m.worker_ports))
+                await lmcache_ctrl.deregister(f"{ep[0]}:{ep[1]}", m.instance_id,
+                                              list(range(ranks)), m.ip or "",
+                                              list(m.worker_ports) or [0] * ranks)
+                removed = ranks
+        except Exception as e:
+            self.pending[m.key] = d
+            if self.metrics:
+                self.metrics.errors.labels("purge").inc()
+            log.error("could not purge %s of pod %s/%s (%s): %s; retrying every %.0fs",
+                      d.what, m.namespace, m.name, d.reason, e, self.resync_seconds)
+            return False
+        seconds = time.perf_counter() - t0
+        self.pending.pop(m.key, None)
+        rec = PurgeRecord(f"{m.namespace}/{m.name}", d.reason, d.what, removed, seconds)
+        self.last_purge[gkey] = rec
+        self.dirty.add(gkey)
+        if self.metrics:
+            self.metrics.purges.labels(m.mode, d.reason).inc()
+            self.metrics.purged.labels(m.mode).inc(removed)
+            self.metrics.purge_seconds.labels(m.mode).observe(seconds)
+        log.info("purged %s of pod %s/%s (%s): %d removed in %.1f ms", d.what, m.namespace,
+                 m.name, d.reason, removed, seconds * 1000)
+        await self.event(m, "LookupStatePurged",
+                         f"kvmesh removed the lookup state of pod {m.name} ({d.reason}): "
+                         f"{d.what}, {removed} {'keys' if m.mode == 'redis' else 'ranks'} "
+                         f"in {seconds * 1000:.0f} ms, so peers miss cleanly instead of "
+                         "fetching from a dead address")
+        return True
+
+    # --- events -------------------------------------------------------------------------------
+
+    async def _workload_of(self, m: groups.Member) -> Optional[dict]:
+        owners = self.owners.get(m.key) or []
+        ref = next((o for o in owners if o.get("controller")), None)
+        if ref is None:
+            return None
+        if ref.get("kind") == "ReplicaSet":
+            try:
+                rs = await client.AppsV1Api(self.api).read_namespaced_replica_set(
+                    ref["name"], m.namespace)
+                up = next((o for o in rs.metadata.owner_references or [] if o.controller), None)
+                if up is not None:
+                    return {"apiVersion": up.api_version, "kind": up.kind, "name": up.name,
+                            "uid": up.uid, "namespace": m.namespace}
+            except Exception:
+                pass
+        return {"apiVersion": ref.get("apiVersion"), "kind": ref.get("kind"),
+                "name": ref.get("name"), "uid": ref.get("uid"), "namespace": m.namespace}
+
+    async def event(self, m: groups.Member, reason: str, message: str,
+                    type_: str = "Normal") -> None:
+        target = await self._workload_of(m) or {
+            "apiVersion": "v1", "kind": "Pod", "name": m.name, "uid": m.uid,
+            "namespace": m.namespace}
+        now = _now()
+        body = {"apiVersion": "v1", "kind": "Event",
+                "metadata": {"name": f"{target['name']}.kvmesh.{uuid.uuid4().hex[:10]}",
+                             "namespace": m.namespace},
+                "involvedObject": target, "reason": reason, "message": message[:1000],
+                "type": type_, "source": {"component": "kvmesh-controller"},
+                "firstTimestamp": now[:19] + "Z", "lastTimestamp": now[:19] + "Z",
+                "count": 1, "reportingComponent": "kvmesh-controller",
+                "reportingInstance": "kvmesh-controller"}
+        try:
+            await kapply.create(self.api, body)
+        except Exception as e:
+            log.warning("could not record Event %s on %s/%s: %s", reason, m.namespace,
+                        target["name"], e)
+
+    # --- groups -------------------------------------------------------------------------------
+
+    def group_view(self) -> dict[tuple[str, str], groups.Group]:
+        return groups.groups_of(list(self.members.values()))
+
+    async def reconcile_group(self, gkey: tuple[str, str], g: Optional[groups.Group]) -> None:
+        ns, gid = gkey
+        mode, _, group = gid.partition("-")
+        if g is None or not g.members:
+            since = self.empty_since.setdefault(gkey, time.monotonic())
+            if time.monotonic() - since >= self.grace:
+                if await kapply.delete(self.api, f"{names.API_GROUP}/{names.API_VERSION}",
+                                       names.PEER_GROUP_KIND, ns, gid):
+                    log.info("peer group %s/%s empty for %.0fs: lookup service removed",
+                             ns, gid, self.grace)
+                self.empty_since.pop(gkey, None)
+                self.last_purge.pop(gkey, None)
+                return
+        else:
+            self.empty_since.pop(gkey, None)
+        cr = await kapply.apply(self.api, lookup.peer_group(ns, mode, group))
+        if g is not None and g.members and self.manage_lookup:
+            image = sorted(m.image for m in g.members.values())[0]
+            for obj in lookup.desired(cr, self.policy, image):
+                await kapply.apply(self.api, obj)
+        peers = g.peers if g else []
+        status = {"members": len(g.members) if g else 0, "readyPeers": len(peers),
+                  "peers": sorted(f"{m.name}={m.ip}" for m in peers)}
+        if mode == names.MODE_REDIS and g is not None and g.members:
+            # Index the group's Redis before anyone dies, so a purge is one index drain.
+            try:
+                idx = await self.redis_index(ns, group)
+                status["lookupAddress"] = f"{idx.host}:{idx.port}"
+            except Exception as e:
+                log.debug("lookup Redis of %s/%s not reachable yet: %s", ns, gid, e)
+        if gkey in self.empty_since:
+            status["emptySince"] = dt.datetime.now(dt.timezone.utc).isoformat()
+        rec = self.last_purge.get(gkey)
+        if rec:
+            status["lastPurge"] = rec.__dict__
+        await kapply.apply(self.api, {**lookup.peer_group(ns, mode, group), "status": status},
+                           subresource="status")
+
+    async def resync_once(self) -> None:
+        for key, d in list(self.pending.items()):
+            await self.purge(d)
+        view = self.group_view()
+        keys = set(self.dirty) | set(view) | set(self.empty_since)
+        self.dirty.clear()
+        for gkey in keys:
+            try:
+                await self.reconcile_group(gkey, view.get(gkey))
+            except Exception as e:
+                self.dirty.add(gkey)
+                if self.metrics:
+                    self.metrics.errors.labels("group").inc()
+                log.error("reconciling peer group %s/%s failed: %s", gkey[0], gkey[1], e)
+        if self.metrics:
+            self.metrics.members.set(len(self.members))
+            self.metrics.peers.set(sum(1 for m in self.members.values() if m.is_peer))
+
+    async def run(self) -> None:
+        informer = asyncio.create_task(self.pods.run())
+        try:
+            await self.pods.has_synced.wait()
+            log.info("peer membership synced: %d members", len(self.members))
+            while True:
+                t0 = time.perf_counter()
+                await self.resync_once()
+                if self.metrics:
+                    self.metrics.reconcile_seconds.observe(time.perf_counter() - t0)
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.resync_seconds)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            informer.cancel()
+            self.pods.stop()
+            for idx in self.redis.values():
+                await idx.stop()

@@ -1,0 +1,80 @@
+"""Membership rules (pure): who is a peer and which changes end a peer's life."""
+
+import copy
+
+import pytest
+import yaml
+
+from kvmesh import names, workloads
+from kvmesh.controller import groups
+from kvmesh.webhook.inject import Context, decide
+
+
+def injected_pod(case="01-deployment-vllm-serve", name="p-1", uid="u-1", ip="127.64.0.9"):
+    doc = yaml.safe_load(open(f"tests/golden/cases/{case}.yaml"))
+    pod = decide(workloads.pod_for(doc), Context(doc["metadata"]["namespace"])).pod
+    pod["metadata"].update(name=name, uid=uid)
+    cname = pod["spec"]["containers"][0]["name"]
+    pod["status"] = {"phase": "Running", "podIP": ip,
+                     "conditions": [{"type": "Ready", "status": "True"}],
+                     "containerStatuses": [{"name": cname, "restartCount": 0}]}
+    return pod
+
+
+def test_member_from_injected_pods_of_both_modes():
+    c = groups.member_from_pod(injected_pod())
+    assert c.mode == "controller" and c.group_id == "controller-default" and c.is_peer
+    assert c.instance_id == "p-1" and c.worker_ports == (8500,)
+    r = groups.member_from_pod(injected_pod("02-api-server-redis"))
+    assert r.mode == "redis" and r.address == "127.64.0.9:8200"
+    sts = groups.member_from_pod(injected_pod("10-statefulset"))
+    assert sts.instance_id == "u-1"  # StatefulSets register under the pod uid
+
+
+def test_uninjected_pods_are_not_members():
+    pod = injected_pod()
+    pod["metadata"]["annotations"][names.ANN_STATUS] = '{"injected":false}'
+    assert groups.member_from_pod(pod) is None
+    del pod["metadata"]["labels"][names.LABEL_PEER_GROUP]
+    assert groups.member_from_pod(pod) is None
+
+
+def _changed(mutate):
+    old = injected_pod("02-api-server-redis")
+    new = copy.deepcopy(old)
+    mutate(new)
+    return groups.departure(groups.member_from_pod(old), groups.member_from_pod(new))
+
+
+@pytest.mark.parametrize("mutate,reason", [
+    (lambda p: p["status"].update(podIP="127.64.0.10"), "ip-changed"),
+    (lambda p: p["status"]["containerStatuses"][0].update(restartCount=1), "restarted"),
+    (lambda p: p["metadata"].update(deletionTimestamp="2026-01-01T00:00:00Z"), "terminating"),
+    (lambda p: p["status"]["conditions"][0].update(status="False"), "not-ready"),
+    (lambda p: p["metadata"].update(uid="u-2"), "deleted"),
+])
+def test_departures(mutate, reason):
+    d = _changed(mutate)
+    assert d is not None and d.reason == reason
+    assert d.member.address == "127.64.0.9:8200"  # always the OLD incarnation's state
+
+
+def test_no_departure_for_unrelated_changes_and_deletion_is_one():
+    assert _changed(lambda p: p["metadata"]["labels"].update(x="y")) is None
+    old = groups.member_from_pod(injected_pod())
+    assert groups.departure(old, None).reason == "deleted"
+    starting = injected_pod()
+    starting["status"] = {"phase": "Pending"}
+    assert groups.departure(groups.member_from_pod(starting), None) is None
+
+
+def test_live_addresses_only_counts_ready_redis_peers():
+    a = groups.member_from_pod(injected_pod("02-api-server-redis", "a", "ua", "127.64.0.1"))
+    b_pod = injected_pod("02-api-server-redis", "b", "ub", "127.64.0.2")
+    b_pod["status"]["conditions"][0]["status"] = "False"
+    b = groups.member_from_pod(b_pod)
+    c = groups.member_from_pod(injected_pod())
+    assert groups.live_addresses([a, b, c]) == {"127.64.0.1:8200"}
+    gs = groups.groups_of([a, b, c])
+    assert set(gs) == {("team-b", "redis-default"), ("team-a", "controller-default")}
+    assert [m.name for m in gs[("team-b", "redis-default")].peers] == ["a"]

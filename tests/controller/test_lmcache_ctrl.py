@@ -1,0 +1,353 @@
+"""kvmesh.controller.lmcache_ctrl against the REAL ``lmcache_controller`` (lmcache 0.5.6).
+
+One controller process per module, from the vllm-0.33.0 consumer venv, on 127.0.0.1 with free
+ports and a heartbeat port; reaper off (workers must not vanish behind the tests' back). Workers
+are simulated (TEST CODE, ``lmc_worker_sim.py``) with lmcache's own message classes, in that
+venv's python. Every test uses its own instance ids and chunk hashes, so tests share the
+controller without seeing each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from kvmesh.controller import lmcache_ctrl as L
+from lmc_worker_sim import WorkerSim
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "consumers"))
+import consumers  # noqa: E402
+
+ENV = "vllm-0.33.0"
+LOC = "LocalCPUBackend"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env() -> dict[str, str]:
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp"),
+            "LANG": "C.UTF-8", "PYTHONNOUSERSITE": "1", "PYTHONDONTWRITEBYTECODE": "1",
+            "LMCACHE_TRACK_USAGE": "false", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1"}
+
+
+class Ctl:
+    def __init__(self, http: int, pull: int, reply: int, hb: int, proc, log: Path):
+        self.http_url = f"http://127.0.0.1:{http}"
+        self.pull_url = f"127.0.0.1:{pull}"      # the form LMCACHE_CONTROLLER_PULL_URL uses
+        self.reply_url = f"127.0.0.1:{reply}"
+        self.hb_port = hb
+        self.proc, self.log = proc, log
+
+
+@pytest.fixture(scope="module")
+def lmc(tmp_path_factory):
+    """(controller, simulator): both started together, the controller's torch import dominating."""
+    try:
+        py = consumers.env_python(ENV)
+    except consumers.ConsumerEnvMissing as e:
+        pytest.fail(f"{e}\n(needed for the real lmcache_controller: "
+                    f"bash tests/consumers/setup_envs.sh {ENV})")
+    exe = consumers.env_dir(ENV) / "bin" / "lmcache_controller"
+    if not exe.exists():
+        pytest.fail(f"{exe} missing: recreate the env with bash tests/consumers/setup_envs.sh {ENV}")
+    d = tmp_path_factory.mktemp("lmcache_controller")
+    http, pull, reply, hb = (free_port() for _ in range(4))
+    log = d / "controller.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(
+            [str(exe), "--host", "127.0.0.1", "--port", str(http),
+             "--monitor-ports", json.dumps({"pull": pull, "reply": reply, "heartbeat": hb}),
+             "--health-check-interval", "-1", "--lmcache-worker-timeout", "300"],
+            stdout=f, stderr=subprocess.STDOUT, env=child_env(), cwd=d, start_new_session=True)
+    ctl = Ctl(http, pull, reply, hb, proc, log)
+    sim = WorkerSim(py, ctl.pull_url, ctl.reply_url, child_env(), d / "sim.stderr")
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"lmcache_controller exited rc={proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(f"{ctl.http_url}/controller/workers?instance_id=__probe__",
+                                       timeout=1)
+            except urllib.error.HTTPError as e:
+                if e.code == 404:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"lmcache_controller not ready in 90 s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.1)
+        sim.wait_ready()
+        yield ctl, sim
+    finally:
+        sim.close()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+
+def uid(name: str) -> str:
+    return f"{name}-{uuid.uuid4().hex[:8]}"
+
+
+def hashes(n: int) -> list[int]:
+    return [random.getrandbits(62) for _ in range(n)]
+
+
+async def wait_for(pred, timeout=5.0, interval=0.02):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = await pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s (last: {v!r})")
+        await asyncio.sleep(interval)
+
+
+WPORTS, INIT = [18100, 18101], [18200, 18201]  # per-rank lists, same in every pod (contract §2.2)
+
+
+def register_pod(sim, inst: str, ip: str, tp: int = 2) -> None:
+    for r in range(tp):
+        ret = sim.register(inst, r, ip, WPORTS[r], f"{ip}:{INIT[r]}")
+        assert ret["type"] == "RegisterRetMsg"
+
+
+# --------------------------------------------------------------------------------------------
+
+
+async def test_message_schema_decodes_as_lmcache_deregister(lmc):
+    """kvmesh's bytes go through the controller's exact JSON decode path into DeRegisterMsg."""
+    _, sim = lmc
+    parts = L.encode_deregister("pod-x", [0, 1], "10.0.0.7", [8100, 8101])
+    assert parts[0] == (b'{"type":"DeRegisterMsg","instance_id":"pod-x","worker_id":0,'
+                        b'"ip":"10.0.0.7","port":8100}')
+    assert sim.decode(parts) == [
+        {"type": "DeRegisterMsg", "instance_id": "pod-x", "worker_id": w, "ip": "10.0.0.7",
+         "port": 8100 + w} for w in (0, 1)]
+
+
+def test_malformed_input_is_rejected_before_sending():
+    # One undecodable part would end the controller's PULL loop for good (no try/except there).
+    for bad in ([True], [-1], [], [0, 0], "0", [0.0]):
+        with pytest.raises(ValueError):
+            L.encode_deregister("pod", bad, "10.0.0.1", [1, 2])
+    with pytest.raises(ValueError):
+        L.encode_deregister("", [0], "10.0.0.1", [1])
+    with pytest.raises(ValueError):
+        L.encode_deregister("pod", [0], "10.0.0.1", ["8100"])
+    with pytest.raises(ValueError):
+        L.encode_deregister("pod", [0], None, [8100])
+    # ports: positional when one per worker id, else by rank, else 0
+    assert [json.loads(p)["port"] for p in L.encode_deregister("p", [1], "i", [7])] == [7]
+    assert [json.loads(p)["port"] for p in L.encode_deregister("p", [1], "i", [7, 8, 9])] == [8]
+    assert [json.loads(p)["port"] for p in L.encode_deregister("p", [3], "i", [])] == [0]
+    assert L.zmq_endpoint("ctl.ns.svc:8300") == ("tcp://ctl.ns.svc:8300", False)
+    assert L.zmq_endpoint("tcp://10.0.0.1:8300") == ("tcp://10.0.0.1:8300", False)
+    assert L.zmq_endpoint("fd00::1:8300") == ("tcp://[fd00::1]:8300", True)
+    for bad in ("nohost", "h:", "http://h:1", "h:99999"):
+        with pytest.raises(ValueError):
+            L.zmq_endpoint(bad)
+
+
+async def test_deregister_dead_pod_leaves_the_other(lmc):
+    ctl, sim = lmc
+    a, b = uid("pod-a"), uid("pod-b")
+    register_pod(sim, a, "127.0.0.11")
+    register_pod(sim, b, "127.0.0.12")
+    assert sorted(w["worker_id"] for w in await L.workers(ctl.http_url, a)) == [0, 1]
+    rec = {w["worker_id"]: w for w in await L.workers(ctl.http_url, b)}
+    assert rec[1]["ip"] == "127.0.0.12" and rec[1]["peer_init_url"] == f"127.0.0.12:{INIT[1]}"
+    sim.kill(a, 0), sim.kill(a, 1)                       # the pod dies, nothing deregisters it
+
+    t0 = time.monotonic()
+    await L.deregister(ctl.pull_url, a, [0, 1], "127.0.0.11", WPORTS)
+
+    async def gone():
+        return await L.workers(ctl.http_url, a) == []
+    await wait_for(gone, timeout=5)
+    took = time.monotonic() - t0
+    assert took < 2.0, took
+    assert sorted(w["worker_id"] for w in await L.workers(ctl.http_url, b)) == [0, 1]
+    print(f"\ndead pod deregistered and unlisted in {took * 1000:.0f} ms")
+
+
+async def test_p2p_lookup_forgets_dead_pod(lmc):
+    ctl, sim = lmc
+    a, b, c = uid("pod-a"), uid("pod-b"), uid("pod-c")
+    register_pod(sim, a, "127.0.0.21")
+    register_pod(sim, b, "127.0.0.22")
+    hs = hashes(3)
+    sim.admit(a, 0, hs)
+    sim.admit(b, 0, hs[:1])
+
+    async def indexed():
+        ka = {w["worker_id"]: w["key_count"] for w in await L.workers(ctl.http_url, a)}
+        kb = {w["worker_id"]: w["key_count"] for w in await L.workers(ctl.http_url, b)}
+        return ka.get(0) == 3 and kb.get(0) == 1
+    await wait_for(indexed)
+
+    # requester c (rank 0): the first other instance holding hs[0] is a, with 3 consecutive hits
+    assert sim.lookup(c, 0, hs) == [[a, LOC, 3, f"127.0.0.21:{INIT[0]}"]]
+    assert sim.lookup(b, 0, hs) == [[a, LOC, 3, f"127.0.0.21:{INIT[0]}"]]
+
+    took = await L.deregister_and_confirm(ctl.pull_url, ctl.http_url, a)   # ids/addr from records
+    assert took < 2.0, took
+    assert await L.workers(ctl.http_url, a) == []
+    assert sim.lookup(c, 0, hs) == [[b, LOC, 1, f"127.0.0.22:{INIT[0]}"]]
+    assert sim.lookup(b, 0, hs) == [["", "", 0, ""]]     # nobody else has it any more
+    assert {w["worker_id"]: w["key_count"] for w in await L.workers(ctl.http_url, b)} == {0: 1, 1: 0}
+    # nothing left to do: no push, 0.0
+    assert await L.deregister_and_confirm(ctl.pull_url, ctl.http_url, a) == 0.0
+    print(f"\nderegister_and_confirm: {took * 1000:.0f} ms")
+
+
+async def test_reused_instance_id_keeps_old_address_and_stale_guard_fixes_it(lmc):
+    ctl, sim = lmc
+    sts = uid("sts-0")                    # StatefulSet pod name reused across incarnations
+    old_ip, new_ip = "127.0.0.31", "127.0.0.32"
+    register_pod(sim, sts, old_ip)
+    sim.admit(sts, 0, hashes(2))
+    sim.kill(sts, 0), sim.kill(sts, 1)    # old incarnation dies, not deregistered (kvmesh missed it)
+
+    register_pod(sim, sts, new_ip)        # new incarnation: same id, new IP -> "already registered"
+    recs = await L.workers(ctl.http_url, sts)
+    assert {r["ip"] for r in recs} == {old_ip}, recs                       # the trap, reproduced
+    assert {r["peer_init_url"] for r in recs} == {f"{old_ip}:{INIT[0]}", f"{old_ip}:{INIT[1]}"}
+    assert all(r["key_count"] == 0 for r in recs)                          # its KV set was cleared
+
+    assert L.stale_worker_ids(recs, pod_ips=new_ip, worker_ports=WPORTS, p2p_init_ports=INIT) == [0, 1]
+    assert L.stale_worker_ids(recs, pod_ips=old_ip, worker_ports=WPORTS, p2p_init_ports=INIT) == []
+
+    assert await L.deregister_if_stale(ctl.pull_url, ctl.http_url, sts, pod_ips=[new_ip],
+                                       worker_ports=WPORTS, p2p_init_ports=INIT) == [0, 1]
+    assert await L.workers(ctl.http_url, sts) == []
+
+    # The live new incarnation gets back in: rank 0 by its next heartbeat (unknown worker ->
+    # re-registered with the address it sends + full sync), rank 1 by registering again.
+    hb = sim.heartbeat(sts, 0)
+    assert [c["type"] for c in hb["commands"]] == ["FullSyncCommand"], hb
+    assert hb["commands"][0]["reason"] == "worker_re_registered"
+    sim.register(sts, 1, new_ip, WPORTS[1], f"{new_ip}:{INIT[1]}")
+    recs = await L.workers(ctl.http_url, sts)
+    assert {(r["worker_id"], r["ip"], r["peer_init_url"]) for r in recs} == {
+        (0, new_ip, f"{new_ip}:{INIT[0]}"), (1, new_ip, f"{new_ip}:{INIT[1]}")}
+    # now current: nothing stale, nothing sent
+    assert await L.deregister_if_stale(ctl.pull_url, ctl.http_url, sts, pod_ips=new_ip,
+                                       worker_ports=WPORTS, p2p_init_ports=INIT) == []
+
+
+async def test_heartbeat_reregisters_a_deregistered_live_worker(lmc):
+    """Why kvmesh only deregisters dead pods: a live heartbeating worker comes straight back."""
+    ctl, sim = lmc
+    p = uid("pod-live")
+    register_pod(sim, p, "127.0.0.41", tp=1)
+    sim.heartbeat(p, 0)                   # known worker: heartbeat accepted (may ask a full sync)
+    await L.deregister_and_confirm(ctl.pull_url, ctl.http_url, p, [0], "127.0.0.41", WPORTS)
+    hb = sim.heartbeat(p, 0)
+    assert [(c["type"], c["reason"]) for c in hb["commands"]] == [("FullSyncCommand", "worker_re_registered")]
+    assert [r["ip"] for r in await L.workers(ctl.http_url, p)] == ["127.0.0.41"]
+    await L.deregister_and_confirm(ctl.pull_url, ctl.http_url, p)             # clean up
+
+
+async def test_listing_fallback_and_unknown_instance(lmc):
+    ctl, sim = lmc
+    p = uid("pod-q")
+    register_pod(sim, p, "127.0.0.51")
+    import aiohttp
+    async with aiohttp.ClientSession() as s:
+        old = await L._query_worker_info(s, L.http_base(ctl.http_url), p, 5.0)
+    new = await L.workers(ctl.http_url.removeprefix("http://"), p)
+    strip = lambda rs: sorted((r["worker_id"], r["ip"], r["port"], r["peer_init_url"]) for r in rs)  # noqa: E731
+    assert strip(old) == strip(new) and len(new) == 2
+    assert await L.workers(ctl.http_url, uid("never-registered")) == []
+    await L.deregister_and_confirm(ctl.pull_url, ctl.http_url, p)
+
+
+async def test_controller_down_raises_clear_error_quickly(lmc):
+    ctl, _ = lmc
+    dead = free_port()                                       # nothing listens there
+    t0 = time.monotonic()
+    with pytest.raises(L.ControllerUnreachable, match="NOT sent"):
+        await L.deregister(f"127.0.0.1:{dead}", "pod-z", [0, 1], "10.0.0.9", WPORTS, timeout=1.0)
+    assert time.monotonic() - t0 < 2.0
+    # A TCP port that is not a ZMQ PULL (here uvicorn): bounded either way. libzmq may take the
+    # HTTP 400 reply for an unversioned (ZMTP 1.0) peer and "send", so only
+    # deregister_and_confirm can tell; it must not hang.
+    t0 = time.monotonic()
+    try:
+        await L.deregister(ctl.http_url.removeprefix("http://"), "pod-z", [0], "10.0.0.9", WPORTS,
+                           timeout=1.0)
+    except L.ControllerUnreachable:
+        pass
+    assert time.monotonic() - t0 < 2.0
+    t0 = time.monotonic()
+    with pytest.raises(L.ControllerUnreachable):
+        await L.workers(f"http://127.0.0.1:{dead}", "pod-z", timeout=1.0)
+    with pytest.raises(L.ControllerUnreachable):
+        await L.deregister_and_confirm(f"127.0.0.1:{dead}", ctl.http_url, "pod-z", [0], "10.0.0.9",
+                                       WPORTS, send_timeout=1.0)
+    assert time.monotonic() - t0 < 3.0
+    # and the real controller's PULL loop is still alive after all that
+    p = uid("pod-after")
+    _, sim = lmc
+    register_pod(sim, p, "127.0.0.61", tp=1)
+    assert await L.deregister_and_confirm(ctl.pull_url, ctl.http_url, p) < 2.0
+
+
+# ---- pure stale-record decision ------------------------------------------------------------
+
+def rec(wid=0, ip="10.0.0.5", port=18100, peer="10.0.0.5:18200"):
+    return {"instance_id": "p", "worker_id": wid, "ip": ip, "port": port, "peer_init_url": peer}
+
+
+def test_record_is_stale():
+    assert not L.record_is_stale(rec(), pod_ips="10.0.0.5")
+    assert L.record_is_stale(rec(), pod_ips="10.0.0.6")
+    assert not L.record_is_stale(rec(), pod_ips=["fd00::5", "10.0.0.5"])          # dual stack
+    # peer_init_url decides when known on both sides (LMCACHE_P2P_HOST is the pod IP)
+    assert L.record_is_stale(rec(), pod_ips="10.0.0.5", peer_init_url="10.0.0.5:18299")
+    assert L.record_is_stale(rec(peer="10.0.0.4:18200"), pod_ips="10.0.0.5",
+                             peer_init_url="10.0.0.5:18200")
+    assert not L.record_is_stale(rec(peer=None), pod_ips="10.0.0.5", peer_init_url="10.0.0.5:1")
+    # get_ip()'s no-route fallback is not evidence either way ...
+    assert not L.record_is_stale(rec(ip="127.0.0.1"), pod_ips="10.0.0.5")
+    # ... but the peer URL still is
+    assert L.record_is_stale(rec(ip="127.0.0.1", peer="10.0.0.4:18200"), pod_ips="10.0.0.5",
+                             peer_init_url="10.0.0.5:18200")
+    assert L.record_is_stale(rec(), pod_ips="10.0.0.5", worker_port=18101)
+    assert not L.record_is_stale(rec(), pod_ips="10.0.0.5", worker_port=18100)
+
+
+def test_stale_worker_ids():
+    recs = [rec(0), rec(1, port=18101, peer="10.0.0.5:18201")]
+    assert L.stale_worker_ids(recs, pod_ips="10.0.0.5", worker_ports=WPORTS[:1] + [18101],
+                              p2p_init_ports=INIT) == []
+    assert L.stale_worker_ids(recs, pod_ips="10.0.0.9", p2p_init_ports=INIT) == [0, 1]
+    assert L.stale_worker_ids(recs, pod_ips="10.0.0.5", p2p_init_ports=[18200, 18209]) == [1]
+    assert L.stale_worker_ids(recs, pod_ips="10.0.0.5", p2p_host="10.0.1.1",
+                              p2p_init_ports=INIT) == [0, 1]
+    assert L.stale_worker_ids([], pod_ips="10.0.0.5") == []
