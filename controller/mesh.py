@@ -156,14 +156,19 @@ class Mesh:
                 removed = res.deleted
             else:
                 from kvmesh.controller import lmcache_ctrl
-                ep = await self.endpoint(m.namespace, m.mode, m.group, "pull")
-                if ep is None:
+                pull = await self.endpoint(m.namespace, m.mode, m.group, "pull")
+                http = await self.endpoint(m.namespace, m.mode, m.group, "http")
+                if pull is None or http is None:
                     raise LookupError(f"no ready pod of the lookup service {m.namespace}/"
                                       f"{names.lookup_service_name(m.mode, m.group)}")
                 ranks = max(1, len(m.worker_ports))
-                await lmcache_ctrl.deregister(f"{ep[0]}:{ep[1]}", m.instance_id,
-                                              list(range(ranks)), m.ip or "",
-                                              list(m.worker_ports) or [0] * ranks)
+                # Confirmed through the controller's fresh per-instance listing: a pushed
+                # message alone proves nothing (ZMQ accepts it before delivery).
+                # Ranks, IPs and ports come from the controller's own records of the instance
+                # (worker_ids=None), so every registered rank goes, whatever TP was used.
+                await lmcache_ctrl.deregister_and_confirm(
+                    f"{pull[0]}:{pull[1]}", f"http://{http[0]}:{http[1]}", m.instance_id,
+                    None, timeout=10)
                 removed = ranks
         except Exception as e:
             self.pending[m.key] = d
