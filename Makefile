@@ -32,9 +32,11 @@ test: setup consumers cluster system-packages
 	KVMESH_REQUIRE_CLUSTER=1 $(VENV)/bin/python -m pytest -q -p no:cacheprovider
 
 # Benchmarks print figures next to a baseline measured in the same run; not part of `test`.
-bench: setup
+bench: setup cluster system-packages
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(VENV)/bin/python bench/mutate.py
+	$(VENV)/bin/python bench/purge.py
+	$(VENV)/bin/python bench/membership.py
 
 clean:
 	rm -rf $(VENV)

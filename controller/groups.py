@@ -33,6 +33,7 @@ class Member:
     instance_id: Optional[str] = None
     worker_ports: tuple[int, ...] = ()
     image: str = ""
+    policy: Optional[str] = None  # the KVMeshPolicy whose defaults the webhook used
 
     @property
     def key(self) -> tuple[str, str]:
@@ -41,6 +42,11 @@ class Member:
     @property
     def is_peer(self) -> bool:
         return bool(self.ip) and self.ready and not self.terminating
+
+    @property
+    def token(self) -> Optional[str]:
+        """What identifies its lookup state: the Redis value, or the LMCache instance id."""
+        return self.address if self.mode == names.MODE_REDIS else self.instance_id
 
 
 @dataclass(frozen=True)
@@ -99,7 +105,8 @@ def member_from_pod(pod: dict) -> Optional[Member]:
                   uid=meta.get("uid", ""), group_id=gid, mode=mode, group=group, ip=ip,
                   ready=ready, terminating=bool(meta.get("deletionTimestamp")),
                   restarts=restarts, address=address, instance_id=instance,
-                  worker_ports=ports, image=str(container.get("image", "")))
+                  worker_ports=ports, image=str(container.get("image", "")),
+                  policy=status.get("policy"))
 
 
 def departure(old: Optional[Member], new: Optional[Member]) -> Optional[Departure]:
@@ -144,6 +151,36 @@ def groups_of(members: list[Member]) -> dict[tuple[str, str], Group]:
         g = out.setdefault((m.namespace, m.group_id),
                            Group(m.namespace, m.group_id, m.mode, m.group))
         g.members[m.name] = m
+    return out
+
+
+def arrival(old: Optional[Member], new: Optional[Member]) -> Optional[Departure]:
+    """A new incarnation takes an address for the first time (pod IP reused). Anything the
+    lookup service holds under that address predates this pod, whose engine cannot have
+    stored yet (it is not even ready), so it is stale: purge it before peers trust it."""
+    if new is None or new.ready or not new.token:
+        return None
+    if old is not None and old.uid == new.uid and old.token == new.token:
+        return None
+    return Departure(new, "address-reused")
+
+
+def departed_during_gap(peers_status: list[str], group: "Group", mode: str, namespace: str,
+                        group_name: str) -> list[Departure]:
+    """Peers a previous leader recorded (`name=token`) that are gone now, or whose token now
+    belongs to another pod: they died while no controller watched (leader failover)."""
+    current = {m.name: m.token for m in (group.members.values() if group else [])}
+    out = []
+    for entry in peers_status or []:
+        name, _, token = entry.partition("=")
+        if not token or current.get(name) == token:
+            continue
+        ip = token.rsplit(":", 1)[0] if mode == names.MODE_REDIS else None
+        m = Member(namespace=namespace, name=name, uid="", group_id=f"{mode}-{group_name}",
+                   mode=mode, group=group_name, ip=ip, ready=True, terminating=False,
+                   restarts=0, address=token if mode == names.MODE_REDIS else None,
+                   instance_id=None if mode == names.MODE_REDIS else token)
+        out.append(Departure(m, "departed-while-unwatched"))
     return out
 
 

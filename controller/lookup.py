@@ -22,9 +22,12 @@ from kvmesh.webhook.policy import PolicyDefaults
 
 REDIS_IMAGE = "redis:7.2-alpine"
 REDIS_MAXMEMORY_MB = 1024
-# Keyspace events for the reverse index: K (keyspace) is not needed, E (keyevent) + g$ for
-# SET/DEL/EXPIRE-type events, x for expiries, e for evictions.
-REDIS_NOTIFY = "Eg$xe"
+# Keyspace events for the controller's reverse index: keyevent notifications of string
+# commands (SET). The controller also sets this itself on connect.
+REDIS_NOTIFY = "E$"
+# A burst of chunk stores must not drop the controller's subscription (default hard limit
+# 32 MB); a drop costs a full reconciliation.
+REDIS_PUBSUB_BUFFER = "pubsub 256mb 64mb 60"
 CONTROLLER_HTTP_PORT = 9000
 CONTROLLER_HEARTBEAT_PORT = 8500
 HEALTH_CHECK_SECONDS = 5
@@ -83,7 +86,9 @@ def desired(group_obj: dict, policy: PolicyDefaults, image: str) -> list[dict]:
                                                "--appendonly", "no",
                                                "--maxmemory", f"{REDIS_MAXMEMORY_MB}mb",
                                                "--maxmemory-policy", "allkeys-lru",
-                                               "--notify-keyspace-events", REDIS_NOTIFY],
+                                               "--notify-keyspace-events", REDIS_NOTIFY,
+                                               "--client-output-buffer-limit",
+                                               REDIS_PUBSUB_BUFFER],
                                       "ports": [{"name": "redis", "containerPort": port}],
                                       "readinessProbe": {"tcpSocket": {"port": "redis"},
                                                          "periodSeconds": 5},

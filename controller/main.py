@@ -103,6 +103,54 @@ async def optin_loop(api, metrics: Metrics) -> None:
     await asyncio.gather(*(i.run() for i in infs))
 
 
+async def policy_loop(api, metrics: Metrics, mesh, webhook_url: Optional[str]) -> None:
+    """KVMeshPolicies -> webhook entries + status; keeps mesh.policies current."""
+    import functools
+    from kubernetes_asyncio import client
+    from kvmesh.controller import policies
+    from kvmesh.controller.informer import Informer
+    custom = client.CustomObjectsApi(api)
+    wake = asyncio.Event()
+    inf = Informer(functools.partial(custom.list_cluster_custom_object, names.API_GROUP,
+                                     names.API_VERSION, "kvmeshpolicies"),
+                   handlers=[lambda t, o, old: wake.set()], name="kvmeshpolicies")
+    runner = asyncio.create_task(inf.run())
+    try:
+        await inf.has_synced.wait()
+        while True:
+            objs = inf.items()
+            valid, invalid = policies.parse_all(objs)
+            try:
+                await policies.apply_entries(api, valid, webhook_url)
+                mesh.policies.clear()
+                mesh.policies.update({p.name: p for p in valid})
+                for o in objs:
+                    name = o["metadata"]["name"]
+                    gen = o["metadata"].get("generation")
+                    if name in invalid:
+                        cond = policies.condition(False, "InvalidSpec", invalid[name], gen)
+                    else:
+                        cond = policies.condition(True, "EntryWritten",
+                                                  f"webhook entry {policies.entry_name(name)} "
+                                                  "selects this policy's pods", gen)
+                    pods = [m for m in mesh.members.values() if m.policy == name]
+                    await policies.write_status(api, o, {
+                        "conditions": [cond], "observedGeneration": gen,
+                        "injectedPods": len(pods),
+                        "readyPeers": sum(1 for m in pods if m.is_peer)})
+            except Exception as e:
+                metrics.errors.labels("policies").inc()
+                log.error("reconciling KVMeshPolicies failed: %s; retrying", e)
+            wake.clear()
+            try:
+                await asyncio.wait_for(wake.wait(), 15)
+            except asyncio.TimeoutError:
+                pass
+    finally:
+        runner.cancel()
+        inf.stop()
+
+
 async def uninjected_loop(api, metrics: Metrics) -> None:
     """Opted-in pods that were admitted without kvmesh's status annotation: the webhook was
     unreachable under failurePolicy Ignore. Made visible as a metric and an Event."""
@@ -145,7 +193,7 @@ async def uninjected_loop(api, metrics: Metrics) -> None:
 async def run(kubeconfig: Optional[str], metrics_port: int, cert_interval: float = 5.0,
               manage_certs: bool = True, started: Optional[asyncio.Event] = None,
               ca_validity=None, policy=None, grace_seconds: float = 300.0,
-              resync_seconds: float = 15.0) -> None:
+              resync_seconds: float = 15.0, webhook_url: Optional[str] = None) -> None:
     from kvmesh.certs import authority
     ca_validity = ca_validity or authority.CA_VALIDITY
     api = await kube.api_client(kubeconfig)
@@ -160,7 +208,8 @@ async def run(kubeconfig: Optional[str], metrics_port: int, cert_interval: float
         from kvmesh.webhook.policy import PolicyDefaults
         mesh = Mesh(api, policy or PolicyDefaults(), metrics, grace_seconds=grace_seconds,
                     resync_seconds=resync_seconds)
-        loops = [mesh.run(), optin_loop(api, metrics), uninjected_loop(api, metrics)]
+        loops = [mesh.run(), optin_loop(api, metrics), uninjected_loop(api, metrics),
+                 policy_loop(api, metrics, mesh, webhook_url)]
         if manage_certs:
             loops.append(cert_loop(api, metrics, cert_interval, ca_validity))
         await asyncio.gather(*loops)

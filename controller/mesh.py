@@ -27,6 +27,8 @@ from kvmesh.webhook.policy import PolicyDefaults
 
 log = logging.getLogger("kvmesh.mesh")
 
+RECONCILE_SECONDS = 300.0
+
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
@@ -45,8 +47,10 @@ class PurgeRecord:
 class Mesh:
     def __init__(self, api: client.ApiClient, policy: PolicyDefaults, metrics=None,
                  grace_seconds: float = 300.0, resync_seconds: float = 15.0,
-                 manage_lookup: bool = True):
+                 manage_lookup: bool = True, policies: Optional[dict] = None):
         self.api, self.policy, self.metrics = api, policy, metrics
+        # name -> webhook.policy.Policy, kept current by the policy loop
+        self.policies: dict = policies if policies is not None else {}
         self.grace, self.resync_seconds = grace_seconds, resync_seconds
         self.manage_lookup = manage_lookup
         self.core = client.CoreV1Api(api)
@@ -85,6 +89,9 @@ class Mesh:
             inc = (d.member.uid, d.member.ip, d.member.restarts)
             if inc not in self.purged and await self.purge(d):
                 self.purged.add(inc)
+        a = groups.arrival(old_m, new_m)
+        if a is not None:
+            await self.purge(a, quiet_if_empty=True)
         if new_m is None:
             self.owners.pop(key, None)
             if old_m is not None:
@@ -100,9 +107,19 @@ class Mesh:
         await self.pods.has_synced.wait()
         return self.live_addresses()
 
+    def defaults(self, policy_name: Optional[str]) -> PolicyDefaults:
+        """The defaults the webhook used for a member (its KVMeshPolicy), else the global."""
+        p = self.policies.get(policy_name) if policy_name else None
+        return p.defaults if p is not None else self.policy
+
+    def group_defaults(self, g: Optional[groups.Group]) -> PolicyDefaults:
+        names_ = sorted({m.policy or "" for m in (g.members.values() if g else [])})
+        return self.defaults(names_[0] if names_ else None)
+
     # --- lookup endpoints -------------------------------------------------------------------
 
-    async def endpoint(self, namespace: str, mode: str, group: str, port_name: str
+    async def endpoint(self, namespace: str, mode: str, group: str, port_name: str,
+                       defaults: Optional[PolicyDefaults] = None
                        ) -> Optional[tuple[str, int]]:
         """(pod IP, port) of a ready pod of the group's lookup service.
 
@@ -110,8 +127,9 @@ class Mesh:
         this needs neither cluster DNS nor kube-proxy in the controller's path, and works
         where EndpointSlices cannot list the address (the local control plane's loopback
         pod IPs)."""
-        if mode == names.MODE_REDIS and self.policy.redis_address:
-            host, port = self.policy.redis_address.rsplit(":", 1)
+        defaults = defaults or self.policy
+        if mode == names.MODE_REDIS and defaults.redis_address:
+            host, port = defaults.redis_address.rsplit(":", 1)
             return host, int(port)
         gid = names.group_id(mode, group)
         found = await self.core.list_namespaced_pod(
@@ -127,23 +145,27 @@ class Mesh:
                         return pod.status.pod_ip, p.container_port
         return None
 
-    async def redis_index(self, namespace: str, group: str):
+    async def redis_index(self, namespace: str, group: str,
+                          defaults: Optional[PolicyDefaults] = None):
         from kvmesh.controller import purge
-        ep = await self.endpoint(namespace, names.MODE_REDIS, group, "redis")
+        ep = await self.endpoint(namespace, names.MODE_REDIS, group, "redis", defaults)
         if ep is None:
             raise LookupError(f"no ready endpoint for Service "
                               f"{namespace}/{names.lookup_service_name('redis', group)}")
         addr = f"{ep[0]}:{ep[1]}"
         idx = self.redis.get(addr)
         if idx is None:
-            idx = purge.AddressIndex(ep[0], ep[1], live_addrs=self._live_for_reconcile)
+            # Periodic reconciliation is the backstop for index sets lost to maxmemory
+            # eviction (the lookup Redis is bounded with allkeys-lru) or missed events.
+            idx = purge.AddressIndex(ep[0], ep[1], live_addrs=self._live_for_reconcile,
+                                     reconcile_interval=RECONCILE_SECONDS)
             self.redis[addr] = idx
             await idx.start(wait=10)
         return idx
 
     # --- purge --------------------------------------------------------------------------------
 
-    async def purge(self, d: groups.Departure) -> bool:
+    async def purge(self, d: groups.Departure, quiet_if_empty: bool = False) -> bool:
         m = d.member
         gkey = (m.namespace, m.group_id)
         t0 = time.perf_counter()
@@ -151,7 +173,7 @@ class Mesh:
             if m.mode == names.MODE_REDIS:
                 if not m.address:
                     return True
-                idx = await self.redis_index(m.namespace, m.group)
+                idx = await self.redis_index(m.namespace, m.group, self.defaults(m.policy))
                 res = await idx.purge_address(m.address)
                 removed = res.deleted
             else:
@@ -162,6 +184,9 @@ class Mesh:
                     raise LookupError(f"no ready pod of the lookup service {m.namespace}/"
                                       f"{names.lookup_service_name(m.mode, m.group)}")
                 ranks = max(1, len(m.worker_ports))
+                if quiet_if_empty:
+                    # A new instance id is unknown to the controller: nothing can be stale.
+                    return True
                 # Confirmed through the controller's fresh per-instance listing: a pushed
                 # message alone proves nothing (ZMQ accepts it before delivery).
                 # Ranks, IPs and ports come from the controller's own records of the instance
@@ -179,6 +204,8 @@ class Mesh:
             return False
         seconds = time.perf_counter() - t0
         self.pending.pop(m.key, None)
+        if quiet_if_empty and removed == 0:
+            return True
         rec = PurgeRecord(f"{m.namespace}/{m.name}", d.reason, d.what, removed, seconds)
         self.last_purge[gkey] = rec
         self.dirty.add(gkey)
@@ -256,17 +283,20 @@ class Mesh:
         else:
             self.empty_since.pop(gkey, None)
         cr = await kapply.apply(self.api, lookup.peer_group(ns, mode, group))
+        defaults = self.group_defaults(g)
         if g is not None and g.members and self.manage_lookup:
             image = sorted(m.image for m in g.members.values())[0]
-            for obj in lookup.desired(cr, self.policy, image):
+            for obj in lookup.desired(cr, defaults, image):
                 await kapply.apply(self.api, obj)
         peers = g.peers if g else []
+        # name=token of every peer: a leader taking over compares it with what it sees, to
+        # purge peers that died while nobody watched.
         status = {"members": len(g.members) if g else 0, "readyPeers": len(peers),
-                  "peers": sorted(f"{m.name}={m.ip}" for m in peers)}
+                  "peers": sorted(f"{m.name}={m.token}" for m in peers if m.token)}
         if mode == names.MODE_REDIS and g is not None and g.members:
             # Index the group's Redis before anyone dies, so a purge is one index drain.
             try:
-                idx = await self.redis_index(ns, group)
+                idx = await self.redis_index(ns, group, defaults)
                 status["lookupAddress"] = f"{idx.host}:{idx.port}"
             except Exception as e:
                 log.debug("lookup Redis of %s/%s not reachable yet: %s", ns, gid, e)
@@ -277,6 +307,27 @@ class Mesh:
             status["lastPurge"] = rec.__dict__
         await kapply.apply(self.api, {**lookup.peer_group(ns, mode, group), "status": status},
                            subresource="status")
+
+    async def recover(self) -> None:
+        """After taking over: purge peers the previous leader recorded that are gone now."""
+        custom = client.CustomObjectsApi(self.api)
+        try:
+            found = await custom.list_cluster_custom_object(names.API_GROUP, names.API_VERSION,
+                                                            "kvmeshpeergroups")
+        except Exception as e:
+            log.error("cannot read KVMeshPeerGroups to recover departures: %s", e)
+            return
+        view = self.group_view()
+        for cr in found.get("items", []):
+            ns = cr["metadata"]["namespace"]
+            mode, group = cr["spec"]["mode"], cr["spec"]["group"]
+            gone = groups.departed_during_gap((cr.get("status") or {}).get("peers") or [],
+                                              view.get((ns, cr["metadata"]["name"])),
+                                              mode, ns, group)
+            for d in gone:
+                log.info("peer %s/%s (%s) left while no controller was leading; purging",
+                         ns, d.member.name, d.member.token)
+                await self.purge(d)
 
     async def resync_once(self) -> None:
         for key, d in list(self.pending.items()):
@@ -301,6 +352,7 @@ class Mesh:
         try:
             await self.pods.has_synced.wait()
             log.info("peer membership synced: %d members", len(self.members))
+            await self.recover()
             while True:
                 t0 = time.perf_counter()
                 await self.resync_once()

@@ -20,7 +20,7 @@ from kvmesh import names
 
 log = logging.getLogger("kvmesh.optin")
 
-FIELD_MANAGER = "kvmesh-optin"
+FIELD_MANAGER = names.FIELD_MANAGER_OPTIN
 KINDS = {"Deployment": "deployments", "StatefulSet": "statefulsets"}
 
 

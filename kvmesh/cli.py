@@ -113,7 +113,23 @@ def cmd_webhook(args: argparse.Namespace) -> int:
     if args.cert_source == "files":
         if not (args.cert and args.key):
             raise UsageError("--cert-source files needs --cert and --key")
-        asyncio.run(server.serve(args.host, args.port, args.cert, args.key, lambda: policy))
+        if not (args.kubeconfig or os.environ.get("KUBERNETES_SERVICE_HOST")):
+            # No API to watch: the --policy defaults apply to every pod.
+            asyncio.run(server.serve(args.host, args.port, args.cert, args.key, policy))
+            return 0
+
+        async def with_policies() -> None:
+            from kvmesh import kube
+            from kvmesh.webhook.policy_cache import PolicyCache
+            api = await kube.api_client(args.kubeconfig)
+            cache = PolicyCache(api, policy)
+            try:
+                await server.serve(args.host, args.port, args.cert, args.key, cache.resolve,
+                                   policy_cache=cache)
+            finally:
+                await api.close()
+
+        asyncio.run(with_policies())
         return 0
     if not args.cert_dir or not args.san:
         raise UsageError("--cert-source self needs --cert-dir and at least one --san")
@@ -121,13 +137,16 @@ def cmd_webhook(args: argparse.Namespace) -> int:
     async def main() -> None:
         from kvmesh import kube
         from kvmesh.certs.serving import SelfSigned
+        from kvmesh.webhook.policy_cache import PolicyCache
         api = await kube.api_client(args.kubeconfig)
         source = SelfSigned(api, Path(args.cert_dir), args.san, on_change=lambda: None,
                             interval=args.cert_check_seconds,
                             validity=dt.timedelta(seconds=args.leaf_validity_seconds))
+        cache = PolicyCache(api, policy)
         try:
             await server.serve(args.host, args.port, str(source.cert_file),
-                               str(source.key_file), lambda: policy, cert_source=source)
+                               str(source.key_file), cache.resolve, cert_source=source,
+                               policy_cache=cache)
         finally:
             await api.close()
 
@@ -142,7 +161,8 @@ def cmd_controller(args: argparse.Namespace) -> int:
                                manage_certs=args.cert_source == "self",
                                ca_validity=dt.timedelta(seconds=args.ca_validity_seconds),
                                policy=_policy(args), grace_seconds=args.group_grace_seconds,
-                               resync_seconds=args.resync_seconds))
+                               resync_seconds=args.resync_seconds,
+                               webhook_url=args.webhook_url))
     return 0
 
 
@@ -218,6 +238,8 @@ def parser() -> argparse.ArgumentParser:
                    help="keep an empty peer group's lookup service this long")
     p.add_argument("--resync-seconds", type=float, default=15.0,
                    help="period of the full pass over peer groups (purge retries, status)")
+    p.add_argument("--webhook-url", help="base URL of the webhook for policy entries (local "
+                   "clusters without Service routing); default: the kvmesh-webhook Service")
     _common(p)
     p.set_defaults(fn=cmd_controller)
     p = sub.add_parser("certs", help="write a CA and a serving certificate")

@@ -105,12 +105,19 @@ class LocalStack:
     def _kvmesh(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "kvmesh.cli", *args]
 
-    def start_controller(self, *extra: str) -> Process:
-        self.controller = Process("controller", self._kvmesh(
+    def controller_process(self, identity: str, metrics_port: int, *extra: str) -> Process:
+        """A controller replica (several may run: one leads, the others stand by)."""
+        return Process(identity, self._kvmesh(
             "controller", "--kubeconfig", self.cluster.kubeconfig,
-            "--metrics-port", str(self.controller_metrics_port), *extra),
-            self.workdir / "controller.log", env={"POD_NAMESPACE": names.SYSTEM_NAMESPACE,
-                                                 "POD_NAME": "kvmesh-controller-local"})
+            "--metrics-port", str(metrics_port),
+            "--webhook-url", f"https://127.0.0.1:{self.webhook_port}", *extra),
+            self.workdir / f"{identity}.log", env={"POD_NAMESPACE": names.SYSTEM_NAMESPACE,
+                                                  "POD_NAME": identity})
+
+    def start_controller(self, *extra: str) -> Process:
+        self.controller = self.controller_process("kvmesh-controller-local",
+                                                  self.controller_metrics_port, *extra)
+        self.controller.name = "controller"
         return self.controller
 
     def start_webhook(self, *extra: str) -> Process:

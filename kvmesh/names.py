@@ -57,7 +57,13 @@ WEBHOOK_POD_ENTRY = "pods.kvmesh.dev"  # pods labelled kvmesh.dev/inject=enabled
 WEBHOOK_NAMESPACE_ENTRY = "namespaces.kvmesh.dev"  # unlabelled pods in enabled namespaces
 CA_SECRET = "kvmesh-webhook-ca"
 LEADER_LEASE = "kvmesh-controller"
-FIELD_MANAGER = "kvmesh-controller"
+# Separate server-side-apply managers: an apply declares everything its manager owns, so the
+# caBundle writer and the policy-entry writer must not share one.
+FIELD_MANAGER = "kvmesh-controller"  # lookup objects, peer groups
+FIELD_MANAGER_CERTS = "kvmesh-certs"  # clientConfig.caBundle of every webhook entry
+FIELD_MANAGER_POLICIES = "kvmesh-policies"  # the webhook entries reflecting KVMeshPolicies
+FIELD_MANAGER_OPTIN = "kvmesh-optin"  # the pod-template label of annotated workloads
+POLICY_ENTRY_SUFFIX = ".policies.kvmesh.dev"
 
 # Written by the webhook on injected pods, so the controller can watch exactly its peers.
 LABEL_PEER_GROUP = PREFIX + "peer-group"

@@ -8,6 +8,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kvmesh.devcluster import DevCluster, find_bin_dir  # noqa: E402
+from kvmesh.localstack import LocalStack  # noqa: E402
 from support import Webhook  # noqa: E402
 
 
@@ -48,3 +49,14 @@ def namespace(devcluster):
     devcluster.create_namespace(name, labels={"kvmesh-test": "true"})
     yield name
     devcluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="session")
+def stack(devcluster, tmp_path_factory):
+    """manifests/ applied, the real webhook and controller processes running, the webhook
+    configuration pointing at the local webhook; one per test session (shared by tests/e2e and
+    tests/p2p, so the two never run competing kvmesh processes on one control plane)."""
+    s = LocalStack(devcluster, tmp_path_factory.mktemp("stack"))
+    s.up()
+    yield s
+    s.down()

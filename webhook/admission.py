@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Union
 
 from kvmesh.webhook import inject
 from kvmesh.webhook.policy import PolicyDefaults
@@ -39,7 +39,12 @@ class Outcome:
     warnings: list[str] = field(default_factory=list)
 
 
-def review(body: Any, policy: PolicyDefaults, selected: bool = True) -> tuple[dict, Outcome]:
+# (namespace, pod labels) -> (the defaults governing the pod, the KVMeshPolicy name or None)
+Resolver = Callable[[str, dict], tuple[PolicyDefaults, Optional[str]]]
+
+
+def review(body: Any, policy: Union[PolicyDefaults, Resolver], selected: bool = True
+           ) -> tuple[dict, Outcome]:
     """Answer one AdmissionReview. Raises BadReview when there is no request to answer."""
     if not isinstance(body, dict):
         raise BadReview("body must be a JSON object (an AdmissionReview)")
@@ -70,8 +75,14 @@ def review(body: Any, policy: PolicyDefaults, selected: bool = True) -> tuple[di
         meta = pod["metadata"]
         out.name = str(meta.get("name") or meta.get("generateName") or "")
         namespace = namespace or str(meta.get("namespace") or "")
-    result = inject.decide(pod, inject.Context(namespace=namespace, policy=policy,
-                                               selected=selected))
+    if isinstance(policy, PolicyDefaults):
+        defaults, policy_name = policy, None
+    else:
+        labels = pod.get("metadata", {}).get("labels") if isinstance(pod, dict) and \
+            isinstance(pod.get("metadata"), dict) else None
+        defaults, policy_name = policy(namespace, labels if isinstance(labels, dict) else {})
+    result = inject.decide(pod, inject.Context(namespace=namespace, policy=defaults,
+                                               selected=selected, policy_name=policy_name))
     out.action, out.reason, out.mode = result.action, result.reason, result.mode
     out.message, out.warnings = result.message, result.warnings
     if result.action == inject.DENY:

@@ -52,6 +52,8 @@ class Context:
     selected: bool = False
     # Kind of the workload owning a pod template (CLI); pods carry ownerReferences instead.
     owner_kind: Optional[str] = None
+    # The KVMeshPolicy whose defaults `policy` holds (recorded in the status annotation).
+    policy_name: Optional[str] = None
 
 
 @dataclass
@@ -568,11 +570,12 @@ def _decide(pod: dict, ctx: Context, warnings: list[str]) -> Result:
     # The controller watches injected pods by this label (one watch, no annotation scans).
     labels = meta.setdefault("labels", labels)
     labels[names.LABEL_PEER_GROUP] = names.group_id(mode, group)
-    _set_status(annotations, {
-        "injected": True, "mode": mode, "modeReason": mode_reason, "container": c["name"],
-        "group": group, "version": __version__,
-        "hash": _hash(mode, c),
-    })
+    status = {"injected": True, "mode": mode, "modeReason": mode_reason,
+              "container": c["name"], "group": group, "version": __version__,
+              "hash": _hash(mode, c)}
+    if ctx.policy_name:
+        status["policy"] = ctx.policy_name
+    _set_status(annotations, status)
     res.message = f"injected {mode} mode into container {c['name']!r} ({mode_reason})"
     return res
 

@@ -91,3 +91,83 @@ def load_defaults(data: dict | None) -> PolicyDefaults:
     if isinstance(data, dict) and data.get("kind") == "KVMeshPolicy":
         data = (data.get("spec") or {}).get("defaults") or {}
     return PolicyDefaults.model_validate(data)
+
+
+# --- cluster policies (KVMeshPolicy objects) -------------------------------------------------
+
+
+class LabelSelectorRequirement(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    key: str
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    values: tuple[str, ...] = ()
+
+
+class LabelSelector(BaseModel):
+    """metav1.LabelSelector. An empty selector matches everything (Kubernetes semantics)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, alias_generator=to_camel,
+                              populate_by_name=True)
+    match_labels: dict[str, str] = Field(default_factory=dict)
+    match_expressions: tuple[LabelSelectorRequirement, ...] = ()
+
+    def matches(self, labels: dict) -> bool:
+        labels = labels or {}
+        if any(labels.get(k) != v for k, v in self.match_labels.items()):
+            return False
+        for r in self.match_expressions:
+            has = r.key in labels
+            if r.operator == "In" and not (has and labels[r.key] in r.values):
+                return False
+            if r.operator == "NotIn" and has and labels[r.key] in r.values:
+                return False
+            if r.operator == "Exists" and not has:
+                return False
+            if r.operator == "DoesNotExist" and has:
+                return False
+        return True
+
+    def to_api(self) -> dict:
+        out: dict = {}
+        if self.match_labels:
+            out["matchLabels"] = dict(self.match_labels)
+        if self.match_expressions:
+            out["matchExpressions"] = [
+                {"key": r.key, "operator": r.operator, **({"values": list(r.values)}
+                                                          if r.values else {})}
+                for r in self.match_expressions]
+        return out
+
+
+class Policy(BaseModel):
+    """A KVMeshPolicy: which pods it enables (without touching them) and their defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, alias_generator=to_camel,
+                              populate_by_name=True)
+    name: str
+    namespace_selector: LabelSelector = Field(default_factory=LabelSelector)
+    pod_selector: LabelSelector = Field(default_factory=LabelSelector)
+    failure_policy: Literal["Ignore", "Fail"] = "Ignore"
+    defaults: PolicyDefaults = Field(default_factory=PolicyDefaults)
+
+    def selects(self, namespace_labels: dict, pod_labels: dict) -> bool:
+        return self.namespace_selector.matches(namespace_labels) and \
+            self.pod_selector.matches(pod_labels)
+
+
+def policy_from_object(obj: dict) -> Policy:
+    """KVMeshPolicy object -> Policy; raises pydantic.ValidationError on a bad spec."""
+    spec = obj.get("spec") or {}
+    return Policy.model_validate({"name": obj["metadata"]["name"], **spec})
+
+
+def select_policy(policies: list[Policy], namespace_labels: dict, pod_labels: dict
+                  ) -> Optional[Policy]:
+    """The policy governing a pod: the first, by name, whose selectors match it.
+
+    Precedence of settings for a pod: its kvmesh.dev/* annotations > this policy's defaults >
+    the installation's defaults (the webhook's --policy file, else built-in)."""
+    for p in sorted(policies, key=lambda p: p.name):
+        if p.selects(namespace_labels, pod_labels):
+            return p
+    return None

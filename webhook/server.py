@@ -16,7 +16,7 @@ import signal
 import ssl
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -115,7 +115,7 @@ class CertReloader:
 
 @dataclass
 class State:
-    policy: Callable[[], PolicyDefaults]
+    policy: Union[PolicyDefaults, admission.Resolver]
     metrics: Metrics
     ready: Callable[[], bool]
 
@@ -123,7 +123,8 @@ class State:
 STATE = web.AppKey("state", State)
 
 
-def make_app(policy: Callable[[], PolicyDefaults], metrics: Optional[Metrics] = None,
+def make_app(policy: Union[PolicyDefaults, admission.Resolver],
+             metrics: Optional[Metrics] = None,
              ready: Callable[[], bool] = lambda: True) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY)
     state = State(policy, metrics or Metrics(), ready)
@@ -162,7 +163,7 @@ async def _mutate(request: web.Request) -> web.Response:
             return _bad(state, 400, f"body is not valid JSON: {e}")
         try:
             selected = bool(request.match_info.get("selected"))
-            resp, out = admission.review(body, state.policy(), selected=selected)
+            resp, out = admission.review(body, state.policy, selected=selected)
         except admission.BadReview as e:
             return _bad(state, 400, str(e))
         except Exception:
@@ -212,14 +213,16 @@ async def _metrics(request: web.Request) -> web.Response:
 
 
 async def serve(host: str, port: int, cert: str, key: str,
-                policy: Callable[[], PolicyDefaults], grace: float = 3.0,
+                policy: Union[PolicyDefaults, admission.Resolver], grace: float = 3.0,
                 started: Optional[asyncio.Event] = None,
-                cert_source: Optional[object] = None) -> None:
+                cert_source: Optional[object] = None,
+                policy_cache: Optional[object] = None) -> None:
     """Run until SIGTERM/SIGINT; then report not-ready, let in-flight requests finish, stop.
 
     cert_source (certs.serving.SelfSigned) keeps cert/key files current and says whether the
     live webhook configuration trusts them; without it the files are managed outside
-    (cert-manager, the demo)."""
+    (cert-manager, the demo). policy_cache (webhook.policy_cache.PolicyCache) resolves each
+    pod's KVMeshPolicy; the webhook is ready only once it has synced."""
     metrics = Metrics()
     if cert_source is not None:
         await cert_source.step()  # first leaf before the listener needs it
@@ -230,7 +233,8 @@ async def serve(host: str, port: int, cert: str, key: str,
 
     def ready() -> bool:
         return reloader.loaded and not stopping.is_set() and \
-            (cert_source is None or cert_source.ready())
+            (cert_source is None or cert_source.ready()) and \
+            (policy_cache is None or policy_cache.ready())
 
     app = make_app(policy, metrics, ready=ready)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=grace)
@@ -240,6 +244,8 @@ async def serve(host: str, port: int, cert: str, key: str,
     tasks = [asyncio.create_task(reloader.watch())]
     if cert_source is not None:
         tasks.append(asyncio.create_task(cert_source.run()))
+    if policy_cache is not None:
+        tasks.append(asyncio.create_task(policy_cache.run()))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)

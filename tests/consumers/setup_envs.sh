@@ -35,6 +35,17 @@ spec_for() {
       # needs `torch.dtype`/`torch.Tensor` for annotations: provided at probe
       # time by tests/consumers/torch_standin (PYTHONPATH), not installed here.
       printf '%s\n' "PyYAML requests" "--no-deps lmcache==${1#lmcache-}" ;;
+    lmcache-0.3.6-engine)
+      # The REAL LMCache 0.3.6 engine for the P2P data-path tests (tests/p2p/).  torch
+      # 2.8.0 from PyPI is the CUDA build: lmcache's c_ops links libcudart/libtorch_cuda,
+      # so a CPU torch cannot even import lmcache.v1.cache_engine; no GPU is used.
+      # lmcache goes in with --no-deps (its deps would pull the newest torch); the explicit
+      # list is what the 0.3.6 P2P path imports, versions as tested, incl. the two it uses
+      # without declaring them (py-cpuinfo, requests).  Research note:
+      # shared/docs/research/lmcache-p2p-dataflow-on-cpu.md.
+      printf '%s\n' "torch==2.8.0" \
+        "redis==8.1.0 PyYAML numpy==2.2.6 msgspec==0.22.0 prometheus_client>=0.18.0 psutil pyzmq==27.3.0 sortedcontainers aiofile aiofiles aiohttp nvtx==0.2.17 safetensors transformers==5.24.0 py-cpuinfo==9.0.0 requests==2.34.2" \
+        "--no-deps lmcache==0.3.6" ;;
     vllm-*)
       # Plain install (pulls CUDA torch, ~10 GB) together with lmcache 0.5.6 and
       # its deps, so lmcache_controller runs here too.  One resolver run: a

@@ -78,3 +78,26 @@ def test_live_addresses_only_counts_ready_redis_peers():
     gs = groups.groups_of([a, b, c])
     assert set(gs) == {("team-b", "redis-default"), ("team-a", "controller-default")}
     assert [m.name for m in gs[("team-b", "redis-default")].peers] == ["a"]
+
+
+def test_arrival_of_a_starting_pod_at_an_address_purges_what_predates_it():
+    starting = injected_pod("02-api-server-redis", "new", "u-new", "127.64.0.9")
+    starting["status"]["conditions"][0]["status"] = "False"
+    m = groups.member_from_pod(starting)
+    a = groups.arrival(None, m)
+    assert a.reason == "address-reused" and a.member.address == "127.64.0.9:8200"
+    assert groups.arrival(m, m) is None  # same incarnation, same address: nothing new
+    ready = groups.member_from_pod(injected_pod("02-api-server-redis"))
+    assert groups.arrival(None, ready) is None  # a running peer's keys are its own
+
+
+def test_departures_while_unwatched_from_recorded_peers():
+    alive = groups.member_from_pod(injected_pod("02-api-server-redis", "a", "ua", "127.64.0.1"))
+    reused = groups.member_from_pod(injected_pod("02-api-server-redis", "c", "uc", "127.64.0.2"))
+    g = groups.groups_of([alive, reused])[("team-b", "redis-default")]
+    recorded = ["a=127.64.0.1:8200", "b=127.64.0.2:8200", "d=127.64.0.3:8200"]
+    gone = groups.departed_during_gap(recorded, g, "redis", "team-b", "default")
+    assert sorted(d.member.address for d in gone) == ["127.64.0.2:8200", "127.64.0.3:8200"]
+    assert all(d.reason == "departed-while-unwatched" for d in gone)
+    assert groups.departed_during_gap(recorded, None, "redis", "team-b", "default")[0] \
+        .member.name == "a"

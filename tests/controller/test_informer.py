@@ -461,6 +461,7 @@ class TcpProxy:
         self._server: asyncio.AbstractServer | None = None
         self._transports: set = set()
         self._tasks: set = set()
+        self._stopped = True
 
     @property
     def url(self) -> str:
@@ -468,8 +469,10 @@ class TcpProxy:
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        self._stopped = False
 
     async def stop(self) -> None:
+        self._stopped = True
         self._server.close()
         for t in list(self._transports):
             t.abort()
@@ -480,11 +483,19 @@ class TcpProxy:
 
     async def _handle(self, reader, writer) -> None:
         task = asyncio.current_task()
+        if self._stopped:  # accepted just before stop()
+            writer.transport.abort()
+            return
         self._tasks.add(task)
         self._transports.add(writer.transport)
         try:
             up_r, up_w = await asyncio.open_connection(*self.target)
         except OSError:
+            writer.transport.abort()
+            self._tasks.discard(task)
+            return
+        if self._stopped:
+            up_w.transport.abort()
             writer.transport.abort()
             self._tasks.discard(task)
             return

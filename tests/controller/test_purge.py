@@ -322,7 +322,11 @@ async def test_subscription_killed_resubscribes_and_reconciles(redis_server, lmc
     assert await idx.start(wait=10)
     try:
         await lmcache.client_kill_filter(_type="pubsub")
-        await load(lmcache, DEAD, 2000, "d")  # written while the subscriber is away
+        await load(lmcache, DEAD, 2000, "d")  # written while the subscriber is (maybe) away
+        for _ in range(200):
+            if idx.stats.subscriptions == 2:
+                break
+            await asyncio.sleep(0.05)
         assert await idx.wait_complete(10)
         assert idx.stats.subscriptions == 2 and idx.stats.reconciles == 2
         assert await lmcache.scard(P.index_key(DEAD)) == 2000  # rebuilt by the reconcile

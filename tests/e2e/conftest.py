@@ -1,13 +1,2 @@
-import pytest
-
-from kvmesh.localstack import LocalStack
-
-
-@pytest.fixture(scope="session")
-def stack(devcluster, tmp_path_factory):
-    """manifests/ applied, the real webhook and controller processes running, the webhook
-    configuration pointing at the local webhook; one per test session."""
-    s = LocalStack(devcluster, tmp_path_factory.mktemp("stack"))
-    s.up()
-    yield s
-    s.down()
+# The session fixture `stack` (kvmesh on the local control plane) lives in tests/conftest.py:
+# tests/p2p uses the same one.

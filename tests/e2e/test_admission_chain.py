@@ -38,7 +38,7 @@ def test_manifests_apply_and_ca_bundle_is_written(stack, devcluster):
                                       names.WEBHOOK_CONFIGURATION, "--show-managed-fields")
     owners = [m["manager"] for m in managed["metadata"]["managedFields"]
               if "caBundle" in json.dumps(m.get("fieldsV1", {}))]
-    assert owners == [names.FIELD_MANAGER]
+    assert owners == [names.FIELD_MANAGER_CERTS]
 
 
 def test_opted_in_deployment_pods_are_injected(stack, devcluster, namespace):

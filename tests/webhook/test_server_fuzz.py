@@ -63,7 +63,7 @@ review = st.fixed_dictionaries({
 
 @pytest.fixture
 async def client():
-    app = make_app(lambda: PolicyDefaults(), Metrics())
+    app = make_app(PolicyDefaults(), Metrics())
     async with TestClient(TestServer(app)) as c:
         yield c
 

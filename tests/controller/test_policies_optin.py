@@ -1,0 +1,80 @@
+"""Pure parts of cluster policies and workload opt-in."""
+
+import pytest
+from pydantic import ValidationError
+
+from kvmesh import names
+from kvmesh.controller import optin, policies
+from kvmesh.webhook.policy import LabelSelector, Policy, policy_from_object, select_policy
+
+
+@pytest.mark.parametrize("sel,labels,ok", [
+    ({}, {}, True),
+    ({"matchLabels": {"a": "1"}}, {"a": "1", "b": "2"}, True),
+    ({"matchLabels": {"a": "1"}}, {"a": "2"}, False),
+    ({"matchExpressions": [{"key": "a", "operator": "In", "values": ["1", "2"]}]}, {"a": "2"},
+     True),
+    ({"matchExpressions": [{"key": "a", "operator": "NotIn", "values": ["1"]}]}, {}, True),
+    ({"matchExpressions": [{"key": "a", "operator": "Exists"}]}, {}, False),
+    ({"matchExpressions": [{"key": "a", "operator": "DoesNotExist"}]}, {"a": "x"}, False),
+])
+def test_label_selector_semantics(sel, labels, ok):
+    assert LabelSelector.model_validate(sel).matches(labels) is ok
+
+
+def test_first_matching_policy_by_name_wins():
+    a = Policy(name="b-team", namespace_selector={"matchLabels": {"t": "x"}})
+    b = Policy(name="a-all")
+    assert select_policy([a, b], {"t": "x"}, {}).name == "a-all"
+    assert select_policy([a], {"t": "y"}, {}) is None
+
+
+def test_invalid_policy_spec_is_rejected_with_field():
+    with pytest.raises(ValidationError, match="heartbeat"):
+        policy_from_object({"metadata": {"name": "p"},
+                            "spec": {"defaults": {"heartbeatSeconds": 40}}})
+    valid, invalid = policies.parse_all([
+        {"metadata": {"name": "ok"}, "spec": {}},
+        {"metadata": {"name": "bad"}, "spec": {"defaults": {"mode": "legacy"}}}])
+    assert [p.name for p in valid] == ["ok"] and "defaults.mode" in invalid["bad"]
+
+
+def test_policy_entry_never_matches_labelled_or_system_pods():
+    p = Policy(name="ml", namespace_selector={"matchLabels": {"team": "ml"}},
+               pod_selector={"matchLabels": {"app": "vllm"}}, failure_policy="Fail")
+    e = policies.entry(p, None, "Q0E=")
+    assert e["name"] == "ml.policies.kvmesh.dev" and e["failurePolicy"] == "Fail"
+    assert {"key": names.LABEL_INJECT, "operator": "DoesNotExist"} in \
+        e["objectSelector"]["matchExpressions"]
+    assert e["objectSelector"]["matchLabels"] == {"app": "vllm"}
+    excluded = e["namespaceSelector"]["matchExpressions"][-1]
+    assert excluded["operator"] == "NotIn" and names.SYSTEM_NAMESPACE in excluded["values"]
+    assert e["clientConfig"]["service"]["path"] == "/mutate/policy"
+    assert policies.entry(p, "https://127.0.0.1:1", "")["clientConfig"] == {
+        "url": "https://127.0.0.1:1/mutate/policy"}
+
+
+def _deploy(annotation=None, label=None, owned=False):
+    d = {"apiVersion": "apps/v1", "kind": "Deployment",
+         "metadata": {"name": "d", "namespace": "n", "annotations": {}, "managedFields": []},
+         "spec": {"template": {"metadata": {"labels": {}}}}}
+    if annotation:
+        d["metadata"]["annotations"][names.ANN_INJECT] = annotation
+    if label:
+        d["spec"]["template"]["metadata"]["labels"][names.LABEL_INJECT] = label
+    if owned:
+        d["metadata"]["managedFields"].append({"manager": optin.FIELD_MANAGER, "fieldsV1": {
+            "f:spec": {"f:template": {"f:metadata": {"f:labels": {
+                f"f:{names.LABEL_INJECT}": {}}}}}}})
+    return d
+
+
+def test_optin_decisions():
+    assert optin.needs_apply(_deploy("enabled"))
+    assert not optin.needs_apply(_deploy("enabled", "enabled", owned=True))
+    assert optin.needs_apply(_deploy(None, "enabled", owned=True))  # release
+    assert not optin.needs_apply(_deploy(None, "enabled", owned=False))  # the user's label
+    assert optin.apply_body(_deploy("enabled"))["spec"]["template"]["metadata"]["labels"] == \
+        {names.LABEL_INJECT: "enabled"}
+    assert "spec" not in optin.apply_body(_deploy(None))
+    assert optin.wanted_label(_deploy("bogus")) is None

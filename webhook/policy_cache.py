@@ -1,0 +1,67 @@
+"""The webhook's watch-fed view of KVMeshPolicies and namespace labels.
+
+Admission never calls the API: it reads this cache, which two list-then-watch informers keep
+current. A policy whose spec does not validate is left out (and logged); the controller
+reports it on the policy's status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from typing import Optional
+
+from kubernetes_asyncio import client
+from pydantic import ValidationError
+
+from kvmesh import names
+from kvmesh.controller.informer import Informer
+from kvmesh.webhook.policy import Policy, PolicyDefaults, policy_from_object, select_policy
+
+log = logging.getLogger("kvmesh.policy")
+
+
+class PolicyCache:
+    def __init__(self, api: client.ApiClient, fallback: PolicyDefaults):
+        self.fallback = fallback
+        self.policies: dict[str, Policy] = {}
+        self.namespace_labels: dict[str, dict] = {}
+        custom = client.CustomObjectsApi(api)
+        self._policies = Informer(
+            functools.partial(custom.list_cluster_custom_object, names.API_GROUP,
+                              names.API_VERSION, "kvmeshpolicies"),
+            handlers=[self._on_policy], name="kvmeshpolicies")
+        self._namespaces = Informer(client.CoreV1Api(api).list_namespace,
+                                    handlers=[self._on_namespace], name="namespaces")
+
+    def _on_policy(self, type_: str, obj: dict, old: Optional[dict]) -> None:
+        name = obj["metadata"]["name"]
+        if type_ == "DELETED":
+            self.policies.pop(name, None)
+            return
+        try:
+            self.policies[name] = policy_from_object(obj)
+        except ValidationError as e:
+            self.policies.pop(name, None)
+            log.error("KVMeshPolicy %s is invalid and ignored: %s", name,
+                      "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}"
+                                for x in e.errors()))
+
+    def _on_namespace(self, type_: str, obj: dict, old: Optional[dict]) -> None:
+        name = obj["metadata"]["name"]
+        if type_ == "DELETED":
+            self.namespace_labels.pop(name, None)
+        else:
+            self.namespace_labels[name] = obj["metadata"].get("labels") or {}
+
+    def resolve(self, namespace: str, pod_labels: dict) -> tuple[PolicyDefaults, Optional[str]]:
+        p = select_policy(list(self.policies.values()),
+                          self.namespace_labels.get(namespace, {}), pod_labels)
+        return (p.defaults, p.name) if p else (self.fallback, None)
+
+    def ready(self) -> bool:
+        return self._policies.has_synced.is_set() and self._namespaces.has_synced.is_set()
+
+    async def run(self) -> None:
+        await asyncio.gather(self._policies.run(), self._namespaces.run())
