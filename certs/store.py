@@ -88,7 +88,7 @@ async def apply_bundle(adm: client.AdmissionregistrationV1Api, bundle_pem: bytes
                      for w in mwc.webhooks or []],
     }
     await adm.patch_mutating_webhook_configuration(
-        names.WEBHOOK_CONFIGURATION, patch, field_manager=names.FIELD_MANAGER, force=True,
+        names.WEBHOOK_CONFIGURATION, patch, field_manager=names.FIELD_MANAGER_CERTS, force=True,
         _content_type="application/apply-patch+yaml")
 
 
