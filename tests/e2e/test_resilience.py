@@ -132,9 +132,13 @@ def test_webhook_down_with_ignore_creates_uninjected_pods(stack, devcluster, nam
         pod = json.loads(r.stdout)
         assert names.ANN_STATUS not in (pod["metadata"].get("annotations") or {})
         # The API server counts the fail-open call (metric operators alert on).
-        metrics = devcluster.api_raw("GET", "/metrics") if hasattr(devcluster, "api_raw") \
-            else devcluster.kubectl("get", "--raw", "/metrics").stdout
+        metrics = devcluster.kubectl("get", "--raw", "/metrics").stdout
         assert 'apiserver_admission_webhook_fail_open_count{name="pods.kvmesh.dev"' in metrics
+        # ...and kvmesh's controller says so on the pod.
+        ev = wait_for("NotInjected Event", lambda: [
+            e for e in devcluster.kubectl_json("get", "events", "-n", namespace)["items"]
+            if e["reason"] == "NotInjected" and e["involvedObject"]["name"] == "while-down"], 20)
+        assert "without LMCache P2P injection" in ev[0]["message"]
     finally:
         stack.start_webhook()
         stack.wait("webhook ready again", stack.webhook_ready, 60)
