@@ -3,7 +3,7 @@
 # (LMCache's config loader of each generation, vLLM's CLI parser), used by the
 # contract tests through tests/consumers/consumers.py.
 #
-#   tests/consumers/setup_envs.sh            # all envs
+#   tests/consumers/setup_envs.sh            # all envs (incl. lmcache-0.3.6-engine, tests/p2p)
 #   tests/consumers/setup_envs.sh lmcache-0.3.6 lmcache-0.5.6   # a subset
 #
 # Envs live in ${KVMESH_CACHE:-$HOME/.cache/kvmesh}/envs/<name>.  Each one carries
@@ -96,7 +96,7 @@ build_env() {
 }
 
 if [[ $# -eq 0 ]]; then
-  set -- lmcache-0.3.6 lmcache-0.5.6 "vllm-$VLLM_VERSION"
+  set -- lmcache-0.3.6 lmcache-0.5.6 lmcache-0.3.6-engine "vllm-$VLLM_VERSION"
 fi
 T0="$(now)"
 for name in "$@"; do
