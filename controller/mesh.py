@@ -166,7 +166,14 @@ class Mesh:
     # --- purge --------------------------------------------------------------------------------
 
     async def purge(self, d: groups.Departure, quiet_if_empty: bool = False) -> bool:
+        """Remove a departed member's lookup state; True when done.
+
+        quiet_if_empty marks an arrival purge (stale state under an address a new pod takes):
+        it is only valid at that moment, before the new engine can store, so it is never
+        queued for a retry; and in controller mode a new instance id has nothing stale."""
         m = d.member
+        if quiet_if_empty and m.mode != names.MODE_REDIS:
+            return True
         gkey = (m.namespace, m.group_id)
         t0 = time.perf_counter()
         try:
@@ -184,9 +191,6 @@ class Mesh:
                     raise LookupError(f"no ready pod of the lookup service {m.namespace}/"
                                       f"{names.lookup_service_name(m.mode, m.group)}")
                 ranks = max(1, len(m.worker_ports))
-                if quiet_if_empty:
-                    # A new instance id is unknown to the controller: nothing can be stale.
-                    return True
                 # Confirmed through the controller's fresh per-instance listing: a pushed
                 # message alone proves nothing (ZMQ accepts it before delivery).
                 # Ranks, IPs and ports come from the controller's own records of the instance
@@ -196,6 +200,10 @@ class Mesh:
                     None, timeout=10)
                 removed = ranks
         except Exception as e:
+            if quiet_if_empty:
+                log.warning("could not check %s for state predating pod %s/%s: %s",
+                            d.what, m.namespace, m.name, e)
+                return False
             self.pending[m.key] = d
             if self.metrics:
                 self.metrics.errors.labels("purge").inc()
@@ -331,6 +339,15 @@ class Mesh:
 
     async def resync_once(self) -> None:
         for key, d in list(self.pending.items()):
+            owner = next((m for m in self.members.values() if m.token == d.member.token
+                          and m.uid != d.member.uid), None)
+            if owner is not None and d.member.mode == names.MODE_REDIS:
+                # The address now belongs to a new pod: its keys can no longer be told apart
+                # from the dead pod's, and deleting them would lose live state.
+                log.warning("dropping the retry for %s of %s/%s: pod %s now uses that address",
+                            d.what, d.member.namespace, d.member.name, owner.name)
+                self.pending.pop(key, None)
+                continue
             await self.purge(d)
         view = self.group_view()
         keys = set(self.dirty) | set(view) | set(self.empty_since)
