@@ -116,7 +116,7 @@ def _ptr(token: Any) -> str:
 def diff(before: Any, after: Any, path: str = "") -> list[dict]:
     """RFC 6902 operations turning `before` into `after` (objects recursed, lists by
     common prefix/suffix so an insertion is one `add`)."""
-    if before == after:
+    if before is after or before == after:  # the core shares unchanged subtrees
         return []
     if isinstance(before, dict) and isinstance(after, dict):
         ops: list[dict] = []

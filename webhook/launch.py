@@ -11,6 +11,7 @@ Launch forms recognised:
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Optional
@@ -252,8 +253,12 @@ class ScriptLaunch:
     server_at: int  # index in words where vLLM's own arguments start
 
 
+@functools.lru_cache(maxsize=512)
 def find_in_script(script: str) -> Optional[ScriptLaunch]:
-    """The one vLLM invocation of a script; None when there is none; ScriptError if unsafe."""
+    """The one vLLM invocation of a script; None when there is none; ScriptError if unsafe.
+
+    Cached: every replica of a workload carries the same script (callers treat the result as
+    read-only; errors are not cached and are recomputed, which is rare)."""
     found = []
     for cmd in split_script(script):
         texts = [w.text for w in cmd]
