@@ -283,7 +283,14 @@ async def test_repeated_410_relists_but_does_not_spin():
 async def core(devcluster):
     api = await kube.api_client(devcluster.kubeconfig)
     yield client.CoreV1Api(api)
+    await close(api)
+
+
+async def close(api) -> None:
     await api.close()
+    # A watch the informer closed on stop() finishes its TLS close_notify asynchronously; let it
+    # before pytest-asyncio closes this test's loop (else: "unclosed transport" ResourceWarning).
+    await asyncio.sleep(0.1)
 
 
 def kapi(devcluster, method: str, path: str, body: dict | None = None, **kw):
@@ -553,5 +560,5 @@ async def test_outage_backs_off_and_recovers(devcluster, namespace, caplog):
         assert inf.relists == 0 and inf.gone == 0 and inf.handler_errors == 0 and rec.problems == []
         assert f"informer {inf.name}: watch failed" in caplog.text and "will watch again from resourceVersion" in caplog.text
     finally:
-        await api.close()
+        await close(api)
         await proxy.stop()
