@@ -116,7 +116,7 @@ def _ptr(token: Any) -> str:
 def diff(before: Any, after: Any, path: str = "") -> list[dict]:
     """RFC 6902 operations turning `before` into `after` (objects recursed, lists by
     common prefix/suffix so an insertion is one `add`)."""
-    if before is after or before == after:  # the core shares unchanged subtrees
+    if before is after:  # the core shares unchanged subtrees: skip them by identity
         return []
     if isinstance(before, dict) and isinstance(after, dict):
         ops: list[dict] = []
@@ -149,4 +149,6 @@ def diff(before: Any, after: Any, path: str = "") -> list[dict]:
         for i in range(common, len(new_mid)):
             ops.append({"op": "add", "path": f"{path}/{pre + i}", "value": new_mid[i]})
         return ops
+    if before == after and type(before) is type(after):
+        return []
     return [{"op": "replace", "path": path, "value": after}]

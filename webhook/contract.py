@@ -9,6 +9,7 @@ docs/lmcache-contract.md (research note §1.2, §2.1-2.5, §6). Two generations:
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ LMCACHE_CONNECTORS = (CONNECTOR_V1, CONNECTOR_V0)
 VLLM_DEFAULT_PORT = 8000
 
 
+@functools.lru_cache(maxsize=None)
 def kv_transfer_json(connector: str) -> str:
     # Compact, key order fixed: the value must be byte-stable for idempotent re-injection.
     return json.dumps({"kv_connector": connector, "kv_role": "kv_both"}, separators=(",", ":"))
@@ -185,7 +187,13 @@ class Plan:
     v0_connector: bool
 
 
-def env_specs(p: Plan) -> list[EnvSpec]:
+@functools.lru_cache(maxsize=1024)
+def env_specs(p: Plan) -> tuple[EnvSpec, ...]:
+    """The variables for one resolved plan (cached: replicas of a workload share a plan)."""
+    return tuple(_env_specs(p))
+
+
+def _env_specs(p: Plan) -> list[EnvSpec]:
     ip = f"$({p.pod_ip_var})"
     common_tail = [
         EnvSpec("LMCACHE_LOCAL_CPU", TRUE,
