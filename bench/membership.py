@@ -44,7 +44,7 @@ def main() -> int:
     ap.add_argument("--keys", type=int, default=10000, help="keys per pod")
     ap.add_argument("--replicas", type=int, default=4)
     args = ap.parse_args()
-    from helpers import running_pods, vllm_deployment  # noqa: E402
+    from helpers import publish_keys, running_pods, vllm_deployment  # noqa: E402
     from test_mesh import lookup_pod  # noqa: E402
     with tempfile.TemporaryDirectory(prefix="kvmesh-bench-") as tmp:
         cluster = DevCluster(build_binaries(), nodes=2, workdir=Path(tmp) / "c")
@@ -70,16 +70,12 @@ def main() -> int:
             times = []
             for t in range(args.trials):
                 pods = running_pods(cluster, "bench", "app=m", args.replicas)
-                for p in pods:
-                    a = f"{p['status']['podIP']}:8200"
-                    with r.pipeline(transaction=False) as pipe:
-                        for i in range(args.keys):
-                            pipe.set(f"vllm@m@1@0@{p['metadata']['name']}-{t}-{i:x}", a)
-                        pipe.execute()
+                published = {p["metadata"]["name"]: publish_keys(
+                    r, p["metadata"]["name"], f"{p['status']['podIP']}:8200", args.keys,
+                    f"{t}-") for p in pods}
                 time.sleep(1.0)  # let the index catch up, as in steady state
                 victim = pods[0]
-                mine = [f"vllm@m@1@0@{victim['metadata']['name']}-{t}-{i:x}"
-                        for i in range(args.keys)]
+                mine = published[victim["metadata"]["name"]]
                 t0 = time.monotonic()
                 cluster.kubectl("delete", "pod", "-n", "bench", victim["metadata"]["name"],
                                 "--wait=false")

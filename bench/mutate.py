@@ -14,12 +14,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
 import shutil
 import socket
 import ssl
-import statistics
 import subprocess
 import sys
 import tempfile

@@ -22,7 +22,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+
 
 HERE = Path(__file__).resolve().parent
 SETUP_SCRIPT = "tests/consumers/setup_envs.sh"

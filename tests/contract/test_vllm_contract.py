@@ -5,7 +5,6 @@ with a connector vLLM has registered. Shell-script launches are parsed the same 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 

@@ -56,3 +56,14 @@ def status(pod: dict) -> dict:
 def env(pod: dict, container: str = "vllm") -> dict:
     c = next(c for c in pod["spec"]["containers"] if c["name"] == container)
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in c.get("env", [])}
+
+
+def publish_keys(client, owner: str, address: str, n: int, tag: str = "") -> list[str]:
+    """Write n chunk keys the way LMCache 0.3.x does (plain SET <key> "<podIP>:<port>", no
+    TTL) and return them."""
+    keys = [f"vllm@m@1@0@{owner}-{tag}{i:x}" for i in range(n)]
+    with client.pipeline(transaction=False) as pipe:
+        for k in keys:
+            pipe.set(k, address)
+        pipe.execute()
+    return keys

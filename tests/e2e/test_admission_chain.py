@@ -7,7 +7,7 @@ import json
 import re
 
 from kvmesh import names
-from helpers import apply, env, pods, running_pods, status, vllm_deployment, wait_for
+from helpers import apply, env, pods, running_pods, status, vllm_deployment
 
 
 def webhook_requests(stack) -> float:

@@ -4,13 +4,12 @@ leaves no stale key and loses no live key."""
 
 from __future__ import annotations
 
-import json
 import signal
 import time
 
 from kvmesh import names
 from kvmesh.localstack import free_port
-from helpers import apply, running_pods, vllm_deployment, wait_for
+from helpers import apply, publish_keys, running_pods, vllm_deployment, wait_for
 from test_mesh import RealRedis, keys_by_value, lookup_pod
 
 
@@ -37,10 +36,7 @@ def test_leader_killed_during_deletion_burst(stack, devcluster, namespace, tmp_p
         try:
             addr = {p["metadata"]["name"]: f"{p['status']['podIP']}:8200" for p in vllm}
             for name, a in addr.items():
-                with server.client.pipeline(transaction=False) as pipe:
-                    for i in range(1000):
-                        pipe.set(f"vllm@m@1@0@{name}-{i:x}", a)
-                    pipe.execute()
+                publish_keys(server.client, name, a, 1000)
             doomed = sorted(addr)[:4]
             survivors = sorted(addr)[4:]
             time.sleep(2)  # let the leader index the keys it will purge

@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from kvmesh import names
-from helpers import apply, pods, running_pods, status, vllm_deployment, wait_for
+from helpers import apply, pods, publish_keys, running_pods, status, vllm_deployment, wait_for
 
 API = f"{names.API_GROUP}/{names.API_VERSION}"
 
@@ -93,10 +93,7 @@ def test_redis_group_lifecycle_and_purge(fast_controller, devcluster, namespace,
         # Two engines publish chunks the way LMCache does: SET <chunk key> <podIP:port>.
         addr = {p["metadata"]["name"]: f"{p['status']['podIP']}:8200" for p in vllm}
         for name, a in addr.items():
-            with server.client.pipeline(transaction=False) as pipe:
-                for i in range(3000):
-                    pipe.set(f"vllm@mistralai/Mistral-7B@1@0@{name}-{i:x}", a)
-                pipe.execute()
+            publish_keys(server.client, name, a, 3000)
         assert keys_by_value(server.client) == {a: 3000 for a in addr.values()}
         dead, alive = sorted(addr)
         t0 = time.monotonic()

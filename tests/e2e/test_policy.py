@@ -5,12 +5,9 @@ status reports readiness, invalid specs and counts."""
 from __future__ import annotations
 
 import json
-import re
-
-import yaml
 
 from kvmesh import names
-from helpers import apply, env, pods, running_pods, status, vllm_deployment, wait_for
+from helpers import apply, env, running_pods, status, vllm_deployment, wait_for
 from test_admission_chain import webhook_requests
 
 

@@ -11,13 +11,12 @@ import ssl
 import threading
 import time
 
-import pytest
 import yaml
 from aiohttp import web
 
 from kvmesh import names
 from kvmesh.certs import authority
-from helpers import apply, env, running_pods, status, vllm_deployment, wait_for
+from helpers import apply, env, status, wait_for
 
 
 def labelled_pod(name: str, namespace: str) -> dict:
@@ -28,7 +27,7 @@ def labelled_pod(name: str, namespace: str) -> dict:
                                      "command": ["vllm", "serve", "m"]}]}}
 
 
-def create(cluster, obj) -> "subprocess.CompletedProcess":
+def create(cluster, obj):
     return cluster.kubectl("create", "-o", "json", "-f", "-", input=yaml.safe_dump(obj),
                            check=False)
 

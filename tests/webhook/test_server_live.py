@@ -5,7 +5,6 @@ import re
 
 import pytest
 
-from support import review_for
 
 
 def metric(webhook, name, **labels):
