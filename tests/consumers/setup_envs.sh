@@ -46,6 +46,14 @@ spec_for() {
       printf '%s\n' "torch==2.8.0" \
         "redis==8.1.0 PyYAML numpy==2.2.6 msgspec==0.22.0 prometheus_client>=0.18.0 psutil pyzmq==27.3.0 sortedcontainers aiofile aiofiles aiohttp nvtx==0.2.17 safetensors transformers==5.24.0 py-cpuinfo==9.0.0 requests==2.34.2" \
         "--no-deps lmcache==0.3.6" ;;
+    nixl-1.5.1-cu13)
+      # NIXL for the controller-mode P2P tests (tests/p2p/test_p2p_controller_mode.py): an
+      # overlay put on PYTHONPATH of the vllm-0.33.0 venv's python, not a runtime of its own.
+      # `nixl` is the py3-none-any meta package (it provides `nixl._api` and picks the backend
+      # by torch's CUDA major); `nixl-cu13` matches the cu13 torch of vllm 0.33 and bundles
+      # UCX. --no-deps: torch and numpy come from the vllm venv (nixl's meta deps would also
+      # pull nixl-cu12 and a second torch).
+      printf '%s\n' "--no-deps nixl==1.5.1 nixl-cu13==1.5.1" ;;
     vllm-*)
       # Plain install (pulls CUDA torch, ~10 GB) together with lmcache 0.5.6 and
       # its deps, so lmcache_controller runs here too.  One resolver run: a
@@ -96,7 +104,7 @@ build_env() {
 }
 
 if [[ $# -eq 0 ]]; then
-  set -- lmcache-0.3.6 lmcache-0.5.6 lmcache-0.3.6-engine "vllm-$VLLM_VERSION"
+  set -- lmcache-0.3.6 lmcache-0.5.6 lmcache-0.3.6-engine "vllm-$VLLM_VERSION" nixl-1.5.1-cu13
 fi
 T0="$(now)"
 for name in "$@"; do

@@ -182,7 +182,9 @@ class LogWatch(logging.Handler):
         self.served = 0
         self.controller_answers: list = []
         self.registered = False
-        self.full_syncs_done = 0  # LMCache's startup full sync (freeze mode) finished
+        self.heartbeats = 0  # heartbeat responses received from the controller
+        self.full_syncs_started = 0  # full syncs the controller asked for (freeze mode follows)
+        self.full_syncs_done = 0
 
 
     def emit(self, record):
@@ -192,6 +194,10 @@ class LogWatch(logging.Handler):
         elif msg.startswith("Got layout info from controller"):
             info = record.args[0] if isinstance(record.args, tuple) else record.args
             self.controller_answers.append(list(info))
+        elif msg.startswith("Received heartbeat response"):
+            self.heartbeats += 1
+        elif msg.startswith("Starting full sync for worker"):
+            self.full_syncs_started += 1
         elif msg.startswith("Exiting freeze mode after full sync"):
             self.full_syncs_done += 1
 
@@ -216,7 +222,8 @@ class Node:
         _pod_netns(self.pod_ip)
         self.watch = LogWatch()
         for name in ("lmcache.v1.storage_backend.p2p_backend",
-                     "lmcache.v1.cache_controller.full_sync_sender"):
+                     "lmcache.v1.cache_controller.full_sync_sender",
+                     "lmcache.v1.cache_controller.worker"):
             lg = logging.getLogger(name)
             lg.addHandler(self.watch)
             if lg.level > logging.INFO or lg.level == logging.NOTSET:
@@ -296,7 +303,8 @@ class Node:
                 "worker_ip": getattr(w, "lmcache_worker_ip", None),
                 "worker_port": getattr(w, "lmcache_worker_port", None),
                 "instance_id": self.cfg.lmcache_instance_id,
-                "frozen": self.engine.is_frozen(), "full_syncs": self.watch.full_syncs_done,
+                "frozen": self.engine.is_frozen(), "heartbeats": self.watch.heartbeats,
+                "full_syncs": [self.watch.full_syncs_started, self.watch.full_syncs_done],
                 "loop_waker_ms": self.waker.period_s * 1000 if self.waker else 0,
                 "loop_wakes": self.waker.wakes if self.waker else 0}
 

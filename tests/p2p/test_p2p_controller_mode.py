@@ -12,7 +12,10 @@ controller; (4) pod deletion without it.
 
 Needs the `vllm-0.33.0` venv and the `nixl-1.5.1-cu13` overlay (tests/consumers/setup_envs.sh)
 and root for `unshare -m` (cluster DNS stand-in). Harness environment and stand-ins are listed
-in tests/p2p/ctrlrunner.py and tests/p2p/engine_node_ctrl.py; LMCache is unpatched.
+in tests/p2p/ctrlrunner.py and tests/p2p/engine_node_ctrl.py; LMCache is unpatched. One of them
+(STAND-IN 4, the loop waker) works around a suspected LMCache 0.5.6 bug: without it controller
+lookups stall for up to a heartbeat or block for good (docs/controller-mode-on-cpu.md).
+Engines are shared: step 1's two, and B plus two A pods started together for steps 2-4.
 """
 
 from __future__ import annotations
@@ -48,16 +51,19 @@ HEARTBEAT_S = 1
 
 
 def wait_warm(*engines: CtrlEngine, bound: float = WARM_S) -> float:
-    """Wait until each engine finished LMCache's startup full sync. Every new worker gets a
-    FullSyncCommand with its first heartbeat (lmcache_worker_heartbeat_delay_time = 10 s); the
-    engine then enters freeze mode, in which stores are skipped silently and lookups stay
-    local, until the controller confirms the sync (status polled every 5 s). Returns seconds
-    waited."""
+    """Wait until each engine is past LMCache's startup full sync. A worker that registers
+    while the controller is fresh (its `need_full_sync_all` window) gets a FullSyncCommand with
+    its first heartbeat (sent lmcache_worker_heartbeat_delay_time = 10 s after start); it then
+    enters freeze mode, in which stores are skipped silently and lookups stay local, until the
+    controller confirms the sync (status polled every 5 s). Warm = two heartbeat answers seen
+    (so a command in the first one has been acted on), every full sync started has finished,
+    and not frozen. Returns seconds waited."""
     t0 = time.monotonic()
 
     def warm():
         st = [e.call("stats") for e in engines]
-        return all(x["ok"] and x["full_syncs"] >= 1 and not x["frozen"] for x in st)
+        return all(x["ok"] and x["heartbeats"] >= 2 and x["full_syncs"][0] == x["full_syncs"][1]
+                   and not x["frozen"] for x in st)
     wait_for("engines past LMCache's startup full sync", warm, bound, 0.25)
     return time.monotonic() - t0
 
@@ -200,14 +206,19 @@ class CtrlScenario(P2PScenario):
         self.ctrl = LMCacheController(self.lookup_pod["status"]["podIP"], self.workdir)
         self.hosts = {names.lookup_host(names.MODE_CONTROLLER, "default", self.namespace):
                       self.ctrl.ip}
-        first, second = sorted(pods, key=lambda p: p["metadata"]["name"])[:2]
-        self.used |= {first["metadata"]["name"], second["metadata"]["name"]}
+        first, *others = sorted(pods, key=lambda p: p["metadata"]["name"])
+        self.used |= {p["metadata"]["name"] for p in pods}
         self.b = Peer(first, self._engine(first))
-        self.a_next: Peer | None = Peer(second, self._engine(second))  # started alongside B
+        # the A pods of steps 2/3 and 4, started alongside B (engine start and LMCache's startup
+        # full sync overlap instead of adding up)
+        self.a_next: list[Peer] = [Peer(p, self._engine(p)) for p in others]
         self.ctrl.wait_up()
-        for peer in (self.b, self.a_next):
+        for peer in (self.b, *self.a_next):
             self._ready(peer)
-        self.warm_s = wait_warm(self.b.engine, self.a_next.engine)
+        self.warm_s = wait_warm(self.b.engine, *(a.engine for a in self.a_next))
+        print(f"\n{len(pods)} engines ready in "
+              f"{max(p.engine.ready['start_s'] for p in (self.b, *self.a_next)):.1f} s, past "
+              f"LMCache's startup full sync {self.warm_s:.1f} s later")
         return self
 
     def _engine(self, pod: dict) -> CtrlEngine:
@@ -216,9 +227,8 @@ class CtrlScenario(P2PScenario):
         return e
 
     def fresh_a(self, timeout: float = 60) -> Peer:
-        if self.a_next is not None:
-            a, self.a_next = self.a_next, None
-            return a
+        if self.a_next:
+            return self.a_next.pop(0)
 
         def probe():
             for p in self.pods():
@@ -248,7 +258,7 @@ class CtrlScenario(P2PScenario):
 def mesh(devcluster, stack, tmp_path_factory):
     s = CtrlScenario(devcluster, stack, tmp_path_factory.mktemp("p2pctrl"))
     try:
-        s.start()
+        s.start(replicas=3)  # B, step 2/3's A, step 4's A
         yield s
     finally:
         s.stop()
