@@ -33,13 +33,14 @@ import json
 import logging
 import os
 import sys
-import threading
 import time
 import traceback
 
 # The protocol owns the real stdout; LMCache's loggers (and anything else) print to fd 1, so
 # fd 1 is pointed at stderr before anything is imported.
-_PROTO = os.fdopen(os.dup(1), "w", buffering=1)
+from node_protocol import listen_addrs, protocol_stream, serve  # noqa: E402
+
+_PROTO = protocol_stream()
 os.dup2(2, 1)
 sys.stdout = sys.stderr
 
@@ -186,12 +187,6 @@ class Node:
                 "wedged": self.wedged}
 
 
-def listen_addrs() -> list[str]:
-    import psutil
-    return sorted(f"{c.laddr.ip}:{c.laddr.port}" for c in psutil.Process().net_connections("tcp")
-                  if c.status == psutil.CONN_LISTEN)
-
-
 def wait_bound(url: str, timeout: float = 15.0) -> bool:
     """LMCache starts its server in the background and swallows a bind failure: confirm it."""
     deadline = time.monotonic() + timeout
@@ -205,29 +200,6 @@ def wait_bound(url: str, timeout: float = 15.0) -> bool:
 def reply(obj: dict) -> None:
     _PROTO.write(json.dumps(obj) + "\n")
     _PROTO.flush()
-
-
-def run_call(node: Node, fn, args: dict, timeout: float | None) -> dict:
-    if timeout is None:
-        return fn(**args)
-    box: dict = {}
-
-    def target():
-        try:
-            box["result"] = fn(**args)
-        except BaseException as e:  # reported to the caller like a direct call would be
-            box["error"] = e
-            box["tb"] = traceback.format_exc()
-    t = threading.Thread(target=target, daemon=True)
-    t0 = time.perf_counter()
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
-        node.wedged = f"{fn.__name__} blocked for more than {timeout}s"
-        return {"ok": False, "timeout": True, "elapsed_s": time.perf_counter() - t0}
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
 
 
 def main() -> None:
@@ -244,33 +216,7 @@ def main() -> None:
            "enable_p2p": node.cfg.enable_p2p, "chunk_size": node.cfg.chunk_size,
            "bound": bound, "listen": listen_addrs(),
            "import_s": T_IMPORTED - T_START, "init_s": node.init_s})
-    data_path = {"store", "keys", "lookup", "retrieve"}
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        req = json.loads(line)
-        rid, cmd = req.pop("id", None), req.pop("cmd", "")
-        timeout = req.pop("timeout", None)
-        if cmd == "exit":
-            reply({"id": rid, "ok": True})
-            break
-        fn = getattr(node, f"cmd_{cmd}", None)
-        if fn is None:
-            reply({"id": rid, "ok": False, "error": f"unknown command {cmd!r}"})
-            continue
-        if cmd in data_path and node.wedged:
-            reply({"id": rid, "ok": False, "error": f"wedged: {node.wedged}"})
-            continue
-        try:
-            out = run_call(node, fn, req, timeout)
-            # run_call's own {"ok": False, "timeout": True} passes through as is
-            reply({"id": rid, "ok": True, **out} if "timeout" not in out else {"id": rid, **out})
-        except Exception as e:
-            reply({"id": rid, "ok": False, "exception": type(e).__name__, "error": str(e)[:500],
-                   "traceback": traceback.format_exc()[-3000:]})
-    # LMCache's server/event-loop threads are not daemons: leave without joining them.
-    os._exit(0)
-
+    serve(node, reply, {"store", "keys", "lookup", "retrieve"})
 
 if __name__ == "__main__":
     main()

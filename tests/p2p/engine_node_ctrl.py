@@ -52,7 +52,9 @@ import time
 import traceback
 import uuid
 
-_PROTO = os.fdopen(os.dup(1), "w", buffering=1)
+from node_protocol import listen_addrs, protocol_stream, serve  # noqa: E402
+
+_PROTO = protocol_stream()
 os.dup2(2, 1)
 sys.stdout = sys.stderr
 
@@ -309,40 +311,9 @@ class Node:
                 "loop_wakes": self.waker.wakes if self.waker else 0}
 
 
-def listen_addrs() -> list[str]:
-    import psutil
-    return sorted(f"{c.laddr.ip}:{c.laddr.port}" for c in psutil.Process().net_connections("tcp")
-                  if c.status == psutil.CONN_LISTEN)
-
-
 def reply(obj: dict) -> None:
     _PROTO.write(json.dumps(obj) + "\n")
     _PROTO.flush()
-
-
-def run_call(node: Node, fn, args: dict, timeout):
-    if timeout is None:
-        return fn(**args)
-    box: dict = {}
-
-    def target():
-        try:
-            box["result"] = fn(**args)
-        except BaseException as e:
-            box["error"] = e
-    t = threading.Thread(target=target, daemon=True)
-    t0 = time.perf_counter()
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
-        import faulthandler
-        print(f"=== {fn.__name__} blocked for {timeout}s; thread stacks:", file=sys.stderr)
-        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-        node.wedged = f"{fn.__name__} blocked for more than {timeout}s"
-        return {"ok": False, "timeout": True, "elapsed_s": time.perf_counter() - t0}
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
 
 
 def main() -> None:
@@ -367,31 +338,7 @@ def main() -> None:
            "enable_controller": cfg.enable_controller, "async_loading": cfg.enable_async_loading,
            "chunk_size": cfg.chunk_size, "bound": want <= set(listen_addrs()),
            "listen": listen_addrs(), "import_s": T_IMPORTED - T_START, "init_s": node.init_s})
-    data_path = {"store", "keys", "fetch"}
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        req = json.loads(line)
-        rid, cmd = req.pop("id", None), req.pop("cmd", "")
-        timeout = req.pop("timeout", None)
-        if cmd == "exit":
-            reply({"id": rid, "ok": True})
-            break
-        fn = getattr(node, f"cmd_{cmd}", None)
-        if fn is None:
-            reply({"id": rid, "ok": False, "error": f"unknown command {cmd!r}"})
-            continue
-        if cmd in data_path and node.wedged:
-            reply({"id": rid, "ok": False, "error": f"wedged: {node.wedged}"})
-            continue
-        try:
-            out = run_call(node, fn, req, timeout)
-            reply({"id": rid, "ok": True, **out} if "timeout" not in out else {"id": rid, **out})
-        except Exception as e:
-            reply({"id": rid, "ok": False, "exception": type(e).__name__, "error": str(e)[:500],
-                   "traceback": traceback.format_exc()[-3000:]})
-    os._exit(0)
-
+    serve(node, reply, {"store", "keys", "fetch"})
 
 if __name__ == "__main__":
     main()
