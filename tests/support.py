@@ -22,6 +22,18 @@ REPO = Path(__file__).resolve().parents[1]
 KVMESH = [sys.executable, "-m", "kvmesh.cli"]
 
 
+def wait_for(what: str, probe, timeout: float = 60, interval: float = 0.25):
+    """Poll `probe` until it returns something truthy (returned), or fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = probe()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

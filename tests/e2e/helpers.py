@@ -1,11 +1,11 @@
 from __future__ import annotations
 
 import json
-import time
 
 import yaml
 
 from kvmesh import names
+from support import wait_for  # noqa: F401  (re-exported for the e2e tests)
 
 
 def vllm_deployment(name: str, namespace: str, replicas: int = 2, labels: dict | None = None,
@@ -27,17 +27,6 @@ def apply(cluster, obj: dict, *flags: str) -> str:
 
 def pods(cluster, namespace: str, selector: str) -> list[dict]:
     return cluster.kubectl_json("get", "pods", "-n", namespace, "-l", selector)["items"]
-
-
-def wait_for(what, probe, timeout=60, interval=0.25):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = probe()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(interval)
 
 
 def running_pods(cluster, namespace, selector, n):

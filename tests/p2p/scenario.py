@@ -34,7 +34,9 @@ import redis
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
 import podrunner  # noqa: E402
+from support import wait_for  # noqa: E402,F401  (re-exported for the p2p tests)
 
 from kvmesh import names  # noqa: E402
 
@@ -49,17 +51,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_for(what: str, probe, timeout: float, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = probe()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 class RedisServer:
