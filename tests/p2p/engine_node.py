@@ -28,7 +28,6 @@ Tokens and KV are synthetic (seeded), for a 2-layer fake model: there is no mode
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -46,6 +45,8 @@ sys.stdout = sys.stderr
 
 T_START = time.perf_counter()
 import torch  # noqa: E402
+
+from fake_model import HEAD_DIM, HIDDEN, KV_HEADS, NUM_LAYERS, sequence, sha  # noqa: E402
 
 
 # ---- STAND-IN 1: torch.cuda calls that LMCache's CPU tier makes unconditionally ----------------
@@ -69,9 +70,6 @@ from lmcache.v1.token_database import ChunkedTokenDatabase  # noqa: E402
 
 T_IMPORTED = time.perf_counter()
 
-NUM_LAYERS, KV_HEADS, HEAD_DIM = 2, 8, 128
-HIDDEN = KV_HEADS * HEAD_DIM
-VOCAB = 32000
 
 
 # ---- STAND-IN 3: CPU KV connector in place of vLLM's paged GPU memory ------------------------
@@ -109,18 +107,6 @@ class ConnectionCounter(logging.Handler):
     def emit(self, record):
         if record.getMessage().startswith("Connected by"):
             self.count += 1
-
-
-def sequence(seed: int, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same tokens and KV in every process for a seed (the 'prompt' and its 'prefill')."""
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, VOCAB, (n_tokens,), generator=g, dtype=torch.long)
-    kv = torch.randn((2, NUM_LAYERS, n_tokens, HIDDEN), generator=g).to(torch.float16)
-    return tokens, kv
-
-
-def sha(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def open_fds() -> int:

@@ -42,7 +42,6 @@ Tokens and KV are synthetic (seeded) for a 2-layer fake model: there is no model
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -61,6 +60,8 @@ sys.stdout = sys.stderr
 T_START = time.perf_counter()
 import torch  # noqa: E402
 
+from fake_model import HEAD_DIM, HIDDEN, KV_HEADS, NUM_LAYERS, sequence, sha  # noqa: E402
+
 from lmcache.v1.cache_engine import LMCacheEngineBuilder  # noqa: E402
 from lmcache.v1.config import LMCacheEngineConfig  # noqa: E402
 from lmcache.v1.gpu_connector.gpu_connectors import GPUConnectorInterface  # noqa: E402
@@ -69,9 +70,6 @@ import lmcache.v1.cache_controller.worker as _worker_mod  # noqa: E402
 
 T_IMPORTED = time.perf_counter()
 
-NUM_LAYERS, KV_HEADS, HEAD_DIM = 2, 8, 128
-HIDDEN = KV_HEADS * HEAD_DIM
-VOCAB = 32000
 
 
 # ---- STAND-IN 1: CPU KV connector in place of vLLM's paged GPU memory ------------------------
@@ -202,17 +200,6 @@ class LogWatch(logging.Handler):
             self.full_syncs_started += 1
         elif msg.startswith("Exiting freeze mode after full sync"):
             self.full_syncs_done += 1
-
-
-def sequence(seed: int, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, VOCAB, (n_tokens,), generator=g, dtype=torch.long)
-    kv = torch.randn((2, NUM_LAYERS, n_tokens, HIDDEN), generator=g).to(torch.float16)
-    return tokens, kv
-
-
-def sha(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 class Node:

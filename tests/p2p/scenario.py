@@ -201,8 +201,8 @@ class P2PScenario:
 
     # -- peers
 
-    def fresh_a(self, timeout: float = 60) -> Peer:
-        """A ready pod of the Deployment never used before, with its engine started."""
+    def unused_pod(self, timeout: float = 60) -> dict:
+        """A ready pod of the Deployment never used before (then marked used)."""
         def probe():
             for p in self.pods():
                 if self.is_ready(p) and p["metadata"]["name"] not in self.used:
@@ -210,6 +210,11 @@ class P2PScenario:
             return None
         pod = wait_for("a fresh ready pod", probe, timeout, 0.2)
         self.used.add(pod["metadata"]["name"])
+        return pod
+
+    def fresh_a(self, timeout: float = 60) -> Peer:
+        """A ready pod of the Deployment never used before, with its engine started."""
+        pod = self.unused_pod(timeout)
         return Peer(pod, self.runner.start(pod))
 
     def replace_b(self) -> None:

@@ -229,14 +229,7 @@ class CtrlScenario(P2PScenario):
     def fresh_a(self, timeout: float = 60) -> Peer:
         if self.a_next:
             return self.a_next.pop(0)
-
-        def probe():
-            for p in self.pods():
-                if self.is_ready(p) and p["metadata"]["name"] not in self.used:
-                    return p
-            return None
-        pod = wait_for("a fresh ready pod", probe, timeout, 0.2)
-        self.used.add(pod["metadata"]["name"])
+        pod = self.unused_pod(timeout)
         peer = Peer(pod, self._engine(pod))
         self._ready(peer)
         wait_warm(peer.engine)
