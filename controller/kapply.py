@@ -3,13 +3,17 @@ kubernetes-asyncio ApiClient (one code path instead of a typed method per kind).
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import logging
 from typing import Optional
 
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from kvmesh import names
+
+log = logging.getLogger("kvmesh.events")
 
 _PLURALS = {
     ("apps/v1", "Deployment"): "deployments",
@@ -76,3 +80,23 @@ async def delete(api: client.ApiClient, api_version: str, kind: str, namespace: 
 async def create(api: client.ApiClient, obj: dict) -> dict:
     return await _call(api, "POST", path(obj["apiVersion"], obj["kind"],
                                          obj["metadata"]["namespace"]), body=obj)
+
+
+async def event(api: client.ApiClient, involved: dict, reason: str, message: str,
+                type_: str = "Normal") -> None:
+    """Record a core/v1 Event on `involved` (apiVersion, kind, name, namespace, uid).
+
+    Events are best effort: a failure is logged, never raised into a reconcile loop."""
+    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    body = {"apiVersion": "v1", "kind": "Event",
+            "metadata": {"generateName": f"{involved['name']}.kvmesh.",
+                         "namespace": involved["namespace"]},
+            "involvedObject": involved, "reason": reason, "message": message[:1000],
+            "type": type_, "source": {"component": "kvmesh-controller"},
+            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+            "reportingComponent": "kvmesh-controller", "reportingInstance": "kvmesh-controller"}
+    try:
+        await create(api, body)
+    except Exception as e:
+        log.warning("could not record Event %s on %s %s/%s: %s", reason, involved["kind"],
+                    involved["namespace"], involved["name"], e)

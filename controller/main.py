@@ -170,20 +170,12 @@ async def uninjected_loop(api, metrics: Metrics) -> None:
         log.warning("pod %s/%s is opted in but was admitted without LMCache P2P injection "
                     "(was the kvmesh webhook down?); recreate it to inject",
                     meta.get("namespace"), meta.get("name"))
-        try:
-            await kapply.create(api, {
-                "apiVersion": "v1", "kind": "Event",
-                "metadata": {"generateName": f"{meta['name']}.kvmesh.",
-                             "namespace": meta["namespace"]},
-                "involvedObject": {"apiVersion": "v1", "kind": "Pod", "name": meta["name"],
-                                   "namespace": meta["namespace"], "uid": meta.get("uid")},
-                "reason": "NotInjected", "type": "Warning",
-                "message": "opted in to kvmesh but admitted without LMCache P2P injection "
-                           "(the webhook was unreachable and failurePolicy is Ignore); "
-                           "delete the pod to have it recreated with injection",
-                "source": {"component": "kvmesh-controller"}, "count": 1})
-        except Exception as e:
-            log.warning("could not record NotInjected Event: %s", e)
+        await kapply.event(
+            api, {"apiVersion": "v1", "kind": "Pod", "name": meta["name"],
+                  "namespace": meta["namespace"], "uid": meta.get("uid")},
+            "NotInjected", "opted in to kvmesh but admitted without LMCache P2P injection "
+            "(the webhook was unreachable and failurePolicy is Ignore); delete the pod to "
+            "have it recreated with injection", "Warning")
 
     await Informer(core.list_pod_for_all_namespaces,
                    label_selector=f"{names.LABEL_INJECT}={names.INJECT_ENABLED}",

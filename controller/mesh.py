@@ -14,7 +14,6 @@ import asyncio
 import datetime as dt
 import logging
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -118,10 +117,11 @@ class Mesh:
 
     # --- lookup endpoints -------------------------------------------------------------------
 
-    async def endpoint(self, namespace: str, mode: str, group: str, port_name: str,
-                       defaults: Optional[PolicyDefaults] = None
-                       ) -> Optional[tuple[str, int]]:
-        """(pod IP, port) of a ready pod of the group's lookup service.
+    async def endpoints(self, namespace: str, mode: str, group: str, *port_names: str,
+                        defaults: Optional[PolicyDefaults] = None
+                        ) -> Optional[list[tuple[str, int]]]:
+        """(pod IP, port) for each named port of one ready pod of the group's lookup service,
+        or None when no ready pod has them all (one pod listing for all ports).
 
         The controller talks to the lookup pod directly, as the Service's endpoints would:
         this needs neither cluster DNS nor kube-proxy in the controller's path, and works
@@ -130,7 +130,7 @@ class Mesh:
         defaults = defaults or self.policy
         if mode == names.MODE_REDIS and defaults.redis_address:
             host, port = defaults.redis_address.rsplit(":", 1)
-            return host, int(port)
+            return [(host, int(port))]
         gid = names.group_id(mode, group)
         found = await self.core.list_namespaced_pod(
             namespace, label_selector=f"kvmesh.dev/lookup-for={gid}")
@@ -139,16 +139,17 @@ class Mesh:
                         for c in (pod.status.conditions or []))
             if not (ready and pod.status.pod_ip and not pod.metadata.deletion_timestamp):
                 continue
-            for c in pod.spec.containers:
-                for p in c.ports or []:
-                    if p.name == port_name:
-                        return pod.status.pod_ip, p.container_port
+            ports = {p.name: p.container_port for c in pod.spec.containers for p in c.ports or []}
+            if all(n in ports for n in port_names):
+                return [(pod.status.pod_ip, ports[n]) for n in port_names]
         return None
 
     async def redis_index(self, namespace: str, group: str,
                           defaults: Optional[PolicyDefaults] = None):
         from kvmesh.controller import purge
-        ep = await self.endpoint(namespace, names.MODE_REDIS, group, "redis", defaults)
+        eps = await self.endpoints(namespace, names.MODE_REDIS, group, "redis",
+                                   defaults=defaults)
+        ep = eps[0] if eps else None
         if ep is None:
             raise LookupError(f"no ready endpoint for Service "
                               f"{namespace}/{names.lookup_service_name('redis', group)}")
@@ -185,12 +186,11 @@ class Mesh:
                 removed = res.deleted
             else:
                 from kvmesh.controller import lmcache_ctrl
-                pull = await self.endpoint(m.namespace, m.mode, m.group, "pull")
-                http = await self.endpoint(m.namespace, m.mode, m.group, "http")
-                if pull is None or http is None:
+                eps = await self.endpoints(m.namespace, m.mode, m.group, "pull", "http")
+                if eps is None:
                     raise LookupError(f"no ready pod of the lookup service {m.namespace}/"
                                       f"{names.lookup_service_name(m.mode, m.group)}")
-                ranks = max(1, len(m.worker_ports))
+                (pull, http), ranks = eps, max(1, len(m.worker_ports))
                 # Confirmed through the controller's fresh per-instance listing: a pushed
                 # message alone proves nothing (ZMQ accepts it before delivery).
                 # Ranks, IPs and ports come from the controller's own records of the instance
@@ -255,20 +255,7 @@ class Mesh:
         target = await self._workload_of(m) or {
             "apiVersion": "v1", "kind": "Pod", "name": m.name, "uid": m.uid,
             "namespace": m.namespace}
-        now = _now()
-        body = {"apiVersion": "v1", "kind": "Event",
-                "metadata": {"name": f"{target['name']}.kvmesh.{uuid.uuid4().hex[:10]}",
-                             "namespace": m.namespace},
-                "involvedObject": target, "reason": reason, "message": message[:1000],
-                "type": type_, "source": {"component": "kvmesh-controller"},
-                "firstTimestamp": now[:19] + "Z", "lastTimestamp": now[:19] + "Z",
-                "count": 1, "reportingComponent": "kvmesh-controller",
-                "reportingInstance": "kvmesh-controller"}
-        try:
-            await kapply.create(self.api, body)
-        except Exception as e:
-            log.warning("could not record Event %s on %s/%s: %s", reason, m.namespace,
-                        target["name"], e)
+        await kapply.event(self.api, target, reason, message, type_)
 
     # --- groups -------------------------------------------------------------------------------
 
