@@ -139,10 +139,6 @@ def check_json_object(v: str) -> Optional[str]:
         return "LMCache parses this as JSON"
 
 
-def check_track_usage(v: str) -> Optional[str]:
-    return None  # any value is the user's choice about telemetry
-
-
 # --- the env plan ------------------------------------------------------------------------
 
 
@@ -202,7 +198,8 @@ def _env_specs(p: Plan) -> list[EnvSpec]:
                 check=check_gb),
         EnvSpec("LMCACHE_CHUNK_SIZE", str(p.chunk_size), tuning=True, check=check_positive_int),
         EnvSpec("PYTHONHASHSEED", str(p.hash_seed), tuning=True, check=check_hash_seed),
-        EnvSpec("LMCACHE_TRACK_USAGE", "false", tuning=True, check=check_track_usage),
+        # Telemetry: any user value is the user's choice (tuning without a check).
+        EnvSpec("LMCACHE_TRACK_USAGE", "false", tuning=True),
     ]
     if p.mode == names.MODE_REDIS:
         lookup = p.redis_address or f"{p.lookup_host}:{p.redis_port}"
