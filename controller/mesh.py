@@ -27,6 +27,7 @@ from kvmesh.webhook.policy import PolicyDefaults
 log = logging.getLogger("kvmesh.mesh")
 
 RECONCILE_SECONDS = 300.0
+SWEPT_MAX = 10_000
 
 
 def _now() -> str:
@@ -64,6 +65,9 @@ class Mesh:
         self.pending: dict[tuple[str, str], groups.Departure] = {}  # purges to retry
         self.redis: dict[str, object] = {}  # "host:port" -> purge.AddressIndex
         self.last_purge: dict[tuple[str, str], PurgeRecord] = {}
+        # Keys of dead addresses a Redis reconcile removed before the departure's own purge
+        # got there (it runs when an index (re)connects): credited to that purge's record.
+        self.swept: dict[str, int] = {}
         self.empty_since: dict[tuple[str, str], float] = {}
         self.dirty: set[tuple[str, str]] = set()
         self._wake = asyncio.Event()
@@ -159,10 +163,17 @@ class Mesh:
             # Periodic reconciliation is the backstop for index sets lost to maxmemory
             # eviction (the lookup Redis is bounded with allkeys-lru) or missed events.
             idx = purge.AddressIndex(ep[0], ep[1], live_addrs=self._live_for_reconcile,
-                                     reconcile_interval=RECONCILE_SECONDS)
+                                     reconcile_interval=RECONCILE_SECONDS,
+                                     on_reconcile=self._on_swept)
             self.redis[addr] = idx
             await idx.start(wait=10)
         return idx
+
+    def _on_swept(self, stale: dict[str, int]) -> None:
+        for addr, n in stale.items():
+            self.swept[addr] = self.swept.pop(addr, 0) + n
+        while len(self.swept) > SWEPT_MAX:  # deaths nobody purged explicitly: oldest first
+            self.swept.pop(next(iter(self.swept)))
 
     # --- purge --------------------------------------------------------------------------------
 
@@ -182,8 +193,14 @@ class Mesh:
                 if not m.address:
                     return True
                 idx = await self.redis_index(m.namespace, m.group, self.defaults(m.policy))
+                if not idx.index_complete:
+                    # Its catch-up reconcile is due and sweeps every dead address anyway: let
+                    # it finish first so the count below is whole (else both race for keys).
+                    await idx.wait_complete(idx.sync_timeout)
                 res = await idx.purge_address(m.address)
-                removed = res.deleted
+                swept = self.swept.pop(m.address, 0)
+                # Swept keys under a reused address predate the arriving pod: not its purge.
+                removed = res.deleted + (0 if quiet_if_empty else swept)
             else:
                 from kvmesh.controller import lmcache_ctrl
                 eps = await self.endpoints(m.namespace, m.mode, m.group, "pull", "http")

@@ -528,6 +528,7 @@ class AddressIndex:
                  socket_timeout: float = 30.0,
                  prune_interval: float | None = 600.0, reconcile_interval: float | None = None,
                  on_purge: Callable[[str, PurgeResult], None] | None = None,
+                 on_reconcile: Callable[[dict[str, int]], None] | None = None,
                  on_error: Callable[[str, BaseException], None] | None = None):
         self.host, self.port, self.db = host, port, db
         self.live_addrs = live_addrs
@@ -538,6 +539,9 @@ class AddressIndex:
         self.connect_timeout = connect_timeout
         self.prune_interval, self.reconcile_interval = prune_interval, reconcile_interval
         self.on_purge, self.on_error = on_purge, on_error
+        # Told {address: keys purged} for dead addresses a reconcile swept, so the owner can
+        # credit them to the departure they belong to (a reconcile may get there first).
+        self.on_reconcile = on_reconcile
         self.stats = Stats()
         self.channel = f"__keyevent@{db}__:set".encode()
         self.redis = aredis.Redis(host=host, port=port, db=db, retry=Retry(NoBackoff(), 0),
@@ -865,6 +869,11 @@ class AddressIndex:
             log.info("%s: reconcile purged %d stale keys of %d dead addresses: %s", self.name,
                      res.purged, len(res.stale_addrs),
                      ", ".join(f"{a} ({n})" for a, n in sorted(res.stale_addrs.items())[:20]))
+            if self.on_reconcile:
+                try:
+                    self.on_reconcile(dict(res.stale_addrs))
+                except Exception:
+                    log.exception("on_reconcile callback failed")
         return res
 
     async def prune(self) -> ReconcileResult:

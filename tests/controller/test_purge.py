@@ -202,8 +202,12 @@ async def test_reconcile_live_provider_evaluated_after_scan(redis_server, lmcach
 async def test_startup_reconcile_with_live_provider(redis_server, lmcache):
     await load(lmcache, DEAD, 2000, "d")  # died while nobody watched
     await load(lmcache, LIVE_A, 1000, "a")
-    async with P.AddressIndex(port=redis_server.port, live_addrs=lambda: {LIVE_A}) as idx:
+    swept: list[dict[str, int]] = []
+    async with P.AddressIndex(port=redis_server.port, live_addrs=lambda: {LIVE_A},
+                              on_reconcile=swept.append) as idx:
         assert idx.index_complete and idx.stats.reconcile_purged == 2000
+        # The owner learns which dead address lost how many keys (to credit its departure).
+        assert swept == [{DEAD: 2000}]
         vals = await values_of(lmcache)
         assert len(vals) == 1000 and count(vals, LIVE_A) == 1000
 
