@@ -34,6 +34,10 @@ class Member:
     worker_ports: tuple[int, ...] = ()
     image: str = ""
     policy: Optional[str] = None  # the KVMeshPolicy whose defaults the webhook used
+    # Its kvm-* containerPorts (what peers connect to) and the pod's labels (which
+    # NetworkPolicies select it), sorted.
+    p2p_ports: tuple[int, ...] = ()
+    labels: tuple[tuple[str, str], ...] = ()
 
     @property
     def key(self) -> tuple[str, str]:
@@ -101,12 +105,16 @@ def member_from_pod(pod: dict) -> Optional[Member]:
             (env.get("LMCACHE_LMCACHE_INSTANCE_ID") or {}).get("value")
         raw = (env.get("LMCACHE_LMCACHE_WORKER_PORTS") or {}).get("value", "")
         ports = tuple(int(p) for p in raw.split(",") if p.strip().isdigit())
+    p2p = sorted({p["containerPort"] for p in container.get("ports") or []
+                  if isinstance(p, dict) and isinstance(p.get("containerPort"), int)
+                  and str(p.get("name", "")).startswith(names.PORT_NAME_PREFIX)})
     return Member(namespace=meta.get("namespace", ""), name=meta.get("name", ""),
                   uid=meta.get("uid", ""), group_id=gid, mode=mode, group=group, ip=ip,
                   ready=ready, terminating=bool(meta.get("deletionTimestamp")),
                   restarts=restarts, address=address, instance_id=instance,
                   worker_ports=ports, image=str(container.get("image", "")),
-                  policy=status.get("policy"))
+                  policy=status.get("policy"), p2p_ports=tuple(p2p),
+                  labels=tuple(sorted((meta.get("labels") or {}).items())))
 
 
 def departure(old: Optional[Member], new: Optional[Member]) -> Optional[Departure]:

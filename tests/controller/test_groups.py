@@ -31,6 +31,21 @@ def test_member_from_injected_pods_of_both_modes():
     assert sts.instance_id == "u-1"  # StatefulSets register under the pod uid
 
 
+def test_member_p2p_ports_are_the_kvm_named_container_ports_and_labels_are_kept():
+    pod = injected_pod()  # declares its own "http" 8000 next to kvmesh's ports
+    c = groups.member_from_pod(pod)
+    assert c.p2p_ports == (8200, 8210, 8500)  # kvm-init-0, kvm-look-0, kvm-work-0; not 8000
+    assert dict(c.labels)[names.LABEL_PEER_GROUP] == "controller-default"
+    assert dict(c.labels)["app"] == "qwen"
+    assert groups.member_from_pod(injected_pod("02-api-server-redis")).p2p_ports == (8200,)
+    ports = pod["spec"]["containers"][0]["ports"]
+    ports.insert(0, {"name": "kvm-dist", "containerPort": 8500})  # a repeat: listed once
+    ports.append({"name": "kvm-x", "containerPort": 7000})
+    assert groups.member_from_pod(pod).p2p_ports == (7000, 8200, 8210, 8500)
+    del pod["spec"]["containers"][0]["ports"]
+    assert groups.member_from_pod(pod).p2p_ports == ()
+
+
 def test_uninjected_pods_are_not_members():
     pod = injected_pod()
     pod["metadata"]["annotations"][names.ANN_STATUS] = '{"injected":false}'
