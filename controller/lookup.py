@@ -1,4 +1,4 @@
-"""Desired Kubernetes objects for one peer group's lookup service (pure).
+"""Desired Kubernetes objects for one peer group's lookup service and P2P ports (pure).
 
 Every object is owned by the group's KVMeshPeerGroup, so deleting that object (after the
 last member left and the grace period passed) lets Kubernetes garbage collection remove the
@@ -13,12 +13,26 @@ controller mode: `lmcache_controller` as a one-replica StatefulSet started with 
 env settings are overridden by argparse defaults), heartbeat port on, health check on, same
 image as the group's vLLM pods; bound to its stable DNS name so the heartbeat URL it hands
 out survives a reschedule.
+
+NetworkPolicies (both Ingress only): `kvmesh-lookup-<gid>` lets only the group's pods (and
+kvmesh) reach the lookup service. `kvmesh-peers-<gid>` selects the group's vLLM pods and lets
+only the group's pods reach their P2P ports (`kvm-*` containerPorts), and in controller mode the
+group's `lmcache_controller` reach their worker ports (control RPCs, health checks). A policy
+can only allow, and selecting a pod isolates it, so while no user policy selects the group's
+pods it also allows every other TCP port (as ranges) and all UDP and SCTP from anywhere: only
+the P2P ports become fenced. Once a user policy selects any member, kvmesh drops that rule and
+only adds the P2P allowances, so it never widens what the user's policies allow; members that
+no user policy selects are then reachable on their P2P ports only (the mesh logs a warning).
 """
 
 from __future__ import annotations
 
+from typing import Iterable, Optional
+
+from pydantic import ValidationError
+
 from kvmesh import names
-from kvmesh.webhook.policy import PolicyDefaults
+from kvmesh.webhook.policy import LabelSelector, PolicyDefaults
 
 REDIS_IMAGE = "redis:7.2-alpine"
 REDIS_MAXMEMORY_MB = 1024
@@ -31,6 +45,11 @@ REDIS_PUBSUB_BUFFER = "pubsub 256mb 64mb 60"
 CONTROLLER_HTTP_PORT = 9000
 CONTROLLER_HEARTBEAT_PORT = 8500
 HEALTH_CHECK_SECONDS = 5
+# Marks every object the controller generates; how it tells its NetworkPolicies from users'.
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+MANAGED_BY = "kvmesh-controller"
+NETWORK_POLICY_API = "networking.k8s.io/v1"
+MAX_PORT = 65535
 
 
 def owner_ref(group_obj: dict) -> dict:
@@ -44,8 +63,8 @@ def _meta(name: str, namespace: str, gid: str, owner: dict, component: str) -> d
     return {"name": name, "namespace": namespace,
             "labels": {"app.kubernetes.io/part-of": "kvmesh",
                        "app.kubernetes.io/component": component,
-                       "app.kubernetes.io/managed-by": "kvmesh-controller",
-                       "kvmesh.dev/lookup-for": gid},
+                       MANAGED_BY_LABEL: MANAGED_BY,
+                       names.LABEL_LOOKUP_FOR: gid},
             "ownerReferences": [owner]}
 
 
@@ -68,7 +87,7 @@ def desired(group_obj: dict, policy: PolicyDefaults, image: str) -> list[dict]:
     gid = names.group_id(mode, group)
     owner = owner_ref(group_obj)
     svc = names.lookup_service_name(mode, group)
-    selector = {"kvmesh.dev/lookup-for": gid}
+    selector = {names.LABEL_LOOKUP_FOR: gid}
     objs: list[dict] = []
     if mode == names.MODE_REDIS:
         if policy.redis_address:
@@ -161,17 +180,88 @@ def desired(group_obj: dict, policy: PolicyDefaults, image: str) -> list[dict]:
 
 
 def network_policy(ns: str, gid: str, owner: dict, lookup_ports: list[int]) -> dict:
-    """Only the group's pods (and kvmesh's controller) reach the lookup service.
-
-    The group's vLLM pods are not selected: a policy selecting them would deny every port
-    not listed, including the traffic that serves requests."""
+    """Only the group's pods (and kvmesh's controller) reach the lookup service."""
     peers = {"podSelector": {"matchLabels": {names.LABEL_PEER_GROUP: gid}}}
     kvmesh = {"namespaceSelector": {"matchLabels": {
         "kubernetes.io/metadata.name": names.SYSTEM_NAMESPACE}}}
-    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-            "metadata": _meta(f"kvmesh-lookup-{gid}", ns, gid, owner, "lookup-policy"),
-            "spec": {"podSelector": {"matchLabels": {"kvmesh.dev/lookup-for": gid}},
+    return {"apiVersion": NETWORK_POLICY_API, "kind": "NetworkPolicy",
+            "metadata": _meta(names.LOOKUP_POLICY_PREFIX + gid, ns, gid, owner,
+                              "lookup-policy"),
+            "spec": {"podSelector": {"matchLabels": {names.LABEL_LOOKUP_FOR: gid}},
                      "policyTypes": ["Ingress"],
                      "ingress": [{"from": [peers, kvmesh],
                                   "ports": [{"port": p, "protocol": "TCP"}
                                             for p in lookup_ports]}] if lookup_ports else []}}
+
+
+def ports_outside(ports: Iterable[int], low: int = 1, high: int = MAX_PORT
+                  ) -> list[tuple[int, int]]:
+    """Inclusive (first, last) ranges covering low..high except `ports` (any order, repeats
+    and out-of-range numbers ignored)."""
+    out: list[tuple[int, int]] = []
+    start = low
+    for p in sorted({p for p in ports if low <= p <= high}):
+        if p > start:
+            out.append((start, p - 1))
+        start = p + 1
+    if start <= high:
+        out.append((start, high))
+    return out
+
+
+def _tcp(ports: Iterable[int]) -> list[dict]:
+    return [{"protocol": "TCP", "port": p} for p in sorted(set(ports))]
+
+
+def peer_network_policy(ns: str, gid: str, owner: dict, p2p_ports: Iterable[int],
+                        user_isolated: bool, controller_ports: Iterable[int] = ()
+                        ) -> Optional[dict]:
+    """The group's vLLM pods accept P2P connections only from the group's pods.
+
+    controller_ports: the worker ports the group's lmcache_controller connects to (control
+    operations and its health checks; controller mode), allowed from the lookup pods only.
+    user_isolated: a user's policy already selects some of the group's pods. Then this policy
+    only adds the P2P allowances. Otherwise selecting the pods here would cut every other port
+    (the serving port too), so a rule without `from` keeps all non-P2P TCP ports, UDP and SCTP
+    open to everyone, as they were. None when there are no P2P ports."""
+    ports = sorted(set(p2p_ports))
+    if not ports:
+        return None
+    ingress = [{"from": [{"podSelector": {"matchLabels": {names.LABEL_PEER_GROUP: gid}}}],
+                "ports": _tcp(ports)}]
+    lookup_pods = {"podSelector": {"matchLabels": {names.LABEL_LOOKUP_FOR: gid}}}
+    ctrl = sorted(set(controller_ports))
+    if ctrl:
+        ingress.append({"from": [lookup_pods], "ports": _tcp(ctrl)})
+    if not user_isolated:
+        # endPort is GA since Kubernetes 1.25; a single port needs none.
+        rest = [{"protocol": "TCP", "port": a, **({"endPort": b} if b > a else {})}
+                for a, b in ports_outside(ports)]
+        ingress.append({"ports": rest + [{"protocol": "UDP"}, {"protocol": "SCTP"}]})
+    return {"apiVersion": NETWORK_POLICY_API, "kind": "NetworkPolicy",
+            "metadata": _meta(names.PEER_POLICY_PREFIX + gid, ns, gid, owner, "peer-policy"),
+            "spec": {"podSelector": {"matchLabels": {names.LABEL_PEER_GROUP: gid}},
+                     "policyTypes": ["Ingress"], "ingress": ingress}}
+
+
+def isolating_policies(policies: Iterable[dict], pods_labels: Iterable[dict]) -> list[str]:
+    """Names of the NetworkPolicies (API dicts of one namespace), other than kvmesh's, that
+    isolate any of these pods for ingress: their podSelector matches its labels and their
+    policyTypes include Ingress (absent policyTypes mean Ingress)."""
+    labels = list(pods_labels)
+    out = []
+    for p in policies:
+        meta = p.get("metadata") or {}
+        if (meta.get("labels") or {}).get(MANAGED_BY_LABEL) == MANAGED_BY:
+            continue
+        spec = p.get("spec") or {}
+        if "Ingress" not in (spec.get("policyTypes") or ["Ingress"]):
+            continue
+        try:
+            selector: Optional[LabelSelector] = LabelSelector.model_validate(
+                spec.get("podSelector") or {})
+        except ValidationError:
+            selector = None  # unreadable: count it as isolating, so kvmesh only adds
+        if selector is None or any(selector.matches(lb) for lb in labels):
+            out.append(meta.get("name", ""))
+    return sorted(out)

@@ -69,6 +69,10 @@ class Mesh:
         # got there (it runs when an index (re)connects): credited to that purge's record.
         self.swept: dict[str, int] = {}
         self.empty_since: dict[tuple[str, str], float] = {}
+        # Per group: does a user's NetworkPolicy select its pods (last applied answer), and
+        # which members none selects then (they lose every port but P2P from peers).
+        self.user_isolated: dict[tuple[str, str], bool] = {}
+        self.unselected: dict[tuple[str, str], list[str]] = {}
         self.dirty: set[tuple[str, str]] = set()
         self._wake = asyncio.Event()
 
@@ -137,7 +141,7 @@ class Mesh:
             return [(host, int(port))]
         gid = names.group_id(mode, group)
         found = await self.core.list_namespaced_pod(
-            namespace, label_selector=f"kvmesh.dev/lookup-for={gid}")
+            namespace, label_selector=f"{names.LABEL_LOOKUP_FOR}={gid}")
         for pod in found.items:
             ready = any(c.type == "Ready" and c.status == "True"
                         for c in (pod.status.conditions or []))
@@ -291,6 +295,8 @@ class Mesh:
                              ns, gid, self.grace)
                 self.empty_since.pop(gkey, None)
                 self.last_purge.pop(gkey, None)
+                self.user_isolated.pop(gkey, None)
+                self.unselected.pop(gkey, None)
                 return
         else:
             self.empty_since.pop(gkey, None)
@@ -300,6 +306,7 @@ class Mesh:
             image = sorted(m.image for m in g.members.values())[0]
             for obj in lookup.desired(cr, defaults, image):
                 await kapply.apply(self.api, obj)
+            await self.reconcile_peer_policy(gkey, g, lookup.owner_ref(cr))
         peers = g.peers if g else []
         # name=token of every peer: a leader taking over compares it with what it sees, to
         # purge peers that died while nobody watched.
@@ -319,6 +326,55 @@ class Mesh:
             status["lastPurge"] = rec.__dict__
         await kapply.apply(self.api, {**lookup.peer_group(ns, mode, group), "status": status},
                            subresource="status")
+
+    async def reconcile_peer_policy(self, gkey: tuple[str, str], g: groups.Group,
+                                    owner: dict) -> None:
+        """Apply `kvmesh-peers-<gid>` (see lookup.peer_network_policy), or delete it when the
+        group declares no P2P ports."""
+        ns, gid = gkey
+        ports = sorted({p for m in g.members.values() for p in m.p2p_ports})
+        if not ports:
+            await kapply.delete(self.api, lookup.NETWORK_POLICY_API, "NetworkPolicy", ns,
+                                names.PEER_POLICY_PREFIX + gid)
+            self.user_isolated.pop(gkey, None)
+            self.unselected.pop(gkey, None)
+            return
+        try:
+            found = await client.NetworkingV1Api(self.api).list_namespaced_network_policy(ns)
+        except Exception as e:
+            # Without the answer either rule set could be wrong: keep what is applied.
+            log.warning("cannot list NetworkPolicies in %s, leaving NetworkPolicy %s%s as it "
+                        "is this round: %s", ns, names.PEER_POLICY_PREFIX, gid, e)
+            return
+        policies = [self.api.sanitize_for_serialization(p) for p in found.items]
+        isolating = lookup.isolating_policies(policies,
+                                              [dict(m.labels) for m in g.members.values()])
+        ctrl_ports = sorted({p for m in g.members.values() if m.mode == names.MODE_CONTROLLER
+                             for p in m.worker_ports})
+        await kapply.apply(self.api, lookup.peer_network_policy(
+            ns, gid, owner, ports, bool(isolating), ctrl_ports))
+        policy = f"{ns}/{names.PEER_POLICY_PREFIX}{gid}"
+        unselected = sorted(m.name for m in g.members.values() if isolating
+                            and not lookup.isolating_policies(policies, [dict(m.labels)]))
+        if unselected and self.unselected.get(gkey) != unselected:
+            log.warning("peer group %s/%s: NetworkPolicy %s selects only some of its pods; "
+                        "pods %s are selected by no policy but %s, so they accept only P2P "
+                        "connections from the group: select them in your policies too",
+                        ns, gid, ", ".join(isolating), ", ".join(unselected), policy)
+        self.unselected[gkey] = unselected
+        if self.user_isolated.get(gkey) == bool(isolating):
+            return
+        self.user_isolated[gkey] = bool(isolating)
+        if isolating:
+            log.info("peer group %s/%s: its pods are already selected by NetworkPolicy %s, "
+                     "so NetworkPolicy %s now only allows the P2P ports %s from the group's "
+                     "pods and opens nothing else (allowing other ports would widen the "
+                     "user's isolation)", ns, gid, ", ".join(isolating), policy, ports)
+        else:
+            log.info("peer group %s/%s: no other NetworkPolicy selects its pods, so "
+                     "NetworkPolicy %s fences only the P2P ports %s to the group's pods and "
+                     "allows all other TCP ports, UDP and SCTP from anywhere, as before",
+                     ns, gid, policy, ports)
 
     async def recover(self) -> None:
         """After taking over: purge peers the previous leader recorded that are gone now."""

@@ -67,6 +67,11 @@ POLICY_ENTRY_SUFFIX = ".policies.kvmesh.dev"
 
 # Written by the webhook on injected pods, so the controller can watch exactly its peers.
 LABEL_PEER_GROUP = PREFIX + "peer-group"
+# On a group's lookup objects and lookup pods (value: the group id).
+LABEL_LOOKUP_FOR = PREFIX + "lookup-for"
+# NetworkPolicies per group (+ group id): one fences the lookup service, one the P2P ports.
+LOOKUP_POLICY_PREFIX = "kvmesh-lookup-"
+PEER_POLICY_PREFIX = "kvmesh-peers-"
 # Per-group custom resource (namespaced) that owns the group's lookup objects.
 PEER_GROUP_KIND = "KVMeshPeerGroup"
 API_GROUP = "kvmesh.dev"

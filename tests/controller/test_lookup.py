@@ -1,0 +1,182 @@
+"""The group's NetworkPolicies (pure): who reaches the P2P ports, and that kvmesh never widens
+what a user's own policies allow."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kvmesh import names
+from kvmesh.controller import lookup
+
+GID = "controller-default"
+OWNER = {"apiVersion": "kvmesh.dev/v1alpha1", "kind": "KVMeshPeerGroup", "name": GID,
+         "uid": "u-g", "controller": True, "blockOwnerDeletion": True}
+P2P = [8500, 8200, 8210]  # kvm-work-0, kvm-init-0, kvm-look-0 (unsorted on purpose)
+PEER = {names.LABEL_PEER_GROUP: GID, "app": "qwen"}
+LOOKUP = {names.LABEL_LOOKUP_FOR: GID}
+OTHER = {"app": "client"}
+
+
+# --- the complement of the P2P ports ---------------------------------------------------------
+
+@pytest.mark.parametrize("ports,ranges", [
+    ([], [(1, 65535)]),
+    ([1], [(2, 65535)]),
+    ([65535], [(1, 65534)]),
+    ([1, 65535], [(2, 65534)]),
+    ([8200, 8201], [(1, 8199), (8202, 65535)]),  # adjacent: no empty range between
+    ([8200, 8202], [(1, 8199), (8201, 8201), (8203, 65535)]),  # a one-port gap
+    ([8500, 8200, 8500, 8210], [(1, 8199), (8201, 8209), (8211, 8499), (8501, 65535)]),
+    ([0, 70000, 8200], [(1, 8199), (8201, 65535)]),  # not port numbers: ignored
+])
+def test_ports_outside(ports, ranges):
+    assert lookup.ports_outside(ports) == ranges
+
+
+def test_ports_outside_of_every_port_is_nothing():
+    assert lookup.ports_outside(range(1, 65536)) == []
+
+
+@given(st.lists(st.integers(1, 300), max_size=40))
+def test_ports_outside_covers_exactly_the_other_ports(ports):
+    ranges = lookup.ports_outside(ports, 1, 300)
+    covered = [p for a, b in ranges for p in range(a, b + 1)]
+    assert len(covered) == len(set(covered))  # disjoint
+    assert set(covered) == set(range(1, 301)) - set(ports)
+    assert all(a <= b for a, b in ranges) and ranges == sorted(ranges)
+
+
+# --- the peer policy ---------------------------------------------------------------------------
+
+def policy(user_isolated: bool, ports=P2P, controller_ports=(8500,)):
+    return lookup.peer_network_policy("team-a", GID, OWNER, ports, user_isolated,
+                                      controller_ports)
+
+
+def test_no_p2p_ports_no_policy():
+    assert lookup.peer_network_policy("team-a", GID, OWNER, [], False) is None
+    assert lookup.peer_network_policy("team-a", GID, OWNER, [], True) is None
+
+
+def test_policy_object_selects_the_groups_pods_and_is_owned_by_the_group():
+    p = policy(False)
+    assert p["apiVersion"] == "networking.k8s.io/v1" and p["kind"] == "NetworkPolicy"
+    meta = p["metadata"]
+    assert meta["name"] == "kvmesh-peers-controller-default" and meta["namespace"] == "team-a"
+    assert meta["labels"]["app.kubernetes.io/component"] == "peer-policy"
+    assert meta["labels"]["app.kubernetes.io/managed-by"] == "kvmesh-controller"
+    assert meta["ownerReferences"] == [OWNER]
+    assert p["spec"]["podSelector"] == {"matchLabels": {names.LABEL_PEER_GROUP: GID}}
+    assert p["spec"]["policyTypes"] == ["Ingress"]
+
+
+PEER_RULE = {"from": [{"podSelector": {"matchLabels": {names.LABEL_PEER_GROUP: GID}}}],
+             "ports": [{"protocol": "TCP", "port": 8200}, {"protocol": "TCP", "port": 8210},
+                       {"protocol": "TCP", "port": 8500}]}
+LOOKUP_RULE = {"from": [{"podSelector": {"matchLabels": {names.LABEL_LOOKUP_FOR: GID}}}],
+               "ports": [{"protocol": "TCP", "port": 8500}]}
+
+
+def test_rules_when_no_user_policy_selects_the_pods():
+    assert policy(False)["spec"]["ingress"] == [PEER_RULE, LOOKUP_RULE, {"ports": [
+        {"protocol": "TCP", "port": 1, "endPort": 8199},
+        {"protocol": "TCP", "port": 8201, "endPort": 8209},
+        {"protocol": "TCP", "port": 8211, "endPort": 8499},
+        {"protocol": "TCP", "port": 8501, "endPort": 65535},
+        {"protocol": "UDP"}, {"protocol": "SCTP"}]}]
+
+
+def test_rules_when_a_user_policy_selects_the_pods_only_add_the_p2p_allowances():
+    assert policy(True)["spec"]["ingress"] == [PEER_RULE, LOOKUP_RULE]
+
+
+def test_redis_mode_has_no_lookup_rule_and_a_single_port_gap_needs_no_end_port():
+    rules = lookup.peer_network_policy("team-b", "redis-default", OWNER, [8200, 8202],
+                                       False)["spec"]["ingress"]
+    assert [r.get("from") is None for r in rules] == [False, True]
+    assert rules[1]["ports"][:3] == [{"protocol": "TCP", "port": 1, "endPort": 8199},
+                                     {"protocol": "TCP", "port": 8201},
+                                     {"protocol": "TCP", "port": 8203, "endPort": 65535}]
+
+
+def allowed(pol: dict, source_labels: dict, protocol: str, port: int) -> bool:
+    """NetworkPolicy ingress semantics for a source pod in the policy's namespace reaching a
+    pod the policy selects (the subset of the API this policy uses; anything else fails)."""
+    for rule in pol["spec"]["ingress"]:
+        sources = rule.get("from")
+        if sources is not None:
+            assert all(set(s) == {"podSelector"} for s in sources), sources
+            if not any(all(source_labels.get(k) == v
+                           for k, v in s["podSelector"]["matchLabels"].items())
+                       for s in sources):
+                continue
+        entries = rule.get("ports")
+        if entries is None:
+            return True
+        for e in entries:
+            assert set(e) <= {"protocol", "port", "endPort"}, e
+            if e.get("protocol", "TCP") != protocol:
+                continue
+            if "port" not in e or e["port"] <= port <= e.get("endPort", e["port"]):
+                return True
+    return False
+
+
+@pytest.mark.parametrize("user_isolated", [False, True])
+def test_only_peers_reach_the_p2p_ports(user_isolated):
+    pol = policy(user_isolated)
+    for port in P2P:
+        assert allowed(pol, PEER, "TCP", port)
+        assert not allowed(pol, OTHER, "TCP", port)
+    # The lmcache_controller reaches the worker port only (control RPCs, health checks).
+    assert allowed(pol, LOOKUP, "TCP", 8500)
+    assert not allowed(pol, LOOKUP, "TCP", 8200) and not allowed(pol, LOOKUP, "TCP", 8210)
+
+
+def test_without_a_user_policy_everything_but_the_p2p_ports_stays_open():
+    pol = policy(False)
+    for port in (8000, 1, 65535, 8205, 8201, 8499, 8501):  # 8205: between two P2P ports
+        assert allowed(pol, OTHER, "TCP", port), port
+    assert allowed(pol, OTHER, "UDP", 53) and allowed(pol, OTHER, "UDP", 8200)
+    assert allowed(pol, OTHER, "SCTP", 8200)
+
+
+def test_with_a_user_policy_non_peers_reach_nothing_through_this_policy():
+    pol = policy(True)
+    for proto, port in [("TCP", 8000), ("TCP", 1), ("TCP", 65535), ("TCP", 8205),
+                        ("UDP", 53), ("SCTP", 8200)]:
+        assert not allowed(pol, OTHER, proto, port), (proto, port)
+    assert not allowed(pol, PEER, "TCP", 8000)  # peers too: only the P2P ports are added
+
+
+# --- does a user's policy isolate the group's pods? ----------------------------------------
+
+def netpol(name, selector, types=None, managed=False):
+    meta = {"name": name, "namespace": "team-a"}
+    if managed:
+        meta["labels"] = {"app.kubernetes.io/managed-by": "kvmesh-controller"}
+    spec = {"podSelector": selector}
+    if types is not None:
+        spec["policyTypes"] = types
+    return {"metadata": meta, "spec": spec}
+
+
+MEMBERS = [PEER, {names.LABEL_PEER_GROUP: GID, "app": "qwen", "tier": "canary"}]
+
+
+def test_isolating_policies():
+    assert lookup.isolating_policies([], MEMBERS) == []
+    assert lookup.isolating_policies([
+        netpol("kvmesh-peers-x", {}, ["Ingress"], managed=True),  # kvmesh's own
+        netpol("egress-only", {}, ["Egress"]),
+        netpol("other-app", {"matchLabels": {"app": "web"}}, ["Ingress"]),
+        netpol("no-canary", {"matchExpressions": [
+            {"key": "tier", "operator": "In", "values": ["stable"]}]}),
+    ], MEMBERS) == []
+    assert lookup.isolating_policies([
+        netpol("deny-all", {}, ["Ingress", "Egress"]),  # empty selector: every pod
+        netpol("qwen", {"matchLabels": {"app": "qwen"}}),  # no policyTypes: Ingress
+        netpol("canary-only", {"matchExpressions": [{"key": "tier", "operator": "Exists"}]},
+               ["Ingress"]),  # one member is enough
+        netpol("unreadable", {"matchExpressions": [{"key": "a", "operator": "Gt"}]}),
+    ], MEMBERS) == ["canary-only", "deny-all", "qwen", "unreadable"]
