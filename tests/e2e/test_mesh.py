@@ -54,6 +54,17 @@ def group_cr(cluster, ns, gid):
     return json.loads(r.stdout) if r.returncode == 0 else None
 
 
+def netpol(cluster, ns, name):
+    r = cluster.kubectl("get", "networkpolicy", "-n", ns, name, "-o", "json", check=False)
+    return json.loads(r.stdout) if r.returncode == 0 else None
+
+
+def kvm_ports(vllm_pods) -> list[int]:
+    return sorted({p["containerPort"] for pod in vllm_pods for c in pod["spec"]["containers"]
+                   for p in c.get("ports") or []
+                   if p.get("name", "").startswith(names.PORT_NAME_PREFIX)})
+
+
 def lookup_pod(cluster, ns, gid):
     ps = [p for p in pods(cluster, ns, f"kvmesh.dev/lookup-for={gid}")
           if p["status"].get("podIP") and p["status"].get("phase") == "Running"]
@@ -86,6 +97,15 @@ def test_redis_group_lifecycle_and_purge(fast_controller, devcluster, namespace,
     assert "allkeys-lru" in args and "--maxmemory" in args
     assert dep["metadata"]["ownerReferences"][0]["kind"] == names.PEER_GROUP_KIND
     devcluster.kubectl("get", "networkpolicy", "-n", namespace, f"kvmesh-lookup-{gid}")
+    peers = wait_for("P2P NetworkPolicy", lambda: netpol(devcluster, namespace,
+                                                         f"kvmesh-peers-{gid}"), 30)
+    group_pods = {"podSelector": {"matchLabels": {names.LABEL_PEER_GROUP: gid}}}
+    assert peers["spec"]["podSelector"] == group_pods["podSelector"]
+    assert peers["metadata"]["ownerReferences"][0]["kind"] == names.PEER_GROUP_KIND
+    peer_rule, rest = peers["spec"]["ingress"]  # no user policy here: the rest stays open
+    assert peer_rule["from"] == [group_pods] and kvm_ports(vllm) == [8200]  # kvm-dist
+    assert sorted(p["port"] for p in peer_rule["ports"]) == kvm_ports(vllm)
+    assert "from" not in rest and {"protocol": "UDP"} in rest["ports"]
     rpod = wait_for("Redis lookup pod running", lambda: lookup_pod(devcluster, namespace, gid))
 
     server = RealRedis(rpod["status"]["podIP"], 6379, tmp_path)
@@ -121,6 +141,36 @@ def test_redis_group_lifecycle_and_purge(fast_controller, devcluster, namespace,
     wait_for("lookup Deployment garbage-collected", lambda: devcluster.kubectl(
         "get", "deployment", "-n", namespace, "kvmesh-redis-default", check=False
     ).returncode != 0, 60)
+
+
+def test_peer_policy_stays_additive_under_a_user_policy(fast_controller, devcluster,
+                                                       namespace):
+    """A user's policy selecting the vLLM pods makes kvmesh drop its all-sources rule (which
+    would widen the user's isolation), and deleting it brings the rule back."""
+    name = f"kvmesh-peers-{names.group_id(names.MODE_REDIS, names.DEFAULT_GROUP)}"
+    apply(devcluster, vllm_deployment("iso", namespace, replicas=1,
+                                      labels={names.LABEL_INJECT: "enabled"},
+                                      image="lmcache/vllm-openai:v0.3.6"))
+    vllm = running_pods(devcluster, namespace, "app=iso", 1)
+
+    def open_to_all():  # True/False once the policy exists
+        p = netpol(devcluster, namespace, name)
+        return None if p is None else any("from" not in r for r in p["spec"]["ingress"])
+    wait_for("peer policy keeping non-P2P ports open", lambda: open_to_all() is True, 30)
+    apply(devcluster, {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "user-iso", "namespace": namespace},
+        "spec": {"podSelector": {"matchLabels": {"app": "iso"}}, "policyTypes": ["Ingress"],
+                 "ingress": [{"from": [{"podSelector": {"matchLabels": {"role": "web"}}}],
+                              "ports": [{"port": 8000}]}]}})
+    wait_for("all-sources rule dropped", lambda: open_to_all() is False, 30)
+    [rule] = netpol(devcluster, namespace, name)["spec"]["ingress"]
+    assert sorted(p["port"] for p in rule["ports"]) == kvm_ports(vllm)
+    log = fast_controller.controller.log_path
+    wait_for("INFO line naming the user's policy", lambda: "already selected by NetworkPolicy "
+             "user-iso," in log.read_text(errors="replace"), 10)
+    devcluster.kubectl("delete", "networkpolicy", "-n", namespace, "user-iso")
+    wait_for("all-sources rule back", lambda: open_to_all() is True, 30)
 
 
 def test_annotate_workload_rolls_pods_in_and_out(fast_controller, devcluster, namespace):
