@@ -2,14 +2,21 @@
 
 The patch is computed by diffing the pod before and after `inject.decide`, so the webhook can
 never send a patch that disagrees with what the offline CLI writes.
+
+`Memo` remembers answers: a ReplicaSet's pods reach admission as identical objects (the name
+is generated after admission, the uid too), so scaling a Deployment to N replicas is one
+decision and N-1 lookups. The answer is a function of the object, its namespace, how it was
+selected and the governing defaults, which is exactly the key.
 """
 
 from __future__ import annotations
 
 import base64
-import json
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional, Union
+
+import orjson
 
 from kvmesh.webhook import inject
 from kvmesh.webhook.policy import PolicyDefaults
@@ -43,8 +50,54 @@ class Outcome:
 Resolver = Callable[[str, dict], tuple[PolicyDefaults, Optional[str]]]
 
 
-def review(body: Any, policy: Union[PolicyDefaults, Resolver], selected: bool = True
-           ) -> tuple[dict, Outcome]:
+@dataclass
+class _Answer:
+    defaults: PolicyDefaults  # held so its id() in the key cannot be reused while cached
+    response: dict  # the AdmissionReview "response" without its uid
+    outcome: Outcome
+
+
+class Memo:
+    """Bounded LRU of answers, keyed by the pod object's serialized bytes, namespace,
+    selection, policy name and the identity of the defaults object (a changed policy is a new
+    object, hence a miss). Objects larger than max_key_bytes are not remembered."""
+
+    def __init__(self, max_entries: int = 256, max_key_bytes: int = 64 * 1024):
+        self.max_entries, self.max_key_bytes = max_entries, max_key_bytes
+        self._data: OrderedDict[tuple, _Answer] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def key(self, pod: Any, namespace: str, selected: bool, defaults: PolicyDefaults,
+            policy_name: Optional[str]) -> Optional[tuple]:
+        try:
+            raw = orjson.dumps(pod)
+        except TypeError:  # not JSON-shaped (never the case for a parsed request body)
+            return None
+        if len(raw) > self.max_key_bytes:
+            return None
+        return raw, namespace, selected, policy_name, id(defaults)
+
+    def get(self, key: tuple, defaults: PolicyDefaults) -> Optional[_Answer]:
+        a = self._data.get(key)
+        if a is None or a.defaults is not defaults:
+            self.misses += 1
+            return None
+        self._data.move_to_end(key)
+        self.hits += 1
+        return a
+
+    def put(self, key: tuple, answer: _Answer) -> None:
+        self._data[key] = answer
+        self._data.move_to_end(key)
+        while len(self._data) > self.max_entries:
+            self._data.popitem(last=False)
+
+
+def review(body: Any, policy: Union[PolicyDefaults, Resolver], selected: bool = True,
+           memo: Optional[Memo] = None) -> tuple[dict, Outcome]:
     """Answer one AdmissionReview. Raises BadReview when there is no request to answer."""
     if not isinstance(body, dict):
         raise BadReview("body must be a JSON object (an AdmissionReview)")
@@ -81,6 +134,24 @@ def review(body: Any, policy: Union[PolicyDefaults, Resolver], selected: bool = 
         labels = pod.get("metadata", {}).get("labels") if isinstance(pod, dict) and \
             isinstance(pod.get("metadata"), dict) else None
         defaults, policy_name = policy(namespace, labels if isinstance(labels, dict) else {})
+    key = None if memo is None else memo.key(pod, namespace, selected, defaults, policy_name)
+    if key is not None:
+        hit = memo.get(key, defaults)
+        if hit is not None:
+            return ({"apiVersion": API_VERSION, "kind": "AdmissionReview",
+                     "response": {**hit.response, "uid": uid}},
+                    replace(hit.outcome, uid=uid, dry_run=out.dry_run, namespace=out.namespace,
+                            name=out.name))
+    resp, out = _decide(pod, namespace, defaults, policy_name, selected, out)
+    if key is not None:
+        memo.put(key, _Answer(defaults, {k: v for k, v in resp["response"].items()
+                                         if k != "uid"}, out))
+    return resp, out
+
+
+def _decide(pod: Any, namespace: str, defaults: PolicyDefaults, policy_name: Optional[str],
+            selected: bool, out: Outcome) -> tuple[dict, Outcome]:
+    uid = out.uid
     result = inject.decide(pod, inject.Context(namespace=namespace, policy=defaults,
                                                selected=selected, policy_name=policy_name))
     out.action, out.reason, out.mode = result.action, result.reason, result.mode
@@ -98,8 +169,7 @@ def _response(uid: str, allowed: bool, patch: Optional[list] = None, message: st
     resp: dict[str, Any] = {"uid": uid, "allowed": allowed}
     if patch:
         resp["patchType"] = "JSONPatch"
-        resp["patch"] = base64.b64encode(
-            json.dumps(patch, separators=(",", ":")).encode()).decode()
+        resp["patch"] = base64.b64encode(orjson.dumps(patch)).decode()
     if not allowed:
         resp["status"] = {"code": code, "message": message, "reason": reason}
     if warnings:
@@ -110,12 +180,21 @@ def _response(uid: str, allowed: bool, patch: Optional[list] = None, message: st
 # --- JSON patch by diff -----------------------------------------------------------------------
 
 def _ptr(token: Any) -> str:
-    return str(token).replace("~", "~0").replace("/", "~1")
+    t = str(token)
+    return t.replace("~", "~0").replace("/", "~1") if "~" in t or "/" in t else t
+
+
+def _same(a: Any, b: Any) -> bool:
+    # Identity first: the core shares every unchanged subtree, and == on two distinct but
+    # equal containers would walk them.
+    return a is b or a == b
 
 
 def diff(before: Any, after: Any, path: str = "") -> list[dict]:
-    """RFC 6902 operations turning `before` into `after` (objects recursed, lists by
-    common prefix/suffix so an insertion is one `add`)."""
+    """RFC 6902 operations turning `before` into `after`: objects recursed, lists matched by
+    common prefix/suffix, so an insertion is one `add` and a changed element is recursed; a
+    list whose middle changed shape is one `replace` (one op for a rewritten env list instead
+    of one per entry)."""
     if before is after:  # the core shares unchanged subtrees: skip them by identity
         return []
     if isinstance(before, dict) and isinstance(after, dict):
@@ -126,29 +205,30 @@ def diff(before: Any, after: Any, path: str = "") -> list[dict]:
         for k, v in after.items():
             if k not in before:
                 ops.append({"op": "add", "path": f"{path}/{_ptr(k)}", "value": v})
-            else:
+            elif before[k] is not v:
                 ops.extend(diff(before[k], v, f"{path}/{_ptr(k)}"))
         return ops
     if isinstance(before, list) and isinstance(after, list):
+        nb, na = len(before), len(after)
         pre = 0
-        while pre < len(before) and pre < len(after) and before[pre] == after[pre]:
+        while pre < nb and pre < na and _same(before[pre], after[pre]):
             pre += 1
         suf = 0
-        while (suf < len(before) - pre and suf < len(after) - pre
-               and before[-1 - suf] == after[-1 - suf]):
+        while suf < nb - pre and suf < na - pre and _same(before[-1 - suf], after[-1 - suf]):
             suf += 1
-        old_mid = before[pre:len(before) - suf]
-        new_mid = after[pre:len(after) - suf]
-        ops = []
-        common = min(len(old_mid), len(new_mid))
-        for i in range(common):
-            ops.extend(diff(old_mid[i], new_mid[i], f"{path}/{pre + i}"))
-        # Removals from the back so earlier indexes stay valid.
-        for i in range(len(old_mid) - 1, common - 1, -1):
-            ops.append({"op": "remove", "path": f"{path}/{pre + i}"})
-        for i in range(common, len(new_mid)):
-            ops.append({"op": "add", "path": f"{path}/{pre + i}", "value": new_mid[i]})
-        return ops
+        old_n, new_n = nb - pre - suf, na - pre - suf
+        if old_n == 0:
+            return [{"op": "add", "path": f"{path}/{pre + i}", "value": after[pre + i]}
+                    for i in range(new_n)]
+        if new_n == 0:  # from the back so earlier indexes stay valid
+            return [{"op": "remove", "path": f"{path}/{pre + i}"}
+                    for i in range(old_n - 1, -1, -1)]
+        if old_n == new_n:
+            ops = []
+            for i in range(pre, pre + old_n):
+                ops.extend(diff(before[i], after[i], f"{path}/{i}"))
+            return ops
+        return [{"op": "replace", "path": path, "value": after}]
     if before == after and type(before) is type(after):
         return []
     return [{"op": "replace", "path": path, "value": after}]

@@ -9,7 +9,6 @@ can never block a workload.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -18,9 +17,11 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
+import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from kvmesh.webhook import admission
 from kvmesh.webhook.policy import PolicyDefaults
@@ -52,6 +53,42 @@ class Metrics:
                                     "Serving certificate reloads", ["result"], registry=r)
         self.cert_expiry = Gauge("kvmesh_webhook_cert_expiry_timestamp_seconds",
                                  "notAfter of the serving certificate (unix time)", registry=r)
+        self._children: dict[tuple[int, str], object] = {}
+
+    def _child(self, family, label: str):
+        # labels() takes a lock and builds a key on every call; the label sets are small and
+        # fixed (actions, modes, reason codes), so resolve each child once.
+        key = (id(family), label)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = family.labels(label)
+        return c
+
+    def count(self, out: admission.Outcome) -> None:
+        self._child(self.requests, out.action).inc()
+        if out.action == "inject":
+            self._child(self.injections, out.mode or "").inc()
+        elif out.action == "skip":
+            self._child(self.skips, out.reason).inc()
+        elif out.action == "deny":
+            self._child(self.denials, out.reason).inc()
+
+
+class _MemoCollector:
+    """Decision-memo counters read at scrape time (nothing added to the request path)."""
+
+    def __init__(self, memo: admission.Memo):
+        self.memo = memo
+
+    def collect(self):
+        c = CounterMetricFamily("kvmesh_webhook_decision_memo",
+                                "Admissions answered from the memo of identical pods (hit) or "
+                                "decided anew (miss)", labels=["result"])
+        c.add_metric(["hit"], self.memo.hits)
+        c.add_metric(["miss"], self.memo.misses)
+        yield c
+        yield GaugeMetricFamily("kvmesh_webhook_decision_memo_entries",
+                                "Answers held in the decision memo", value=len(self.memo))
 
 
 class CertReloader:
@@ -118,16 +155,20 @@ class State:
     policy: Union[PolicyDefaults, admission.Resolver]
     metrics: Metrics
     ready: Callable[[], bool]
+    memo: admission.Memo
 
 
 STATE = web.AppKey("state", State)
+_LOG_LEVEL = {"deny": logging.INFO, "ignore": logging.WARNING}
 
 
 def make_app(policy: Union[PolicyDefaults, admission.Resolver],
              metrics: Optional[Metrics] = None,
              ready: Callable[[], bool] = lambda: True) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY)
-    state = State(policy, metrics or Metrics(), ready)
+    metrics = metrics or Metrics()
+    state = State(policy, metrics, ready, admission.Memo())
+    metrics.registry.register(_MemoCollector(state.memo))
     app[STATE] = state
     app.router.add_post("/mutate", _mutate)
     # Entries that select by namespace or policy call /mutate/<why>: the pod is opted in
@@ -139,11 +180,15 @@ def make_app(policy: Union[PolicyDefaults, admission.Resolver],
     return app
 
 
+def _json(obj: dict, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(obj), status=status, content_type="application/json")
+
+
 def _bad(state: State, status: int, message: str) -> web.Response:
     state.metrics.errors.labels("bad_request").inc()
     state.metrics.requests.labels("bad_request").inc()
     log.warning("rejected /mutate request: %s", message)
-    return web.json_response({"error": message}, status=status)
+    return _json({"error": message}, status=status)
 
 
 async def _mutate(request: web.Request) -> web.Response:
@@ -158,12 +203,12 @@ async def _mutate(request: web.Request) -> web.Response:
         except web.HTTPRequestEntityTooLarge:
             return _bad(state, 413, f"body larger than {MAX_BODY} bytes")
         try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
+            body = orjson.loads(raw)
+        except ValueError as e:  # orjson.JSONDecodeError, invalid UTF-8 included
             return _bad(state, 400, f"body is not valid JSON: {e}")
         try:
             selected = bool(request.match_info.get("selected"))
-            resp, out = admission.review(body, state.policy, selected=selected)
+            resp, out = admission.review(body, state.policy, selected=selected, memo=state.memo)
         except admission.BadReview as e:
             return _bad(state, 400, str(e))
         except Exception:
@@ -173,26 +218,21 @@ async def _mutate(request: web.Request) -> web.Response:
             uid = body["request"]["uid"]  # review() validated this before deciding
             log.exception("internal error deciding request %s; admitting without injection",
                           uid)
-            return web.json_response(admission._response(
+            return _json(admission._response(
                 uid, True, warnings=["internal error; pod admitted without LMCache P2P "
                                      "injection (see kvmesh webhook logs)"]))
-        _count(state.metrics, out)
-        log.info("uid=%s pod=%s/%s action=%s reason=%s mode=%s dry_run=%s ops=%d %s",
-                 out.uid, out.namespace, out.name, out.action, out.reason, out.mode,
-                 out.dry_run, out.patch_ops, out.message)
-        return web.json_response(resp)
+        state.metrics.count(out)
+        # Every decision is on the pod itself (kvmesh.dev/status) and in the metrics, so the
+        # routine ones log at DEBUG: a line per admission at INFO costs a third of the
+        # handler's time. Denials and misrouted requests are what an operator must see.
+        level = _LOG_LEVEL.get(out.action, logging.DEBUG)
+        if log.isEnabledFor(level):
+            log.log(level, "uid=%s pod=%s/%s action=%s reason=%s mode=%s dry_run=%s ops=%d %s",
+                    out.uid, out.namespace, out.name, out.action, out.reason, out.mode,
+                    out.dry_run, out.patch_ops, out.message)
+        return _json(resp)
     finally:
         state.metrics.latency.observe(time.perf_counter() - t0)
-
-
-def _count(m: Metrics, out: admission.Outcome) -> None:
-    m.requests.labels(out.action).inc()
-    if out.action == "inject":
-        m.injections.labels(out.mode or "").inc()
-    elif out.action == "skip":
-        m.skips.labels(out.reason).inc()
-    elif out.action == "deny":
-        m.denials.labels(out.reason).inc()
 
 
 async def _healthz(request: web.Request) -> web.Response:

@@ -82,3 +82,63 @@ def test_patch_is_base64_json_patch():
     assert r["patchType"] == "JSONPatch" and len(ops) == out.patch_ops > 0
     patched = jsonpatch.apply_patch(pod, ops)
     assert patched["spec"]["containers"][0]["args"][0] == "--kv-transfer-config"
+
+
+POD = {"metadata": {"generateName": "a-", "labels": {"kvmesh.dev/inject": "enabled"}},
+       "spec": {"containers": [{"name": "v", "image": "lmcache/vllm-openai:v0.3.9",
+                                "command": ["vllm", "serve", "m"]}]}}
+
+
+def test_memo_answers_identical_pods_like_a_fresh_decision():
+    memo, pol = admission.Memo(), PolicyDefaults()
+    first, out1 = admission.review(review(POD, uid="u1"), pol, memo=memo)
+    second, out2 = admission.review(review(POD, uid="u2", dryRun=True), pol, memo=memo)
+    fresh, _ = admission.review(review(POD, uid="u2"), pol)
+    assert (memo.hits, memo.misses) == (1, 1)
+    assert second == fresh  # same bytes as deciding anew, with this request's uid
+    assert first["response"]["uid"] == "u1" and out1.uid == "u1"  # first answer untouched
+    assert (out2.uid, out2.dry_run, out2.action, out2.patch_ops) == \
+        ("u2", True, out1.action, out1.patch_ops)
+
+
+@pytest.mark.parametrize("change", [
+    lambda b: b["request"]["object"]["metadata"]["labels"].update(app="other"),
+    lambda b: b["request"].update(namespace="other-ns"),
+])
+def test_memo_misses_when_the_object_or_namespace_differs(change):
+    memo, pol = admission.Memo(), PolicyDefaults()
+    admission.review(review(POD), pol, memo=memo)
+    body = json.loads(json.dumps(review(POD)))
+    change(body)
+    got, _ = admission.review(body, pol, memo=memo)
+    assert memo.misses == 2 and got == admission.review(body, pol)[0]
+
+
+def test_memo_misses_on_new_defaults_and_on_selection():
+    memo = admission.Memo()
+    unlabelled = {**POD, "metadata": {"generateName": "a-"}}
+    admission.review(review(unlabelled), PolicyDefaults(), selected=False, memo=memo)
+    skipped, _ = admission.review(review(unlabelled), PolicyDefaults(), selected=False,
+                                  memo=memo)
+    assert "patch" not in skipped["response"] and memo.misses == 2  # a new defaults object
+    selected, out = admission.review(review(unlabelled), PolicyDefaults(), selected=True,
+                                     memo=memo)
+    assert out.action == "inject" and selected["response"]["patch"]
+    big = PolicyDefaults(cpu_cache_gb=40)
+    a, _ = admission.review(review(POD), big, memo=memo)
+    b, _ = admission.review(review(POD), PolicyDefaults(), memo=memo)
+    assert a["response"]["patch"] != b["response"]["patch"]
+
+
+def test_memo_is_bounded():
+    memo, pol = admission.Memo(max_entries=3, max_key_bytes=2000), PolicyDefaults()
+    for i in range(5):
+        pod = json.loads(json.dumps(POD))
+        pod["metadata"]["labels"]["i"] = str(i)
+        admission.review(review(pod), pol, memo=memo)
+    assert len(memo) == 3
+    huge = json.loads(json.dumps(POD))
+    huge["metadata"]["annotations"] = {"note": "x" * 5000}
+    admission.review(review(huge), pol, memo=memo)
+    admission.review(review(huge), pol, memo=memo)
+    assert len(memo) == 3 and memo.hits == 0  # too large to remember

@@ -10,8 +10,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from kvmesh.webhook.policy import PolicyDefaults
 from kvmesh.webhook.server import Metrics, make_app
 
-scalars = st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False) \
-    | st.text(max_size=30)
+# No NaN/Infinity: not JSON, never sent by the API server, and answered 400 (test below).
+scalars = st.none() | st.booleans() | st.integers(-2**40, 2**40) \
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=30)
 anything = st.recursive(scalars, lambda c: st.lists(c, max_size=4)
                         | st.dictionaries(st.text(max_size=12), c, max_size=5), max_leaves=25)
 words = st.sampled_from(["vllm", "serve", "m", "-tp", "2", "--port", "x", "sh", "-c",
@@ -117,3 +118,16 @@ async def test_internal_errors_are_counted_and_admit(client, monkeypatch):
     assert "internal error" in data["response"]["warnings"][0]
     text = await (await client.get("/metrics")).text()
     assert 'kvmesh_webhook_errors_total{kind="internal"} 1.0' in text
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": NaN}',
+    b'{"request": {"uid": "u", "object": {"spec": Infinity}}}',
+    b"[" * 5000 + b"]" * 5000,
+])
+async def test_not_json_is_a_clear_400(client, raw):
+    # NaN/Infinity are not JSON and absurd nesting is no Kubernetes object: refused with the
+    # parser's reason, never a crash.
+    r = await client.post("/mutate", data=raw, headers={"Content-Type": "application/json"})
+    assert r.status == 400
+    assert (await r.json())["error"].startswith("body is not valid JSON: ")

@@ -85,6 +85,20 @@ def test_dry_run_gets_the_same_answer(webhook):
     assert webhook.review(POD, dry_run=True)["patch"] == webhook.review(POD)["patch"]
 
 
+def test_identical_pods_are_answered_from_the_memo_and_counted(webhook):
+    pod = json.loads(json.dumps(POD))
+    pod["metadata"]["labels"]["memo-test"] = "1"  # an object no other test sends
+    h0 = metric(webhook, "kvmesh_webhook_decision_memo_total", result="hit")
+    m0 = metric(webhook, "kvmesh_webhook_decision_memo_total", result="miss")
+    i0 = metric(webhook, "kvmesh_webhook_injections_total", mode="redis")
+    answers = [webhook.review(pod) for _ in range(3)]
+    assert answers[0]["patch"] and all(a["patch"] == answers[0]["patch"] for a in answers)
+    assert metric(webhook, "kvmesh_webhook_decision_memo_total", result="miss") == m0 + 1
+    assert metric(webhook, "kvmesh_webhook_decision_memo_total", result="hit") == h0 + 2
+    # every admission still counts as an injection, memo or not
+    assert metric(webhook, "kvmesh_webhook_injections_total", mode="redis") == i0 + 3
+
+
 def test_unlabelled_pod_only_injected_when_api_server_selected_it(webhook):
     pod = json.loads(json.dumps(POD))
     del pod["metadata"]["labels"]
