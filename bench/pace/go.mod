@@ -1,0 +1,3 @@
+module kvmesh.dev/bench/pace
+
+go 1.22
