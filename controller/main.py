@@ -185,7 +185,8 @@ async def uninjected_loop(api, metrics: Metrics) -> None:
 async def run(kubeconfig: Optional[str], metrics_port: int, cert_interval: float = 5.0,
               manage_certs: bool = True, started: Optional[asyncio.Event] = None,
               ca_validity=None, policy=None, grace_seconds: float = 300.0,
-              resync_seconds: float = 15.0, webhook_url: Optional[str] = None) -> None:
+              resync_seconds: float = 15.0, webhook_url: Optional[str] = None,
+              peer_network_policy: bool = True) -> None:
     from kvmesh.certs import authority
     ca_validity = ca_validity or authority.CA_VALIDITY
     api = await kube.api_client(kubeconfig)
@@ -199,7 +200,7 @@ async def run(kubeconfig: Optional[str], metrics_port: int, cert_interval: float
         from kvmesh.controller.mesh import Mesh
         from kvmesh.webhook.policy import PolicyDefaults
         mesh = Mesh(api, policy or PolicyDefaults(), metrics, grace_seconds=grace_seconds,
-                    resync_seconds=resync_seconds)
+                    resync_seconds=resync_seconds, peer_policy=peer_network_policy)
         loops = [mesh.run(), optin_loop(api, metrics), uninjected_loop(api, metrics),
                  policy_loop(api, metrics, mesh, webhook_url)]
         if manage_certs:

@@ -47,12 +47,16 @@ class PurgeRecord:
 class Mesh:
     def __init__(self, api: client.ApiClient, policy: PolicyDefaults, metrics=None,
                  grace_seconds: float = 300.0, resync_seconds: float = 15.0,
-                 manage_lookup: bool = True, policies: Optional[dict] = None):
+                 manage_lookup: bool = True, policies: Optional[dict] = None,
+                 peer_policy: bool = True):
         self.api, self.policy, self.metrics = api, policy, metrics
         # name -> webhook.policy.Policy, kept current by the policy loop
         self.policies: dict = policies if policies is not None else {}
         self.grace, self.resync_seconds = grace_seconds, resync_seconds
         self.manage_lookup = manage_lookup
+        # Off where the network plugin lacks NetworkPolicy endPort (it would apply only `port`
+        # and cut the pods' other ports): see reconcile_peer_policy.
+        self.peer_policy = peer_policy
         self.core = client.CoreV1Api(api)
         self.pods = Informer(self.core.list_pod_for_all_namespaces,
                              label_selector=names.LABEL_PEER_GROUP, name="kvmesh peer pods",
@@ -330,10 +334,10 @@ class Mesh:
     async def reconcile_peer_policy(self, gkey: tuple[str, str], g: groups.Group,
                                     owner: dict) -> None:
         """Apply `kvmesh-peers-<gid>` (see lookup.peer_network_policy), or delete it when the
-        group declares no P2P ports."""
+        group declares no P2P ports or peer policies are switched off."""
         ns, gid = gkey
         ports = sorted({p for m in g.members.values() for p in m.p2p_ports})
-        if not ports:
+        if not ports or not self.peer_policy:
             await kapply.delete(self.api, lookup.NETWORK_POLICY_API, "NetworkPolicy", ns,
                                 names.PEER_POLICY_PREFIX + gid)
             self.user_isolated.pop(gkey, None)

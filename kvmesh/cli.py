@@ -162,7 +162,8 @@ def cmd_controller(args: argparse.Namespace) -> int:
                                ca_validity=dt.timedelta(seconds=args.ca_validity_seconds),
                                policy=_policy(args), grace_seconds=args.group_grace_seconds,
                                resync_seconds=args.resync_seconds,
-                               webhook_url=args.webhook_url))
+                               webhook_url=args.webhook_url,
+                               peer_network_policy=args.peer_network_policy == "on"))
     return 0
 
 
@@ -240,6 +241,10 @@ def parser() -> argparse.ArgumentParser:
                    help="period of the full pass over peer groups (purge retries, status)")
     p.add_argument("--webhook-url", help="base URL of the webhook for policy entries (local "
                    "clusters without Service routing); default: the kvmesh-webhook Service")
+    p.add_argument("--peer-network-policy", choices=("on", "off"), default="on",
+                   help="on: a NetworkPolicy fences each group's P2P ports to its pods (needs "
+                        "a network plugin with endPort support); off: none, and kvmesh "
+                        "deletes the ones it made")
     _common(p)
     p.set_defaults(fn=cmd_controller)
     p = sub.add_parser("certs", help="write a CA and a serving certificate")

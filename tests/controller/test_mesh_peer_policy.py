@@ -107,3 +107,12 @@ async def test_no_p2p_ports_deletes_the_policy(api):
     await mesh.reconcile_peer_policy(GKEY, g, OWNER)
     assert api.applied == [] and api.deleted == [
         ("NetworkPolicy", "team-a", names.PEER_POLICY_PREFIX + "controller-default")]
+
+
+async def test_switched_off_deletes_the_policy_even_with_p2p_ports(api):
+    # --peer-network-policy=off: for network plugins without endPort, which would apply only
+    # `port` and cut the pods' other ports.
+    mesh = Mesh(client.ApiClient(), PolicyDefaults(), peer_policy=False)
+    await mesh.reconcile_peer_policy(GKEY, group(), OWNER)
+    assert api.applied == [] and api.deleted == [
+        ("NetworkPolicy", "team-a", names.PEER_POLICY_PREFIX + "controller-default")]
