@@ -125,7 +125,8 @@ def pace_binary() -> Path:
         if not shutil.which("go"):
             sys.exit("bench needs the Go toolchain (the same one cluster/build.sh uses)")
         tmp = out.with_suffix(".tmp")
-        subprocess.run(["go", "build", "-o", str(tmp), "."], cwd=src, check=True)
+        subprocess.run(["go", "build", "-o", str(tmp), "."], cwd=src, check=True,
+                       env={**os.environ, "GOTOOLCHAIN": "local", "CGO_ENABLED": "0"})
         tmp.rename(out)
     return out
 
