@@ -41,6 +41,7 @@ class PurgeRecord:
     what: str
     removed: int
     seconds: float
+    mode: str = names.MODE_REDIS
     time: str = field(default_factory=_now)
 
 
@@ -178,7 +179,19 @@ class Mesh:
         return idx
 
     def _on_swept(self, stale: dict[str, int]) -> None:
+        # A reconcile (index catch-up after a (re)connect) and a departure's purge can race
+        # for the same dead address; each key goes once (check-and-delete in Redis). Keys swept
+        # after the purge was recorded are added to that record, keys swept before it wait
+        # here for it.
+        recorded = {rec.what: (gkey, rec) for gkey, rec in self.last_purge.items()
+                    if rec.mode == names.MODE_REDIS}
         for addr, n in stale.items():
+            if addr in recorded:
+                gkey, rec = recorded[addr]
+                rec.removed += n
+                self.dirty.add(gkey)
+                self._wake.set()
+                continue
             self.swept[addr] = self.swept.pop(addr, 0) + n
         while len(self.swept) > SWEPT_MAX:  # deaths nobody purged explicitly: oldest first
             self.swept.pop(next(iter(self.swept)))
@@ -201,10 +214,6 @@ class Mesh:
                 if not m.address:
                     return True
                 idx = await self.redis_index(m.namespace, m.group, self.defaults(m.policy))
-                if not idx.index_complete:
-                    # Its catch-up reconcile is due and sweeps every dead address anyway: let
-                    # it finish first so the count below is whole (else both race for keys).
-                    await idx.wait_complete(idx.sync_timeout)
                 res = await idx.purge_address(m.address)
                 swept = self.swept.pop(m.address, 0)
                 # Swept keys under a reused address predate the arriving pod: not its purge.
@@ -239,7 +248,8 @@ class Mesh:
         self.pending.pop(m.key, None)
         if quiet_if_empty and removed == 0:
             return True
-        rec = PurgeRecord(f"{m.namespace}/{m.name}", d.reason, d.what, removed, seconds)
+        rec = PurgeRecord(f"{m.namespace}/{m.name}", d.reason, d.what, removed, seconds,
+                          m.mode)
         self.last_purge[gkey] = rec
         self.dirty.add(gkey)
         if self.metrics:
@@ -327,7 +337,7 @@ class Mesh:
             status["emptySince"] = dt.datetime.now(dt.timezone.utc).isoformat()
         rec = self.last_purge.get(gkey)
         if rec:
-            status["lastPurge"] = rec.__dict__
+            status["lastPurge"] = {k: v for k, v in rec.__dict__.items() if k != "mode"}
         await kapply.apply(self.api, {**lookup.peer_group(ns, mode, group), "status": status},
                            subresource="status")
 

@@ -124,9 +124,14 @@ def test_redis_group_lifecycle_and_purge(fast_controller, devcluster, namespace,
         assert keys_by_value(server.client).get(addr[alive]) == 3000  # live keys kept
         print(f"\npod deletion -> keys purged: {elapsed * 1000:.0f} ms")
         assert elapsed < 5
-        st = wait_for("status shows the purge", lambda: (group_cr(devcluster, namespace, gid)
-                                                        or {}).get("status", {})
-                      .get("lastPurge"), 10)
+
+        def last_purge():
+            # The departure's purge and the index's catch-up reconcile (if Redis just came
+            # up) may split the keys between them; the record counts both, each key once.
+            st = ((group_cr(devcluster, namespace, gid) or {}).get("status") or {}) \
+                .get("lastPurge") or {}
+            return st if st.get("removed", 0) >= 3000 else None
+        st = wait_for("status shows the purge of all 3000 keys", last_purge, 10)
         assert st["pod"] == f"{namespace}/{dead}" and st["removed"] == 3000
         events = devcluster.kubectl_json("get", "events", "-n", namespace,
                                          "--field-selector", "reason=LookupStatePurged")
