@@ -127,17 +127,20 @@ async def policy_loop(api, metrics: Metrics, mesh, webhook_url: Optional[str]) -
                 for o in objs:
                     name = o["metadata"]["name"]
                     gen = o["metadata"].get("generation")
+                    current = (o.get("status") or {}).get("conditions")
                     if name in invalid:
-                        cond = policies.condition(False, "InvalidSpec", invalid[name], gen)
+                        cond = policies.condition(False, "InvalidSpec", invalid[name], gen,
+                                                  current)
                     else:
                         cond = policies.condition(True, "EntryWritten",
                                                   f"webhook entry {policies.entry_name(name)} "
-                                                  "selects this policy's pods", gen)
+                                                  "selects this policy's pods", gen, current)
                     pods = [m for m in mesh.members.values() if m.policy == name]
-                    await policies.write_status(api, o, {
-                        "conditions": [cond], "observedGeneration": gen,
-                        "injectedPods": len(pods),
-                        "readyPeers": sum(1 for m in pods if m.is_peer)})
+                    status = {"conditions": [cond], "observedGeneration": gen,
+                              "injectedPods": len(pods),
+                              "readyPeers": sum(1 for m in pods if m.is_peer)}
+                    if policies.status_changed(o, status):
+                        await policies.write_status(api, o, status)
             except Exception as e:
                 metrics.errors.labels("policies").inc()
                 log.error("reconciling KVMeshPolicies failed: %s; retrying", e)

@@ -75,10 +75,24 @@ def parse_all(objs: list[dict]) -> tuple[list[Policy], dict[str, str]]:
     return valid, invalid
 
 
-def condition(ok: bool, reason: str, message: str, generation: Optional[int]) -> dict:
-    return {"type": "Ready", "status": "True" if ok else "False", "reason": reason,
-            "message": message, "observedGeneration": generation,
-            "lastTransitionTime": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+def condition(ok: bool, reason: str, message: str, generation: Optional[int],
+              current: Optional[list] = None) -> dict:
+    """The Ready condition. lastTransitionTime moves only when the status flips: a fresh
+    timestamp on every pass would make every status write a change, i.e. a watch event for
+    the controller and every webhook replica, every pass."""
+    status = "True" if ok else "False"
+    prev = next((c for c in current or [] if c.get("type") == "Ready"), None)
+    since = prev.get("lastTransitionTime") if prev and prev.get("status") == status else None
+    return {"type": "Ready", "status": status, "reason": reason, "message": message,
+            "observedGeneration": generation,
+            "lastTransitionTime": since or dt.datetime.now(dt.timezone.utc).strftime(
+                "%Y-%m-%dT%H:%M:%SZ")}
+
+
+def status_changed(obj: dict, status: dict) -> bool:
+    """Whether writing `status` would change the object's (skips a no-op API call)."""
+    have = obj.get("status") or {}
+    return any(have.get(k) != v for k, v in status.items())
 
 
 async def apply_entries(api: client.ApiClient, policies: list[Policy],

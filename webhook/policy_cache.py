@@ -40,6 +40,10 @@ class PolicyCache:
         if type_ == "DELETED":
             self.policies.pop(name, None)
             return
+        if old is not None and old.get("spec") == obj.get("spec") and name in self.policies:
+            # A status update: keep the parsed policy (same object, so the admission memo,
+            # keyed by the defaults' identity, stays valid).
+            return
         try:
             self.policies[name] = policy_from_object(obj)
         except ValidationError as e:

@@ -39,6 +39,36 @@ def test_invalid_policy_spec_is_rejected_with_field():
     assert [p.name for p in valid] == ["ok"] and "defaults.mode" in invalid["bad"]
 
 
+def test_ready_condition_keeps_its_transition_time_until_it_flips():
+    first = policies.condition(True, "EntryWritten", "m", 1)
+    again = policies.condition(True, "EntryWritten", "m", 2,
+                               [{**first, "lastTransitionTime": "2020-01-01T00:00:00Z"}])
+    assert again["lastTransitionTime"] == "2020-01-01T00:00:00Z"
+    flipped = policies.condition(False, "InvalidSpec", "m", 3, [again])
+    assert flipped["lastTransitionTime"] != "2020-01-01T00:00:00Z"
+    obj = {"status": {"conditions": [again], "injectedPods": 2, "other": "kept"}}
+    assert not policies.status_changed(obj, {"conditions": [again], "injectedPods": 2})
+    assert policies.status_changed(obj, {"conditions": [again], "injectedPods": 3})
+
+
+async def test_policy_cache_keeps_a_policy_across_status_updates():
+    # Same spec: the same Policy object, so admission answers remembered under its defaults
+    # stay valid; a spec change parses anew.
+    from kubernetes_asyncio import client
+    from kvmesh.webhook.policy import PolicyDefaults
+    from kvmesh.webhook.policy_cache import PolicyCache
+    cache = PolicyCache(client.ApiClient(), PolicyDefaults())
+    obj = {"metadata": {"name": "p"}, "spec": {"defaults": {"cpuCacheGb": 8}}}
+    cache._on_policy("ADDED", obj, None)
+    parsed = cache.policies["p"]
+    cache._on_policy("MODIFIED", {**obj, "status": {"injectedPods": 1}}, obj)
+    assert cache.policies["p"] is parsed
+    changed = {"metadata": {"name": "p"}, "spec": {"defaults": {"cpuCacheGb": 9}}}
+    cache._on_policy("MODIFIED", changed, obj)
+    assert cache.policies["p"] is not parsed
+    assert cache.policies["p"].defaults.cpu_cache_gb == 9
+
+
 def test_policy_entry_never_matches_labelled_or_system_pods():
     p = Policy(name="ml", namespace_selector={"matchLabels": {"team": "ml"}},
                pod_selector={"matchLabels": {"app": "vllm"}}, failure_policy="Fail")
