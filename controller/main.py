@@ -42,7 +42,8 @@ class Metrics:
                                        buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1,
                                                 2.5, 5, 10), registry=r)
         self.reconcile_seconds = Histogram("kvmesh_controller_reconcile_duration_seconds",
-                                           "Time of one pass over all peer groups",
+                                           "Time of one pass over peer groups (all of them "
+                                           "every resync, else those that changed)",
                                            registry=r)
         self.members = Gauge("kvmesh_controller_members", "Injected pods known", registry=r)
         self.peers = Gauge("kvmesh_controller_ready_peers", "Running, Ready injected pods "
@@ -76,10 +77,13 @@ async def optin_loop(api, metrics: Metrics) -> None:
     from kvmesh.controller import optin
     from kvmesh.controller.informer import Informer
     apps = client.AppsV1Api(api)
+    user_owned: set[str] = set()  # uids already reported, so a rollout's updates stay quiet
 
     def handler(kind):
         async def on(type_, obj, old):
+            meta = obj["metadata"]
             if type_ == "DELETED":
+                user_owned.discard(meta.get("uid"))
                 return
             obj.setdefault("kind", kind)
             obj.setdefault("apiVersion", "apps/v1")
@@ -87,13 +91,21 @@ async def optin_loop(api, metrics: Metrics) -> None:
                 did = await optin.reconcile(apps, obj)
             except Exception as e:
                 metrics.errors.labels("optin").inc()
-                log.error("opt-in of %s %s/%s failed: %s", kind,
-                          obj["metadata"].get("namespace"), obj["metadata"].get("name"), e)
+                log.error("opt-in of %s %s/%s failed: %s", kind, meta.get("namespace"),
+                          meta.get("name"), e)
                 return
+            if did == optin.USER_OWNED:
+                if meta.get("uid") not in user_owned:
+                    user_owned.add(meta.get("uid"))
+                    metrics.optin.labels(did).inc()
+                    log.warning("%s %s/%s: the user set the pod template's %s label "
+                                "themselves; kvmesh leaves it as it is", kind,
+                                meta["namespace"], meta["name"], names.LABEL_INJECT)
+                return
+            user_owned.discard(meta.get("uid"))
             if did != "in-sync":
                 metrics.optin.labels(did).inc()
-                log.info("opt-in: %s %s/%s %s", kind, obj["metadata"]["namespace"],
-                         obj["metadata"]["name"], did)
+                log.info("opt-in: %s %s/%s %s", kind, meta["namespace"], meta["name"], did)
         return on
 
     infs = [Informer(apps.list_deployment_for_all_namespaces, handlers=[handler("Deployment")],
@@ -161,14 +173,12 @@ async def uninjected_loop(api, metrics: Metrics) -> None:
     from kvmesh.controller.informer import Informer
     from kvmesh.controller import kapply
     core = client.CoreV1Api(api)
-    seen: set[str] = set()
 
     async def on(type_, obj, old):
+        # The informer reports ADDED once per pod (relists only report what changed).
         meta = obj.get("metadata") or {}
-        if type_ != "ADDED" or names.ANN_STATUS in (meta.get("annotations") or {}) \
-                or meta.get("uid") in seen:
+        if type_ != "ADDED" or names.ANN_STATUS in (meta.get("annotations") or {}):
             return
-        seen.add(meta.get("uid"))
         metrics.uninjected.inc()
         log.warning("pod %s/%s is opted in but was admitted without LMCache P2P injection "
                     "(was the kvmesh webhook down?); recreate it to inject",

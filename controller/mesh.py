@@ -411,7 +411,9 @@ class Mesh:
                          ns, d.member.name, d.member.token)
                 await self.purge(d)
 
-    async def resync_once(self) -> None:
+    async def resync_once(self, full: bool = True) -> None:
+        """Retry failed purges, then reconcile the groups whose membership changed (`full`:
+        every group, which also repairs drift in lookup objects and NetworkPolicies)."""
         for key, d in list(self.pending.items()):
             owner = next((m for m in self.members.values() if m.token == d.member.token
                           and m.uid != d.member.uid), None)
@@ -424,7 +426,9 @@ class Mesh:
                 continue
             await self.purge(d)
         view = self.group_view()
-        keys = set(self.dirty) | set(view) | set(self.empty_since)
+        keys = set(self.dirty) | set(self.empty_since)
+        if full:
+            keys |= set(view)
         self.dirty.clear()
         for gkey in keys:
             try:
@@ -444,14 +448,22 @@ class Mesh:
             await self.pods.has_synced.wait()
             log.info("peer membership synced: %d members", len(self.members))
             await self.recover()
+            last_full = -float("inf")
             while True:
+                # A pod event wakes the loop for its own group only (re-applying every group's
+                # objects on each event of a 100-pod rollout would be ~100x the API writes for
+                # nothing); every resync_seconds the pass covers all groups.
                 t0 = time.perf_counter()
-                await self.resync_once()
+                full = time.monotonic() - last_full >= self.resync_seconds
+                if full:
+                    last_full = time.monotonic()
+                await self.resync_once(full)
                 if self.metrics:
                     self.metrics.reconcile_seconds.observe(time.perf_counter() - t0)
                 self._wake.clear()
                 try:
-                    await asyncio.wait_for(self._wake.wait(), self.resync_seconds)
+                    await asyncio.wait_for(self._wake.wait(), max(
+                        0.0, last_full + self.resync_seconds - time.monotonic()))
                 except asyncio.TimeoutError:
                     pass
         finally:
