@@ -56,15 +56,12 @@ class LeaderElector:
             lease = None
         if lease is not None and not lease_free(lease.spec, self.identity, now):
             return False
+        prev = lease.spec if lease is not None else None
+        held = prev is not None and prev.holder_identity == self.identity
         spec = client.V1LeaseSpec(
             holder_identity=self.identity, lease_duration_seconds=self.lease_seconds,
-            renew_time=now,
-            acquire_time=(lease.spec.acquire_time if lease and lease.spec
-                          and lease.spec.holder_identity == self.identity else now),
-            lease_transitions=((lease.spec.lease_transitions or 0) if lease and lease.spec
-                               else 0) + (0 if lease and lease.spec
-                                          and lease.spec.holder_identity == self.identity
-                                          else 1))
+            renew_time=now, acquire_time=prev.acquire_time if held else now,
+            lease_transitions=((prev.lease_transitions or 0) if prev else 0) + (0 if held else 1))
         try:
             if lease is None:
                 await self.coord.create_namespaced_lease(self.namespace, client.V1Lease(
