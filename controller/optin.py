@@ -4,8 +4,9 @@ The controller owns exactly one field, the pod template's `kvmesh.dev/inject` la
 server-side apply under its own field manager. Adding the annotation applies the label (the
 template changes, so the workload rolls its pods into the mesh); removing it applies an empty
 configuration, which drops the label only if kvmesh is its sole owner. Apply is never forced:
-if the user set the label to something else themselves, the API server reports a conflict and
-kvmesh leaves the user's value alone (and says so in an Event).
+if the user set the label to something else themselves, kvmesh leaves the user's value alone
+(seen from the object itself, so a conflicting workload costs no API call per update; the API
+server's conflict answer is the backstop) and the loop logs it once.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ log = logging.getLogger("kvmesh.optin")
 
 FIELD_MANAGER = names.FIELD_MANAGER_OPTIN
 KINDS = {"Deployment": "deployments", "StatefulSet": "statefulsets"}
+USER_OWNED = "conflict-user-owned"
 
 
 def wanted_label(workload: dict) -> Optional[str]:
@@ -43,13 +45,24 @@ def owns_label(workload: dict) -> bool:
     return False
 
 
-def needs_apply(workload: dict) -> bool:
+def state(workload: dict) -> str:
+    """What opt-in needs (pure): "apply", "in-sync", or "user-owned" (the user set the
+    template label to another value themselves: theirs wins, nothing to send)."""
     want = wanted_label(workload)
     have = ((((workload.get("spec") or {}).get("template") or {}).get("metadata") or {})
             .get("labels") or {}).get(names.LABEL_INJECT)
+    owned = owns_label(workload)
     if want is None:
-        return owns_label(workload)  # release what we own
-    return not (owns_label(workload) and have == want)
+        return "apply" if owned else "in-sync"  # release what we own
+    if owned and have == want:
+        return "in-sync"
+    if have is not None and have != want and not owned:
+        return USER_OWNED
+    return "apply"
+
+
+def needs_apply(workload: dict) -> bool:
+    return state(workload) == "apply"
 
 
 def apply_body(workload: dict) -> dict:
@@ -63,9 +76,10 @@ def apply_body(workload: dict) -> dict:
 
 
 async def reconcile(apps: client.AppsV1Api, workload: dict) -> str:
-    """Apply the template label if needed. Returns what happened (for Events and logs)."""
-    if not needs_apply(workload):
-        return "in-sync"
+    """Apply the template label if needed. Returns what happened (for metrics and logs)."""
+    st = state(workload)
+    if st != "apply":
+        return st
     body = apply_body(workload)
     meta = workload["metadata"]
     patch = getattr(apps, f"patch_namespaced_{workload['kind'].lower().replace('statefulset', 'stateful_set')}")
@@ -73,10 +87,7 @@ async def reconcile(apps: client.AppsV1Api, workload: dict) -> str:
         await patch(meta["name"], meta["namespace"], body, field_manager=FIELD_MANAGER,
                     _content_type="application/apply-patch+yaml")
     except ApiException as e:
-        if e.status == 409:
-            log.warning("%s %s/%s: the user manages the %s label of the pod template; "
-                        "kvmesh leaves it as the user set it", workload["kind"],
-                        meta["namespace"], meta["name"], names.LABEL_INJECT)
-            return "conflict-user-owned"
+        if e.status == 409:  # the user set it between our read and this apply
+            return USER_OWNED
         raise
     return "labelled" if "spec" in body else "released"

@@ -104,6 +104,9 @@ def test_optin_decisions():
     assert not optin.needs_apply(_deploy("enabled", "enabled", owned=True))
     assert optin.needs_apply(_deploy(None, "enabled", owned=True))  # release
     assert not optin.needs_apply(_deploy(None, "enabled", owned=False))  # the user's label
+    # The user's own, different value wins without an API call; the same value is co-owned.
+    assert optin.state(_deploy("enabled", "disabled", owned=False)) == optin.USER_OWNED
+    assert optin.state(_deploy("enabled", "enabled", owned=False)) == "apply"
     assert optin.apply_body(_deploy("enabled"))["spec"]["template"]["metadata"]["labels"] == \
         {names.LABEL_INJECT: "enabled"}
     assert "spec" not in optin.apply_body(_deploy(None))
