@@ -21,21 +21,17 @@ import redis
 import yaml
 
 HERE = Path(__file__).resolve().parent
+# tests/e2e for its helpers, and tests/ for support.py, which those helpers import
+sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE.parent / "tests" / "e2e"))
+
+from helpers import publish_keys, running_pods, vllm_deployment  # noqa: E402
+from support import wait_for  # noqa: E402
+from test_mesh import lookup_pod  # noqa: E402
 
 from kvmesh import names  # noqa: E402
 from kvmesh.devcluster import DevCluster, build_binaries  # noqa: E402
 from kvmesh.localstack import LocalStack  # noqa: E402
-
-
-def wait(probe, timeout, interval=0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = probe()
-        if got:
-            return got
-        time.sleep(interval)
-    raise TimeoutError
 
 
 def main() -> int:
@@ -44,8 +40,6 @@ def main() -> int:
     ap.add_argument("--keys", type=int, default=10000, help="keys per pod")
     ap.add_argument("--replicas", type=int, default=4)
     args = ap.parse_args()
-    from helpers import publish_keys, running_pods, vllm_deployment  # noqa: E402
-    from test_mesh import lookup_pod  # noqa: E402
     with tempfile.TemporaryDirectory(prefix="kvmesh-bench-") as tmp:
         cluster = DevCluster(build_binaries(), nodes=2, workdir=Path(tmp) / "c")
         cluster.start()
@@ -60,13 +54,14 @@ def main() -> int:
             cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(vllm_deployment(
                 "m", "bench", args.replicas, {names.LABEL_INJECT: "enabled"},
                 "lmcache/vllm-openai:v0.3.6")))
-            rpod = wait(lambda: lookup_pod(cluster, "bench", "redis-default"), 60)
+            rpod = wait_for("the group's lookup pod",
+                            lambda: lookup_pod(cluster, "bench", "redis-default"), 60, 0.2)
             ip = rpod["status"]["podIP"]
             server = subprocess.Popen(["redis-server", "--bind", ip, "--port", "6379",
                                        "--save", "", "--appendonly", "no", "--dir", tmp],
                                       stdout=subprocess.DEVNULL)
             r = redis.Redis(ip, 6379)
-            wait(lambda: _ping(r), 10, 0.05)
+            wait_for("redis-server", lambda: _ping(r), 10, 0.05)
             times = []
             for t in range(args.trials):
                 pods = running_pods(cluster, "bench", "app=m", args.replicas)
@@ -82,7 +77,7 @@ def main() -> int:
                 while r.exists(*mine):  # one EXISTS over the victim's keys per poll
                     time.sleep(0.002)
                 times.append(time.monotonic() - t0)
-                others = sum(1 for _ in _scan_all(r))
+                others = sum(1 for k in r.scan_iter(count=5000) if not k.startswith(b"kvmesh:"))
                 assert others == (args.replicas - 1) * args.keys, others  # live keys intact
                 r.flushdb()
             print(f"\npod deletion -> all {args.keys} of its keys purged (real API server, "
@@ -105,22 +100,6 @@ def _ping(r):
         return r.ping()
     except redis.ConnectionError:
         return False
-
-
-def _scan_all(r):
-    for batch in _scan(r):
-        yield from batch
-
-
-def _scan(r):
-    cursor = 0
-    while True:
-        cursor, keys = r.scan(cursor, count=5000)
-        keys = [k for k in keys if not k.startswith(b"kvmesh:")]
-        if keys:
-            yield keys
-        if cursor == 0:
-            return
 
 
 if __name__ == "__main__":
