@@ -19,7 +19,7 @@ from kubernetes_asyncio import client
 from pydantic import ValidationError
 
 from kvmesh import names
-from kvmesh.webhook.policy import Policy, policy_from_object
+from kvmesh.webhook.policy import Policy, describe, policy_from_object
 
 log = logging.getLogger("kvmesh.policies")
 
@@ -70,8 +70,7 @@ def parse_all(objs: list[dict]) -> tuple[list[Policy], dict[str, str]]:
         try:
             valid.append(policy_from_object(o))
         except ValidationError as e:
-            invalid[o["metadata"]["name"]] = "; ".join(
-                f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+            invalid[o["metadata"]["name"]] = describe(e)
     return valid, invalid
 
 

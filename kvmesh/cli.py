@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from kvmesh import __version__, workloads
 from kvmesh.webhook import inject
-from kvmesh.webhook.policy import PolicyDefaults, load_defaults
+from kvmesh.webhook.policy import PolicyDefaults, describe, load_defaults
 
 EXIT_DENIED = 1
 EXIT_USAGE = 2
@@ -45,9 +45,7 @@ def _policy(args: argparse.Namespace) -> PolicyDefaults:
             policy = policy.model_copy(update={"mode": args.mode})
         return policy
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
-                             for err in e.errors())
-        raise UsageError(f"invalid policy defaults: {problems}") from None
+        raise UsageError(f"invalid policy defaults: {describe(e)}") from None
 
 
 def _read_docs(path: str) -> list:

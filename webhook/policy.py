@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from kvmesh import names
@@ -153,6 +153,11 @@ class Policy(BaseModel):
     def selects(self, namespace_labels: dict, pod_labels: dict) -> bool:
         return self.namespace_selector.matches(namespace_labels) and \
             self.pod_selector.matches(pod_labels)
+
+
+def describe(e: ValidationError) -> str:
+    """A pydantic error as one line naming each bad field (for users, logs and status)."""
+    return "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
 
 
 def policy_from_object(obj: dict) -> Policy:

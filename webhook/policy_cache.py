@@ -17,7 +17,8 @@ from pydantic import ValidationError
 
 from kvmesh import names
 from kvmesh.controller.informer import Informer
-from kvmesh.webhook.policy import Policy, PolicyDefaults, policy_from_object, select_policy
+from kvmesh.webhook.policy import (Policy, PolicyDefaults, describe, policy_from_object,
+                                   select_policy)
 
 log = logging.getLogger("kvmesh.policy")
 
@@ -48,9 +49,7 @@ class PolicyCache:
             self.policies[name] = policy_from_object(obj)
         except ValidationError as e:
             self.policies.pop(name, None)
-            log.error("KVMeshPolicy %s is invalid and ignored: %s", name,
-                      "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}"
-                                for x in e.errors()))
+            log.error("KVMeshPolicy %s is invalid and ignored: %s", name, describe(e))
 
     def _on_namespace(self, type_: str, obj: dict, old: Optional[dict]) -> None:
         name = obj["metadata"]["name"]
