@@ -133,7 +133,8 @@ class LocalStack:
         self.down()
         self.start_controller(*controller_args)
         self.start_webhook(*webhook_args)
-        self.wait("the webhook to be ready", self.webhook_ready, timeout=90)
+        self.wait("the webhook to be ready (its certificate trusted by the API server)",
+                  self.webhook_ready, timeout=90)
 
     def webhook_ready(self) -> bool:
         import ssl
@@ -163,10 +164,7 @@ class LocalStack:
 
     def up(self) -> "LocalStack":
         self.apply_manifests()
-        self.start_controller()
-        self.start_webhook()
-        self.wait("the webhook to be ready (its certificate trusted by the API server)",
-                  self.webhook_ready, timeout=90)
+        self.restart()
         return self
 
     def down(self) -> None:
