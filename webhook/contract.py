@@ -71,13 +71,6 @@ def fmt_version(v: tuple[int, int, int]) -> str:
 TRUE = "True"  # exact case: pre-2025-04-28 builds compare LMCACHE_USE_EXPERIMENTAL == "True"
 
 
-def check_bool(v: str) -> Optional[str]:
-    # LMCache: str(v).strip().lower() in ["true", "1"]; anything else ("yes") is silently False.
-    if v.strip().lower() in ("true", "1", "false", "0"):
-        return None
-    return "LMCache reads only true/1 as true; this value is silently false"
-
-
 def is_true(v: str) -> bool:
     return v.strip().lower() in ("true", "1")
 
@@ -130,13 +123,6 @@ def check_hash_seed(v: str) -> Optional[str]:
 def int_list(values: list[int]) -> str:
     # LMCache's _to_int_list accepts only comma lists; "[8200]" or "8200 8201" become None.
     return ",".join(str(p) for p in values)
-
-
-def check_json_object(v: str) -> Optional[str]:
-    try:
-        return None if isinstance(json.loads(v), dict) else "must be a JSON object"
-    except ValueError:
-        return "LMCache parses this as JSON"
 
 
 # --- the env plan ------------------------------------------------------------------------
