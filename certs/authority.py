@@ -171,7 +171,7 @@ def plan_ca(state: "CAState | None", live_bundle: bytes, now: dt.datetime,
     if nxt is None and needs_renewal(current.cert, now):
         nxt = new_ca(now, validity=validity)
     for pem in (current.cert_pem, nxt.cert_pem if nxt else None):
-        if pem and not any(fingerprint(b) == fingerprint(pem) for b in bundle):
+        if pem and not bundle_contains(b"".join(bundle), pem):
             bundle.append(pem)
     # Drop expired CAs only: a previous CA's leaves expire no later than the CA itself.
     bundle = [b for b in bundle
@@ -191,7 +191,7 @@ def leaf_trusted(leaf_pem: bytes, bundle_pem: bytes, now: dt.datetime) -> bool:
         try:
             leaf.verify_directly_issued_by(ca)
             return True
-        except (ValueError, TypeError, Exception):
+        except Exception:  # not its signature (or another key type): try the next CA
             continue
     return False
 
