@@ -76,13 +76,10 @@ def pod_environment(pod: dict, container: str = "vllm") -> dict[str, str]:
 class EngineProcess:
     """One engine for one pod. `call(cmd, timeout=..., **args)` -> reply dict."""
 
-    def __init__(self, pod: dict, log_dir: Path, container: str = "vllm",
-                 env_override: Optional[dict] = None):
+    def __init__(self, pod: dict, log_dir: Path):
         self.pod_name = pod["metadata"]["name"]
         self.pod_ip = pod["status"]["podIP"]
-        self.env = pod_environment(pod, container)
-        if env_override:  # only for negative controls in tests
-            self.env.update(env_override)
+        self.env = pod_environment(pod)
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"engine-{self.pod_name}-{int(time.time() * 1000)}.log"
         self._log = open(self.log_path, "wb")
@@ -208,11 +205,10 @@ class PodRunner:
         self.log_dir = log_dir
         self.engines: list[EngineProcess] = []
 
-    def start(self, pod: dict, wait: bool = True, **kw) -> EngineProcess:
-        e = EngineProcess(pod, self.log_dir, **kw)
+    def start(self, pod: dict) -> EngineProcess:
+        e = EngineProcess(pod, self.log_dir)
         self.engines.append(e)
-        if wait:
-            e.wait_ready()
+        e.wait_ready()
         return e
 
     def close(self) -> None:
