@@ -130,7 +130,7 @@ class LoopWaker:
     """STAND-IN 4: wake LMCache's worker and storage-manager event loops every `period_s`."""
 
     def __init__(self, loops: dict, period_s: float):
-        self.loops, self.period_s, self.wakes = loops, period_s, 0
+        self.loops, self.period_s = loops, period_s
         threading.Thread(target=self._run, daemon=True, name="kvmesh-test-loop-waker").start()
 
     def _run(self) -> None:
@@ -140,37 +140,6 @@ class LoopWaker:
             for loop in self.loops.values():
                 if not loop.is_closed():
                     loop.call_soon_threadsafe(noop)
-            self.wakes += 1
-
-
-class SocketTrace:
-    """DIAGNOSIS ONLY (KVMESH_TEST_TRACE_REQ_SOCKET=1, never in the test): records which thread
-    runs the worker DEALER socket's event handler and when (wraps the instance attribute)."""
-
-    def __init__(self, worker):
-        self.events: list = []
-        sock = worker.req_socket
-        real = sock._handle_events
-
-        def traced(*a, **k):
-            self.events.append((time.perf_counter(), threading.current_thread().name, "handle"))
-            return real(*a, **k)
-        sock._handle_events = traced
-        real_recv = sock.recv_multipart
-
-        def recv_multipart(*a, **k):
-            f = real_recv(*a, **k)
-            t_req = time.perf_counter()
-            th = threading.current_thread().name
-            self.events.append((t_req, th, "recv-await"))
-            f.add_done_callback(lambda _f: self.events.append(
-                (time.perf_counter(), threading.current_thread().name, "recv-done")))
-            return f
-        sock.recv_multipart = recv_multipart
-
-    def take(self, since: float) -> list:
-        return [(round((t - since) * 1000, 2), th, what) for t, th, what in self.events
-                if t >= since]
 
 
 class LogWatch(logging.Handler):
@@ -181,7 +150,6 @@ class LogWatch(logging.Handler):
         super().__init__(logging.INFO)
         self.served = 0
         self.controller_answers: list = []
-        self.registered = False
         self.heartbeats = 0  # heartbeat responses received from the controller
         self.full_syncs_started = 0  # full syncs the controller asked for (freeze mode follows)
         self.full_syncs_done = 0
@@ -233,8 +201,6 @@ class Node:
         self.waker = LoopWaker({"lmcache-worker": worker.loop,
                                 "storage-manager": self.engine.storage_manager.loop},
                                wake_ms / 1000) if wake_ms > 0 else None
-        self.trace = SocketTrace(worker) if os.environ.get(
-            "KVMESH_TEST_TRACE_REQ_SOCKET") == "1" else None
 
     def keys(self, tokens: torch.Tensor) -> list[str]:
         return [str(k.chunk_hash) for _, _, k in self.engine.token_database.process_tokens(tokens)]
@@ -278,8 +244,7 @@ class Node:
             got = int(mask.sum())
         self.engine.lookup_unpin(lookup_id)
         ctrl = self.watch.controller_answers[n_answers:]
-        trace = self.trace.take(t0) if self.trace else None
-        return {"trace": trace, "hit": hit, "retrieved": got, "local_hit_before": local,
+        return {"hit": hit, "retrieved": got, "local_hit_before": local,
                 "lookup_ms": lookup_ms, "retrieve_ms": retrieve_ms,
                 "controller": ctrl[-1] if ctrl else None,
                 "equal": bool(got == tokens and torch.equal(buf, expected)),
@@ -287,15 +252,11 @@ class Node:
                 "self_served": self.watch.served - served_before}
 
     def cmd_stats(self) -> dict:
-        w = self.engine.lmcache_worker
         return {"served": self.watch.served, "wedged": self.wedged,
-                "worker_ip": getattr(w, "lmcache_worker_ip", None),
-                "worker_port": getattr(w, "lmcache_worker_port", None),
                 "instance_id": self.cfg.lmcache_instance_id,
                 "frozen": self.engine.is_frozen(), "heartbeats": self.watch.heartbeats,
                 "full_syncs": [self.watch.full_syncs_started, self.watch.full_syncs_done],
-                "loop_waker_ms": self.waker.period_s * 1000 if self.waker else 0,
-                "loop_wakes": self.waker.wakes if self.waker else 0}
+                "loop_waker_ms": self.waker.period_s * 1000 if self.waker else 0}
 
 
 def reply(obj: dict) -> None:

@@ -266,7 +266,7 @@ class P2PScenario:
         t0 = time.monotonic()
         self.cluster.kubectl("patch", "pod", "-n", self.namespace, a.name,
                              "--subresource=status", "--type=json", "-p", json.dumps(ops))
-        return Death("ip-changed", t0, a.address, {"new_ip": new_ip, "restarts": restarts})
+        return Death("ip-changed", t0, a.address, {"new_ip": new_ip})
 
     def kill(self, kind: str, a: Peer) -> Death:
         return {"deleted": self.kill_deleted, "not-ready": self.kill_not_ready,
