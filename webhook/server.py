@@ -104,6 +104,7 @@ class CertReloader:
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.minimum_version = ssl.TLSVersion.TLSv1_2
         self._stamp: Optional[tuple] = None
+        self._failed: Optional[tuple] = None  # a bad pair is reported once, not every tick
         self.loaded = False
         self.reload()
 
@@ -115,14 +116,16 @@ class CertReloader:
         return tuple(out)
 
     def reload(self) -> bool:
+        stamp = None
         try:
             stamp = self._file_stamp()
-            if stamp == self._stamp:
+            if stamp in (self._stamp, self._failed):
                 return False
             scratch = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             scratch.load_cert_chain(self.cert, self.key)  # validates the pair first
             self.context.load_cert_chain(self.cert, self.key)
         except (OSError, ssl.SSLError) as e:
+            self._failed = stamp
             self.metrics.cert_reloads.labels("error").inc()
             log.error("cannot load serving certificate %s / key %s: %s; %s", self.cert,
                       self.key, e, "keeping the previous pair" if self.loaded else

@@ -80,6 +80,8 @@ def test_rotation_under_load_drops_nothing(tmp_path):
         assert served_serial(w.port, str(bundle)) == leaf.cert.serial_number
         metrics = w.get("/metrics")[1].decode()
         assert 'kvmesh_webhook_cert_reloads_total{result="ok"} 2.0' in metrics
+        # the mismatched pair was seen for 1.5 s of 1 s ticks: reported once, not per tick
+        assert 'kvmesh_webhook_cert_reloads_total{result="error"} 1.0' in metrics
     finally:
         w.stop()
     assert "keeping the previous pair" in (tmp_path / "webhook.log").read_text()
