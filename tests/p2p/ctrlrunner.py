@@ -36,8 +36,9 @@ from podrunner import EngineError, EngineProcess, consumers  # noqa: E402
 ENGINE_ENV = "vllm-0.33.0"
 NIXL_ENV = "nixl-1.5.1-cu13"
 NODE_SCRIPT = HERE / "engine_node_ctrl.py"
+# (no PYTHONNOUSERSITE: the engine runs as `python -s`, which is the same switch)
 HARNESS_ENV = {"UCX_TLS": "tcp,self", "UCX_NET_DEVICES": "lo", "DO_NOT_TRACK": "1",
-               "PYTHONNOUSERSITE": "1", "KVMESH_TEST_LOOP_WAKE_MS": "2"}
+               "KVMESH_TEST_LOOP_WAKE_MS": "2"}
 
 
 def nixl_site() -> Path:
