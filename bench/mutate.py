@@ -204,6 +204,9 @@ def main() -> int:
         print(f"{name:<14}{load:<15}{peak['rps']:>11.0f}{peak['p50']:>8.2f}{peak['p99']:>8.2f}"
               f"{peak['errors']:>7}   {fixed['p50']:>18.2f}{fixed['p99']:>8.2f}"
               f"{fixed['errors']:>7}")
+    for (name, load), (peak, _) in results.items():
+        if peak["socket_errors"]:  # wrk's connect/read/write/timeout counts: figures suspect
+            print(f"{name}, {load}: wrk socket errors: {peak['socket_errors']}")
     print()
     for load in ("same pod", "distinct pods"):
         bare, kv = results["bare aiohttp", load], results["kvmesh", load]
