@@ -41,13 +41,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from kvmesh import workloads  # noqa: E402
 from kvmesh.webhook import admission, inject  # noqa: E402
 from kvmesh.webhook.policy import PolicyDefaults  # noqa: E402
-from support import review_for  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from support import free_port, review_for  # noqa: E402
 
 
 def realistic_pod() -> dict:

@@ -29,16 +29,11 @@ import redis.asyncio as aredis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kvmesh.controller import purge as P  # noqa: E402
+from kvmesh.localstack import free_port  # noqa: E402
 
 DEAD = "10.244.1.9:8200"
 LIVE = [f"10.244.{2 + i // 200}.{i % 200 + 10}:8200" for i in range(16)]
 MODEL = "vllm@meta-llama/Llama-3.1-8B-Instruct@1@0@"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def resp_sets(pairs) -> bytes:

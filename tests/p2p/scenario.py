@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 import podrunner  # noqa: E402
+from support import free_port  # noqa: E402
 from support import wait_for  # noqa: E402,F401  (re-exported for the p2p tests)
 
 from kvmesh import names  # noqa: E402
@@ -45,12 +45,6 @@ CHUNK = 256
 # New pod IPs for the "restarted with a new IP" case: inside KWOK's 127.64.0.0/16 pod CIDR, far
 # from the addresses it hands out first, so it is a loopback address an engine can bind.
 NEW_IP_BASE = "127.64.254."
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisServer:
