@@ -28,18 +28,16 @@ Tokens and KV are synthetic (seeded), for a 2-layer fake model: there is no mode
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 import time
-import traceback
 
 # The protocol owns the real stdout; LMCache's loggers (and anything else) print to fd 1, so
 # fd 1 is pointed at stderr before anything is imported.
-from node_protocol import listen_addrs, protocol_stream, serve  # noqa: E402
+from node_protocol import listen_addrs, protocol_reply, serve, start_or_exit  # noqa: E402
 
-_PROTO = protocol_stream()
+reply = protocol_reply()
 os.dup2(2, 1)
 sys.stdout = sys.stderr
 
@@ -178,20 +176,14 @@ def wait_bound(url: str, timeout: float = 15.0) -> bool:
     return False
 
 
-def reply(obj: dict) -> None:
-    _PROTO.write(json.dumps(obj) + "\n")
-    _PROTO.flush()
+def start() -> tuple[Node, str, bool]:
+    node = Node()
+    url = node.cfg.distributed_url
+    return node, url, wait_bound(url) if node.cfg.enable_p2p else False
 
 
 def main() -> None:
-    try:
-        node = Node()
-        url = node.cfg.distributed_url
-        bound = wait_bound(url) if node.cfg.enable_p2p else False
-    except Exception as e:
-        reply({"event": "fatal", "error": f"{type(e).__name__}: {e}",
-               "traceback": traceback.format_exc()})
-        os._exit(3)
+    node, url, bound = start_or_exit(reply, start)
     reply({"event": "ready", "pid": os.getpid(), "hash_none": hash(None),
            "distributed_url": url, "lookup_url": node.cfg.lookup_url,
            "enable_p2p": node.cfg.enable_p2p, "chunk_size": node.cfg.chunk_size,

@@ -42,18 +42,16 @@ Tokens and KV are synthetic (seeded) for a 2-layer fake model: there is no model
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 import threading
 import time
-import traceback
 import uuid
 
-from node_protocol import listen_addrs, protocol_stream, serve  # noqa: E402
+from node_protocol import listen_addrs, protocol_reply, serve, start_or_exit  # noqa: E402
 
-_PROTO = protocol_stream()
+reply = protocol_reply()
 os.dup2(2, 1)
 sys.stdout = sys.stderr
 
@@ -259,24 +257,19 @@ class Node:
                 "loop_waker_ms": self.waker.period_s * 1000 if self.waker else 0}
 
 
-def reply(obj: dict) -> None:
-    _PROTO.write(json.dumps(obj) + "\n")
-    _PROTO.flush()
+def start() -> tuple[Node, set[str]]:
+    node = Node()
+    # the P2P servers start in the background: wait for the declared ports to listen
+    want = {f"{node.pod_ip}:{node.cfg.p2p_init_ports[0]}",
+            f"{node.pod_ip}:{node.cfg.p2p_lookup_ports[0]}"}
+    deadline = time.monotonic() + 20
+    while not want <= set(listen_addrs()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return node, want
 
 
 def main() -> None:
-    try:
-        node = Node()
-        # the P2P servers start in the background: wait for the declared ports to listen
-        want = {f"{node.pod_ip}:{node.cfg.p2p_init_ports[0]}",
-                f"{node.pod_ip}:{node.cfg.p2p_lookup_ports[0]}"}
-        deadline = time.monotonic() + 20
-        while not want <= set(listen_addrs()) and time.monotonic() < deadline:
-            time.sleep(0.05)
-    except Exception as e:
-        reply({"event": "fatal", "error": f"{type(e).__name__}: {e}",
-               "traceback": traceback.format_exc()})
-        os._exit(3)
+    node, want = start_or_exit(reply, start)
     cfg = node.cfg
     reply({"event": "ready", "pid": os.getpid(), "instance_id": cfg.lmcache_instance_id,
            "p2p_host": cfg.p2p_host, "init_ports": cfg.p2p_init_ports,

@@ -4,8 +4,10 @@
 Stdlib only (psutil is imported lazily; both engine venvs have it), so either engine venv can
 import it: the scripts' own directory is first on sys.path.
 
-One request per stdin line: {"id", "cmd", "timeout"?, ...args} -> one reply line on the
-protocol stream (a dup of the original stdout, so library output cannot corrupt it).
+Start-up: one {"event": "ready", ...} line (built by each engine) or {"event": "fatal", ...}
+(start_or_exit). Then one request per stdin line: {"id", "cmd", "timeout"?, ...args} -> one
+reply line on the protocol stream (a dup of the original stdout, so library output cannot
+corrupt it).
 `node.cmd_<cmd>(**args)` answers; with a timeout the call runs in a thread, and a call that
 is still blocked marks the node wedged (a hung LMCache call never returns) so later
 data-path calls fail fast instead of queueing behind it.
@@ -19,12 +21,30 @@ import sys
 import threading
 import time
 import traceback
-from typing import Callable, TextIO
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
 
 
-def protocol_stream() -> TextIO:
-    """Call before importing LMCache: keep the real stdout for replies only."""
-    return os.fdopen(os.dup(1), "w", buffering=1)
+def protocol_reply() -> Callable[[dict], None]:
+    """Call before importing LMCache: keep the real stdout for replies only. Returns the
+    function that writes one reply line to it."""
+    stream = os.fdopen(os.dup(1), "w", buffering=1)
+
+    def reply(obj: dict) -> None:
+        stream.write(json.dumps(obj) + "\n")
+        stream.flush()
+    return reply
+
+
+def start_or_exit(reply: Callable[[dict], None], start: Callable[[], T]) -> T:
+    """The engine's start-up; if it raises, reply {"event": "fatal", ...} and exit 3."""
+    try:
+        return start()
+    except Exception as e:
+        reply({"event": "fatal", "error": f"{type(e).__name__}: {e}",
+               "traceback": traceback.format_exc()})
+        os._exit(3)
 
 
 def listen_addrs() -> list[str]:
