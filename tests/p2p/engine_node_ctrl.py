@@ -250,8 +250,11 @@ class Node:
                 "self_served": self.watch.served - served_before}
 
     def cmd_stats(self) -> dict:
+        # controller_answers: every lookup answer in LMCache's log, also those of a fetch
+        # that never replied (blocked after the lookup)
         return {"served": self.watch.served, "wedged": self.wedged,
                 "instance_id": self.cfg.lmcache_instance_id,
+                "controller_answers": self.watch.controller_answers,
                 "frozen": self.engine.is_frozen(), "heartbeats": self.watch.heartbeats,
                 "full_syncs": [self.watch.full_syncs_started, self.watch.full_syncs_done],
                 "loop_waker_ms": self.waker.period_s * 1000 if self.waker else 0}
