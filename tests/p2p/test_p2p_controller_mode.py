@@ -161,7 +161,7 @@ def test_step1_two_engines_share_through_controller_and_nixl(tmp_path):
         for n in (1, 4, 16, 32):  # fetch time per chunk count (fresh keys each time)
             s = a.call("store", seed=1000 + n, tokens=n * CHUNK, timeout=CALL_S)
             got = fetch_once_indexed(b, 1000 + n, n * CHUNK)
-            assert s["ok"] and got["ok"] and got["equal"], got
+            assert s["ok"] and got["equal"], got  # (fetch_once_indexed asserted got["ok"])
             times[n] = (round(got["lookup_ms"], 1), round(got["retrieve_ms"], 1), got["misses"])
         print(f"\nchunks -> (controller lookup + NIXL read ms, copy ms, misses before indexed): {times}")
     finally:
@@ -294,7 +294,7 @@ def test_step3_deleted_pod_is_deregistered_and_b_misses_cleanly(mesh):
     dereg = time.monotonic() - death.t0
     elapsed, seen = clean_miss(mesh.b.engine, 201, death.t0, DEREGISTER_BOUND_S)
     assert elapsed is not None, f"B still hits dead A {DEREGISTER_BOUND_S}s after deletion: {seen[-1]}"
-    assert all(r["ok"] and not r.get("timeout") for r in seen), seen
+    assert all(r["ok"] for r in seen), seen  # no exception, no timeout (both reply ok: false)
     assert seen[-1]["controller"] is not None and seen[-1]["controller"][2] == 0, seen[-1]
     assert mesh.ctrl.workers(mesh.b.engine.ready["instance_id"])  # B stays registered
     print(f"\ndeleted: kvmesh deregistered A {dereg * 1000:.0f} ms after the deletion; B's "
