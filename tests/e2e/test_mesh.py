@@ -203,12 +203,25 @@ def test_annotate_workload_rolls_pods_in_and_out(fast_controller, devcluster, na
 
 
 def test_user_label_is_not_fought(fast_controller, devcluster, namespace):
+    def template_label(name):
+        d = devcluster.kubectl_json("get", "deployment", "-n", namespace, name)
+        return d["spec"]["template"]["metadata"]["labels"].get(names.LABEL_INJECT)
+
     d = vllm_deployment("mine", namespace, replicas=1, labels={names.LABEL_INJECT: "disabled"})
     d["metadata"]["annotations"] = {names.ANN_INJECT: "enabled"}
     apply(devcluster, d)
-    time.sleep(3)
-    got = devcluster.kubectl_json("get", "deployment", "-n", namespace, "mine")
-    assert got["spec"]["template"]["metadata"]["labels"][names.LABEL_INJECT] == "disabled"
+    # A witness: annotated the same way but without a label of its own. Its template getting
+    # labelled proves the controller is processing this namespace's workloads.
+    w = vllm_deployment("witness", namespace, replicas=1)
+    w["metadata"]["annotations"] = {names.ANN_INJECT: "enabled"}
+    apply(devcluster, w)
+    wait_for("the controller labels the witness's template",
+             lambda: template_label("witness") == "enabled", 30)
+    log = fast_controller.controller.log_path
+    wait_for("the controller reports the user's own label on mine", lambda: (
+        f"Deployment {namespace}/mine: the user set the pod template's" in
+        log.read_text(errors="replace")), 30)
+    assert template_label("mine") == "disabled"
 
 
 # --- controller mode: the real lmcache_controller on the lookup pod's own IP ----------------
