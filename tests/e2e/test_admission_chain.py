@@ -66,6 +66,11 @@ def test_unlabelled_pod_never_reaches_the_webhook(stack, devcluster, namespace):
     assert names.ANN_STATUS not in (p["metadata"].get("annotations") or {})
     assert "env" not in p["spec"]["containers"][0]
     assert webhook_requests(stack) == before
+    # The counter really counts (a missing metric would read 0 == 0 above): a labelled pod moves it.
+    apply(devcluster, vllm_deployment("labelled", namespace, replicas=1,
+                                      labels={names.LABEL_INJECT: "enabled"}))
+    running_pods(devcluster, namespace, "app=labelled", 1)
+    assert webhook_requests(stack) > before
 
 
 def test_opted_out_pod_in_enabled_namespace_is_untouched(stack, devcluster, namespace):

@@ -42,6 +42,7 @@ def test_policy_enables_unlabelled_pods_with_its_defaults(stack, devcluster, nam
         assert entry["matchConditions"][0]["name"] == "looks-like-vllm"
         assert entry["clientConfig"].get("caBundle")
         wait_for("webhook ready", stack.webhook_ready, 30)
+        start = webhook_requests(stack)
 
         apply(devcluster, vllm_deployment("byns", namespace, replicas=1))
         [p] = running_pods(devcluster, namespace, "app=byns", 1)
@@ -55,6 +56,7 @@ def test_policy_enables_unlabelled_pods_with_its_defaults(stack, devcluster, nam
         assert status(q)["policy"] == pname and env(q)["LMCACHE_MAX_LOCAL_CPU_SIZE"] == "12"
         # A non-vLLM pod in the namespace never reaches the webhook (CEL matchCondition).
         before = webhook_requests(stack)
+        assert before >= start + 2  # the counter counts: both pods above went through it
         other = vllm_deployment("web", namespace, replicas=1)
         other["spec"]["template"]["spec"]["containers"][0].update(image="nginx:1.27",
                                                                    command=["nginx"])
