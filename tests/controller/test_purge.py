@@ -313,10 +313,9 @@ async def test_connection_killed_mid_purge_retried_transparently(redis_server, l
         assert await idx.sync()
         killer = redis.Redis(port=redis_server.port)
         idx.progress_hook = lambda a, r: r.checked == 400 and killer.client_kill_filter(_type="normal")
-        res = await idx.purge_address(DEAD)
+        await idx.purge_address(DEAD)
         killer.close()
         assert idx.stats.errors >= 1 and await values_of(lmcache) == {}
-        assert res.deleted <= 5000
     finally:
         await idx.stop()
 

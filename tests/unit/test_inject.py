@@ -39,9 +39,10 @@ def test_pod_ip_defined_before_every_reference():
                        annotations={names.ANN_MODE: mode}), CTX)
         env = env_of(r)
         ip_at = next(i for i, e in enumerate(env) if e["name"] == names.POD_IP_VAR)
-        for i, e in enumerate(env):
-            if f"$({names.POD_IP_VAR})" in str(e.get("value", "")):
-                assert i > ip_at, (mode, e)
+        refs = [i for i, e in enumerate(env) if f"$({names.POD_IP_VAR})" in str(e.get("value", ""))]
+        assert refs, (mode, env)  # the loop below must have something to check
+        for i in refs:
+            assert i > ip_at, (mode, env[i])
 
 
 def test_reuses_user_pod_ip_variable_even_when_defined_late():
@@ -116,7 +117,9 @@ def test_ports_avoid_every_port_in_the_pod():
 
 def test_hostnetwork_declares_host_ports():
     r = decide(pod(vllm(), hostNetwork=True), CTX)
-    for p in r.pod["spec"]["containers"][0]["ports"]:
+    ports = r.pod["spec"]["containers"][0]["ports"]
+    assert ports
+    for p in ports:
         assert p["hostPort"] == p["containerPort"]
 
 
