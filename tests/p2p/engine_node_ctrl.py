@@ -30,7 +30,7 @@ STAND-INS (test code; LMCache itself is not modified):
      (LMCACHE_P2P_HOST's value, i.e. $(KVMESH_POD_IP)) and a `*:` bind becomes `<pod IP>:`.
   4. LOOP WAKER (works around a suspected upstream bug; see docs/controller-mode-on-cpu.md).
      P2PBackend awaits the controller lookup on the worker's zmq.asyncio DEALER socket from the
-     storage manager's event loop (p2p_backend.py:304 -> worker.py:279-280), while the worker's
+     storage manager's event loop (p2p_backend.py:306 -> worker.py:279-280), while the worker's
      own loop (worker.py:179-184) still has that socket's fd registered. The reply is then
      picked up by whichever loop wakes first, often in the wrong thread, and the awaiting
      coroutine resumes only when its loop next wakes for some other reason (the next heartbeat).

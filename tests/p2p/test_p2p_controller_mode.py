@@ -42,7 +42,7 @@ CALL_S = 10  # every data-path call is bounded
 DEREGISTER_BOUND_S = 10.0
 WARM_S = 45  # LMCache's startup full sync: 10 s heartbeat delay + <=5 s jitter + a 5 s poll
 # LMCache 0.5.6 awaits the P2P lookup on the worker's zmq.asyncio DEALER socket from the
-# storage manager's event loop (p2p_backend.py:304 -> worker.py:279-280) while the worker's own
+# storage manager's event loop (p2p_backend.py:306 -> worker.py:279-280) while the worker's own
 # loop also watches that socket: the reply is often taken by the wrong thread and the lookup
 # resumes only when its loop next wakes (0.2 s .. >20 s measured). The harness turns on
 # engine_node_ctrl.py's STAND-IN 4 (loop waker, ctrlrunner.HARNESS_ENV) so lookups are prompt;
