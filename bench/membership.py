@@ -47,9 +47,7 @@ def main() -> int:
         server = None
         try:
             stack.apply_manifests()
-            stack.start_controller("--resync-seconds", "1")
-            stack.start_webhook()
-            stack.wait("webhook", stack.webhook_ready, 90)
+            stack.restart(controller_args=("--resync-seconds", "1"))  # up(), with one flag
             cluster.create_namespace("bench")
             cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(vllm_deployment(
                 "m", "bench", args.replicas, {names.LABEL_INJECT: "enabled"},

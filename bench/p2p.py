@@ -146,7 +146,7 @@ def main() -> int:
         stack = LocalStack(cluster, Path(tmp) / "stack")
         s = None
         try:
-            stack.up()
+            stack.apply_manifests()  # the scenario starts webhook and controller with its policy
             s = P2PScenario(cluster, stack, Path(tmp) / "p2p").start()
             fetch_costs(s, chunk_counts, args.reps)
             print("\n== Part 2: peer death -> B's first clean miss (8-chunk prefix) ==")
