@@ -18,7 +18,8 @@ exception). With kvmesh's controller: the purge. Without it: B is observed for a
 the stale keys stay until someone deletes them, then B misses at once.
 
 Needs: cluster/build.sh (cached), tests/consumers/setup_envs.sh lmcache-0.3.6-engine,
-redis-server, setarch. About 2 minutes on 2 cores.
+redis-server, setarch. About 2 minutes on 2 cores. Not part of `make bench` (which does not
+build the engine venv): run it directly.
 """
 
 from __future__ import annotations
