@@ -11,27 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
-import signal
 import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
-from pathlib import Path
 
 import pytest
 
 from kvmesh.controller import lmcache_ctrl as L
 from lmc_worker_sim import WorkerSim
+from lmcache_controller import ENV, LMCacheController, child_env, consumers
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "consumers"))
-import consumers  # noqa: E402
-
-ENV = "vllm-0.33.0"
 LOC = "LocalCPUBackend"
 
 
@@ -41,71 +31,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def child_env() -> dict[str, str]:
-    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp"),
-            "LANG": "C.UTF-8", "PYTHONNOUSERSITE": "1", "PYTHONDONTWRITEBYTECODE": "1",
-            "LMCACHE_TRACK_USAGE": "false", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1"}
-
-
-class Ctl:
-    def __init__(self, http: int, pull: int, reply: int, hb: int, proc, log: Path):
-        self.http_url = f"http://127.0.0.1:{http}"
-        self.pull_url = f"127.0.0.1:{pull}"      # the form LMCACHE_CONTROLLER_PULL_URL uses
-        self.reply_url = f"127.0.0.1:{reply}"
-        self.hb_port = hb
-        self.proc, self.log = proc, log
-
-
 @pytest.fixture(scope="module")
 def lmc(tmp_path_factory):
     """(controller, simulator): both started together, the controller's torch import dominating."""
+    d = tmp_path_factory.mktemp("lmcache_controller")
     try:
-        py = consumers.env_python(ENV)
+        ctl = LMCacheController("127.0.0.1", d, port=free_port(), pull=free_port(),
+                                reply=free_port(), heartbeat=free_port(),
+                                extra_args=("--lmcache-worker-timeout", "300"))
     except consumers.ConsumerEnvMissing as e:
         pytest.fail(f"{e}\n(needed for the real lmcache_controller: "
                     f"bash tests/consumers/setup_envs.sh {ENV})")
-    exe = consumers.env_dir(ENV) / "bin" / "lmcache_controller"
-    if not exe.exists():
-        pytest.fail(f"{exe} missing: recreate the env with bash tests/consumers/setup_envs.sh {ENV}")
-    d = tmp_path_factory.mktemp("lmcache_controller")
-    http, pull, reply, hb = (free_port() for _ in range(4))
-    log = d / "controller.log"
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(
-            [str(exe), "--host", "127.0.0.1", "--port", str(http),
-             "--monitor-ports", json.dumps({"pull": pull, "reply": reply, "heartbeat": hb}),
-             "--health-check-interval", "-1", "--lmcache-worker-timeout", "300"],
-            stdout=f, stderr=subprocess.STDOUT, env=child_env(), cwd=d, start_new_session=True)
-    ctl = Ctl(http, pull, reply, hb, proc, log)
-    sim = WorkerSim(py, ctl.pull_url, ctl.reply_url, child_env(), d / "sim.stderr")
+    sim = None
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"lmcache_controller exited rc={proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(f"{ctl.http_url}/controller/workers?instance_id=__probe__",
-                                       timeout=1)
-            except urllib.error.HTTPError as e:
-                if e.code == 404:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"lmcache_controller not ready in 90 s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.1)
+        sim = WorkerSim(ctl.python, ctl.pull_url, ctl.reply_url, child_env(), d / "sim.stderr")
+        ctl.wait_up()
         sim.wait_ready()
         yield ctl, sim
     finally:
-        sim.close()
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+        if sim is not None:
+            sim.close()
+        ctl.stop()
 
 
 def uid(name: str) -> str:

@@ -7,13 +7,19 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import redis
 
 from kvmesh import names
 from helpers import apply, pods, publish_keys, running_pods, status, vllm_deployment, wait_for
+from lmcache_controller import LMCacheController, child_env
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "controller"))
+from lmc_worker_sim import WorkerSim  # noqa: E402  (tests/controller: the simulated workers)
 
 API = f"{names.API_GROUP}/{names.API_VERSION}"
 
@@ -226,41 +232,8 @@ def test_user_label_is_not_fought(fast_controller, devcluster, namespace):
 
 # --- controller mode: the real lmcache_controller on the lookup pod's own IP ----------------
 
-def _lmcache_controller(ip: str, tmp):
-    import os
-    import sys
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "consumers"))
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "controller"))
-    import consumers
-    from lmc_worker_sim import WorkerSim
-    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"),
-           "LMCACHE_TRACK_USAGE": "false", "DO_NOT_TRACK": "1", "PYTHONNOUSERSITE": "1"}
-    exe = consumers.env_dir("vllm-0.33.0") / "bin" / "lmcache_controller"
-    assert exe.exists(), "run bash tests/consumers/setup_envs.sh vllm-0.33.0"
-    log = open(tmp / "lmcache_controller.log", "wb")
-    proc = subprocess.Popen([str(exe), "--host", ip, "--port", "9000", "--monitor-ports",
-                             '{"pull":8300,"reply":8400,"heartbeat":8500}',
-                             "--health-check-interval", "-1"], stdout=log,
-                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    sim = WorkerSim(consumers.env_python("vllm-0.33.0"), f"{ip}:8300", f"{ip}:8400", env,
-                    tmp / "sim.stderr")
-    return proc, sim
-
-
-def _workers(ip: str, instance: str):
-    """The controller's fresh per-instance listing ([] = not registered), None if it is down."""
-    import asyncio
-    from kvmesh.controller import lmcache_ctrl
-    try:
-        return asyncio.run(lmcache_ctrl.workers(f"http://{ip}:9000", instance, timeout=2))
-    except Exception:
-        return None
-
-
 def test_controller_group_deregisters_deleted_member(fast_controller, devcluster, namespace,
                                                      tmp_path):
-    import os
-    import signal
     gid = "controller-default"
     apply(devcluster, vllm_deployment("qwen", namespace, replicas=2,
                                       labels={names.LABEL_INJECT: "enabled"}))
@@ -272,24 +245,26 @@ def test_controller_group_deregisters_deleted_member(fast_controller, devcluster
     assert spec["image"] == "lmcache/vllm-openai:v0.3.9"  # same LMCache as the group
     assert spec["command"] == ["lmcache_controller"] and "--health-check-interval" in spec["args"]
     cpod = wait_for("lmcache_controller pod", lambda: lookup_pod(devcluster, namespace, gid), 30)
-    ip = cpod["status"]["podIP"]
-    proc, sim = _lmcache_controller(ip, tmp_path)
+    ctrl = LMCacheController(cpod["status"]["podIP"], tmp_path)  # the StatefulSet's ports
+    sim = None
     try:
-        wait_for("lmcache_controller up", lambda: _workers(ip, "probe") is not None, 90, 0.2)
+        sim = WorkerSim(ctrl.python, ctrl.pull_url, ctrl.reply_url, child_env(),
+                        tmp_path / "sim.stderr")
+        ctrl.wait_up()
         sim.wait_ready()
         for p in vllm:
             pip = p["status"]["podIP"]
             ret = sim.register(p["metadata"]["name"], 0, pip, 8500, f"{pip}:8200")
             assert ret["type"] == "RegisterRetMsg"
         dead, alive = sorted(p["metadata"]["name"] for p in vllm)
-        assert _workers(ip, dead) and _workers(ip, alive)
+        assert ctrl.workers(dead) and ctrl.workers(alive)
         sim.kill(dead, 0)  # the engine dies without deregistering, as on SIGKILL
         t0 = time.monotonic()
         devcluster.kubectl("delete", "pod", "-n", namespace, dead, "--wait=false")
-        wait_for("dead instance deregistered", lambda: _workers(ip, dead) == [], 15, 0.05)
+        wait_for("dead instance deregistered", lambda: ctrl.workers(dead) == [], 15, 0.05)
         print(f"\npod deletion -> deregistered: {(time.monotonic() - t0) * 1000:.0f} ms")
-        assert _workers(ip, alive)  # the live member stays registered
+        assert ctrl.workers(alive)  # the live member stays registered
     finally:
-        sim.close()
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        if sim is not None:
+            sim.close()
+        ctrl.stop()

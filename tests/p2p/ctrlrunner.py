@@ -97,56 +97,7 @@ class CtrlEngine(EngineProcess):
                    pod["status"]["podIP"], log_dir, hosts)
 
 
-class LMCacheController:
-    """The real `lmcache_controller` (vllm-0.33.0 venv) bound to `ip`, ports as kvmesh's
-    lookup StatefulSet declares them."""
-
-    def __init__(self, ip: str, log_dir: Path, port: int = 9000, pull: int = 8300,
-                 reply: int = 8400, heartbeat: int = 8500):
-        exe = consumers.env_dir(ENGINE_ENV) / "bin" / "lmcache_controller"
-        if not exe.exists():
-            raise consumers.ConsumerEnvMissing(
-                f"run bash {consumers.SETUP_SCRIPT} {ENGINE_ENV}")
-        self.ip, self.port = ip, port
-        self.url = f"http://{ip}:{port}"
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = log_dir / f"lmcache_controller-{ip}.log"
-        self._log = open(self.log_path, "wb")
-        env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"),
-               "LMCACHE_TRACK_USAGE": "false", "DO_NOT_TRACK": "1", "PYTHONNOUSERSITE": "1"}
-        self.proc = subprocess.Popen(
-            [str(exe), "--host", ip, "--port", str(port), "--monitor-ports",
-             f'{{"pull":{pull},"reply":{reply},"heartbeat":{heartbeat}}}',
-             "--health-check-interval", "-1"],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-    def workers(self, instance: str, timeout: float = 2.0):
-        """Fresh per-instance listing ([] = not registered), None if the controller is down."""
-        import asyncio
-        from kvmesh.controller import lmcache_ctrl
-        try:
-            return asyncio.run(lmcache_ctrl.workers(self.url, instance, timeout=timeout))
-        except Exception:
-            return None
-
-    def wait_up(self, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while self.workers("probe") is None:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise EngineError(f"lmcache_controller not up:\n{self.tail()}")
-            time.sleep(0.2)
-
-    def tail(self, n: int = 30) -> str:
-        try:
-            self._log.flush()
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(10)
-        self._log.close()
+# The real `lmcache_controller` (vllm-0.33.0 venv) bound to an IP, ports as kvmesh's lookup
+# StatefulSet declares them: one launcher for tests/controller, tests/e2e and these tests.
+sys.path.insert(0, str(HERE.parent))
+from lmcache_controller import LMCacheController  # noqa: E402,F401  (tests/lmcache_controller.py)
