@@ -119,3 +119,73 @@ class Webhook:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self.log.close()
+
+
+class RedisServer:
+    """A real redis-server, no persistence, files in `workdir`: bound to `host` (loopback by
+    default; the e2e tests bind the IP KWOK gave a group's fake Redis pod) on `port` (a free
+    one by default, kept across restarts). start() stops the process again if it never
+    answers PING, so a failed start leaks nothing."""
+
+    def __init__(self, workdir: Path, *extra: str, host: str = "127.0.0.1",
+                 port: int | None = None):
+        import shutil
+        self.exe = shutil.which("redis-server")
+        if self.exe is None:
+            raise RuntimeError("redis-server not found: `apt-get install -y redis-server` "
+                               "(the Makefile's test target installs it)")
+        self.dir, self.extra, self.host = workdir, extra, host
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+        self._client = None
+
+    @property
+    def client(self):
+        """A redis-py client (str replies), made on first use."""
+        if self._client is None:
+            import redis
+            self._client = redis.Redis(self.host, self.port, decode_responses=True)
+        return self._client
+
+    def log_tail(self, n: int = 3000) -> str:
+        try:
+            return (self.dir / "redis.log").read_text(errors="replace")[-n:]
+        except OSError:
+            return "(no log)"
+
+    def start(self) -> "RedisServer":
+        self.proc = subprocess.Popen(
+            [self.exe, "--port", str(self.port), "--bind", self.host, "--save", "",
+             "--appendonly", "no", "--dir", str(self.dir), "--daemonize", "no",
+             "--logfile", str(self.dir / "redis.log"), *self.extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.proc = None
+                raise RuntimeError(f"redis-server exited: {self.log_tail()}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.5) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(64).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"redis-server on {self.host}:{self.port} did not answer PING "
+                           f"within 10 s: {self.log_tail()}")
+
+    def stop(self) -> None:
+        """SIGKILL (as a crash would); idempotent."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def restart_empty(self) -> None:
+        self.stop()
+        self.start()

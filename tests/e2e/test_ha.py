@@ -10,7 +10,8 @@ import time
 from kvmesh import names
 from kvmesh.localstack import free_port
 from helpers import apply, publish_keys, running_pods, vllm_deployment, wait_for
-from test_mesh import RealRedis, keys_by_value, lookup_pod
+from support import RedisServer
+from test_mesh import keys_by_value, lookup_pod
 
 
 def holder(cluster) -> str:
@@ -32,7 +33,7 @@ def test_leader_killed_during_deletion_burst(stack, devcluster, namespace, tmp_p
         vllm = running_pods(devcluster, namespace, "app=burst", 6)
         rpod = wait_for("Redis lookup pod", lambda: lookup_pod(devcluster, namespace,
                                                                "redis-default"), 30)
-        server = RealRedis(rpod["status"]["podIP"], 6379, tmp_path)
+        server = RedisServer(tmp_path, host=rpod["status"]["podIP"], port=6379).start()
         try:
             addr = {p["metadata"]["name"]: f"{p['status']['podIP']}:8200" for p in vllm}
             for name, a in addr.items():

@@ -5,8 +5,6 @@ the lookup pod's own loopback IP) while live members' keys stay; annotate-to-opt
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,6 +15,7 @@ import redis
 from kvmesh import names
 from helpers import apply, pods, publish_keys, running_pods, status, vllm_deployment, wait_for
 from lmcache_controller import LMCacheController, child_env
+from support import RedisServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "controller"))
 from lmc_worker_sim import WorkerSim  # noqa: E402  (tests/controller: the simulated workers)
@@ -29,29 +28,6 @@ def fast_controller(stack):
     stack.restart(controller_args=("--group-grace-seconds", "3", "--resync-seconds", "1"))
     yield stack
     stack.restart()
-
-
-class RealRedis:
-    """redis-server bound to the IP KWOK gave the group's (fake) Redis pod."""
-
-    def __init__(self, ip: str, port: int, tmp):
-        assert shutil.which("redis-server"), "redis-server missing: `make test` installs it"
-        self.proc = subprocess.Popen(
-            ["redis-server", "--bind", ip, "--port", str(port), "--save", "",
-             "--appendonly", "no", "--dir", str(tmp)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.client = redis.Redis(ip, port, decode_responses=True)
-        wait_for("redis-server", self._ping, 10)
-
-    def _ping(self):
-        try:
-            return self.client.ping()
-        except redis.ConnectionError:
-            return False
-
-    def stop(self):
-        self.proc.kill()
-        self.proc.wait()
 
 
 def group_cr(cluster, ns, gid):
@@ -114,7 +90,7 @@ def test_redis_group_lifecycle_and_purge(fast_controller, devcluster, namespace,
     assert "from" not in rest and {"protocol": "UDP"} in rest["ports"]
     rpod = wait_for("Redis lookup pod running", lambda: lookup_pod(devcluster, namespace, gid))
 
-    server = RealRedis(rpod["status"]["podIP"], 6379, tmp_path)
+    server = RedisServer(tmp_path, host=rpod["status"]["podIP"], port=6379).start()
     try:
         # Two engines publish chunks the way LMCache does: SET <chunk key> <podIP:port>.
         addr = {p["metadata"]["name"]: f"{p['status']['podIP']}:8200" for p in vllm}
