@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import socket
 import time
 
 import pytest
@@ -22,6 +21,7 @@ from kubernetes_asyncio import client
 from kvmesh import kube
 from kvmesh.controller import informer as I
 from kvmesh.controller.informer import ADDED, BOOKMARK, DELETED, MODIFIED, Backoff, Change, Informer
+from support import free_port
 
 # --------------------------------------------------------------------------- helpers
 
@@ -450,12 +450,6 @@ async def test_handler_exception_does_not_stop_delivery(devcluster, namespace, c
 
 
 # --------------------------------------------------------------------------- an outage
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class TcpProxy:

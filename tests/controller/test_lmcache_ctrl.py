@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import socket
 import time
 import uuid
 
@@ -21,14 +20,9 @@ import pytest
 from kvmesh.controller import lmcache_ctrl as L
 from lmc_worker_sim import WorkerSim
 from lmcache_controller import ENV, LMCacheController, child_env, consumers
+from support import free_port
 
 LOC = "LocalCPUBackend"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
-import socket
 import ssl
 import threading
 import time
@@ -17,6 +16,7 @@ from aiohttp import web
 from kvmesh import names
 from kvmesh.certs import authority
 from helpers import apply, env, status, wait_for
+from support import free_port
 
 
 def labelled_pod(name: str, namespace: str) -> dict:
@@ -46,9 +46,7 @@ class SidecarWebhook:
         (tmp / "s.key").write_bytes(leaf.key_pem)
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.ctx.load_cert_chain(tmp / "s.crt", tmp / "s.key")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.calls = 0
         self._loop = None
         threading.Thread(target=self._serve, daemon=True).start()
