@@ -189,3 +189,16 @@ class RedisServer:
     def restart_empty(self) -> None:
         self.stop()
         self.start()
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    """The sum of metric `name`'s samples in a Prometheus text exposition whose labels include
+    `labels`; 0.0 when there is none (a labelled counter shows up only once incremented, so
+    pair a 'not increased' assertion with one that the same counter does increase)."""
+    import re
+    total = 0.0
+    for m in re.finditer(rf"^{re.escape(name)}(?:\{{([^}}]*)\}})? (\S+)", text, re.M):
+        have = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(1) or ""))
+        if all(have.get(k) == v for k, v in labels.items()):
+            total += float(m.group(2))
+    return total

@@ -4,21 +4,18 @@ through the admission chain carry the injected configuration."""
 from __future__ import annotations
 
 import json
-import re
+import ssl
+import urllib.request
 
 from kvmesh import names
 from helpers import apply, env, pods, running_pods, status, vllm_deployment
+from support import metric_sum
 
 
 def webhook_requests(stack) -> float:
-    import ssl
-    import urllib.request
-    ctx = ssl._create_unverified_context()
     with urllib.request.urlopen(f"https://127.0.0.1:{stack.webhook_port}/metrics",
-                                context=ctx, timeout=5) as r:
-        text = r.read().decode()
-    return sum(float(v) for v in re.findall(r"^kvmesh_webhook_requests_total\{[^}]*\} (\S+)",
-                                            text, re.M))
+                                context=ssl._create_unverified_context(), timeout=5) as r:
+        return metric_sum(r.read().decode(), "kvmesh_webhook_requests_total")
 
 
 def test_manifests_apply_and_ca_bundle_is_written(stack, devcluster):

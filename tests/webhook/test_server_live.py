@@ -1,18 +1,14 @@
 """The real `kvmesh webhook` process over TLS: probes, metrics, bad input, dry run."""
 
 import json
-import re
 
 import pytest
 
+from support import metric_sum
 
 
 def metric(webhook, name, **labels):
-    text = webhook.get("/metrics")[1].decode()
-    sel = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    pat = re.escape(name) + (r"\{" + re.escape(sel) + r"\}" if sel else "") + r" ([0-9.e+]+)"
-    m = re.search(pat, text)
-    return float(m.group(1)) if m else 0.0
+    return metric_sum(webhook.get("/metrics")[1].decode(), name, **labels)
 
 
 POD = {"metadata": {"generateName": "q-", "namespace": "ns",
