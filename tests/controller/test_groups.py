@@ -1,6 +1,7 @@
 """Membership rules (pure): who is a peer and which changes end a peer's life."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import yaml
@@ -9,9 +10,11 @@ from kvmesh import names, workloads
 from kvmesh.controller import groups
 from kvmesh.webhook.inject import Context, decide
 
+CASES = Path(__file__).resolve().parents[1] / "golden" / "cases"
+
 
 def injected_pod(case="01-deployment-vllm-serve", name="p-1", uid="u-1", ip="127.64.0.9"):
-    doc = yaml.safe_load(open(f"tests/golden/cases/{case}.yaml"))
+    doc = yaml.safe_load((CASES / f"{case}.yaml").read_text())
     pod = decide(workloads.pod_for(doc), Context(doc["metadata"]["namespace"])).pod
     pod["metadata"].update(name=name, uid=uid)
     cname = pod["spec"]["containers"][0]["name"]
