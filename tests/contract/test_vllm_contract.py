@@ -79,19 +79,20 @@ def test_shell_form_is_covered(results):
         assert results[case]["argv"][:4] == ["vllm", "serve", "/models/model", "--port"]
 
 
-def test_parser_really_rejects_broken_configs():
-    bad = consumers.vllm_parse([
+def test_parser_rejects_broken_configs_and_v0_connector_is_not_registered():
+    """The parser really rejects broken configs (a bad kv_role at parse time, an unknown key);
+    the V0 connector parses but is not registered in current vLLM: kvmesh injects it only for
+    pre-0.3.0 LMCache images (vLLM 0.8-0.10). One vLLM process for the three."""
+    bad_role, unknown_key, v0 = consumers.vllm_parse([
         {"argv": ["vllm", "serve", "m", "--kv-transfer-config",
                   json.dumps({"kv_connector": contract.CONNECTOR_V1, "kv_role": "both"})]},
         {"argv": ["vllm", "serve", "m", "--kv-transfer-config",
                   json.dumps({"kv_connector": contract.CONNECTOR_V1, "kv_role": "kv_both",
                               "no_such_key": 1})]},
+        {"argv": ["vllm", "serve", "m", "--kv-transfer-config",
+                  contract.kv_transfer_json(contract.CONNECTOR_V0)]},
     ])
-    assert [r["ok"] for r in bad] == [False, False]
-
-
-def test_v0_connector_is_not_registered_in_current_vllm():
-    """kvmesh injects the V0 connector only for pre-0.3.0 LMCache images (vLLM 0.8-0.10)."""
-    [r] = consumers.vllm_parse([{"argv": ["vllm", "serve", "m", "--kv-transfer-config",
-                                          contract.kv_transfer_json(contract.CONNECTOR_V0)]}])
-    assert r["ok"] and r["connector_registered"] is False
+    assert not bad_role["ok"] and bad_role["stage"] == "parse", bad_role
+    assert "kv_role" in bad_role["error"], bad_role
+    assert not unknown_key["ok"], unknown_key
+    assert v0["ok"] and v0["connector_registered"] is False, v0
