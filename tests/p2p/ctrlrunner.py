@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -95,9 +94,3 @@ class CtrlEngine(EngineProcess):
                 ) -> "CtrlEngine":
         return cls(podrunner.pod_environment(pod), pod["metadata"]["name"],
                    pod["status"]["podIP"], log_dir, hosts)
-
-
-# The real `lmcache_controller` (vllm-0.33.0 venv) bound to an IP, ports as kvmesh's lookup
-# StatefulSet declares them: one launcher for tests/controller, tests/e2e and these tests.
-sys.path.insert(0, str(HERE.parent))
-from lmcache_controller import LMCacheController  # noqa: E402,F401  (tests/lmcache_controller.py)

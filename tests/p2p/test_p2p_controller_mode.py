@@ -26,7 +26,8 @@ import time
 import pytest
 
 import ctrlrunner
-from ctrlrunner import CtrlEngine, LMCacheController
+from ctrlrunner import CtrlEngine
+from lmcache_controller import LMCacheController
 from scenario import CHUNK, P2PScenario, Peer, wait_for
 
 from kvmesh import names
