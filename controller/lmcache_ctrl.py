@@ -23,10 +23,9 @@ listing (no instance_id) goes through a 30 s TTL cache, so this module always as
 
 The trap (§2.4): a ``RegisterMsg`` for an ``(instance_id, worker_id)`` that is already registered
 is skipped ("already registered, skip registration"): the controller clears that worker's KV set
-but keeps the OLD ip/port/peer_init_url. ``record_is_stale``/``stale_worker_ids`` (pure) detect a
-record whose address is not the pod's current one; ``deregister_if_stale`` removes it so the new
-incarnation's next registration (or heartbeat: an unknown worker that heartbeats is re-registered
-with the address it sends) takes effect.
+but keeps the OLD ip/port/peer_init_url. kvmesh never meets it: instance ids come from the pod's
+uid wherever names are reused (StatefulSets, fixed-name pods), and every departure, a container
+restart included, deregisters all of the incarnation's ranks.
 
 This module talks plain pyzmq + JSON + aiohttp; it must never import lmcache or torch.
 """
@@ -37,7 +36,7 @@ import asyncio
 import json
 import logging
 import time
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
 import aiohttp
 import zmq
@@ -49,9 +48,6 @@ DEFAULT_SEND_TIMEOUT_S = 2.0
 DEFAULT_LINGER_MS = 1000
 DEFAULT_HTTP_TIMEOUT_S = 5.0
 LOCATION_DEFAULT = "LocalCPUBackend"
-# lmcache's get_ip() falls back to exactly this when the worker has no route (rpc_utils.get_ip):
-# a record carrying it says nothing about which pod registered it.
-_GET_IP_FALLBACK = "127.0.0.1"
 
 
 class LMCacheControllerError(RuntimeError):
@@ -136,59 +132,6 @@ def encode_deregister(instance_id: str, worker_ids: Sequence[int], ip: str,
         msg = deregister_msg(instance_id, wid, ip, port)
         parts.append(json.dumps(msg, separators=(",", ":")).encode())
     return parts
-
-
-def expected_peer_init_url(p2p_host: str, p2p_init_ports: Sequence[int], worker_id: int) -> Optional[str]:
-    """What an LMCache worker of rank ``worker_id`` registers as peer_init_url
-    (``worker.py``: ``f"{p2p_host}:{p2p_init_ports[worker_id]}"``)."""
-    if worker_id < len(p2p_init_ports):
-        return f"{p2p_host}:{p2p_init_ports[worker_id]}"
-    return None
-
-
-def record_is_stale(record: Mapping[str, Any], *, pod_ips: Union[str, Iterable[str]],
-                    worker_port: Optional[int] = None,
-                    peer_init_url: Optional[str] = None) -> bool:
-    """Does the controller's record for a worker of this pod point somewhere else than the pod's
-    current incarnation? (Pure.)
-
-    - ``peer_init_url`` (what the current incarnation advertises: ``LMCACHE_P2P_HOST`` +
-      ``LMCACHE_P2P_INIT_PORTS[rank]``) is the most reliable comparison when both sides have it.
-    - ``ip``: the worker registers ``get_ip()`` (IPv4 of the default route), so pass every pod IP
-      (``status.podIPs``). A record ip of ``127.0.0.1`` (get_ip's no-route fallback) is not
-      evidence of staleness unless the pod itself is 127.0.0.1.
-    - ``worker_port`` (``LMCACHE_LMCACHE_WORKER_PORTS`` entry) when known.
-    """
-    ips = {pod_ips} if isinstance(pod_ips, str) else set(pod_ips)
-    rec_peer = record.get("peer_init_url")
-    if peer_init_url is not None and rec_peer is not None and rec_peer != peer_init_url:
-        return True
-    rec_ip = record.get("ip")
-    if rec_ip and rec_ip not in ips and not (rec_ip == _GET_IP_FALLBACK and _GET_IP_FALLBACK not in ips):
-        return True
-    if worker_port is not None and record.get("port") is not None and record["port"] != worker_port:
-        return True
-    return False
-
-
-def stale_worker_ids(records: Iterable[Mapping[str, Any]], *, pod_ips: Union[str, Iterable[str]],
-                     worker_ports: Optional[Sequence[int]] = None,
-                     p2p_init_ports: Optional[Sequence[int]] = None,
-                     p2p_host: Optional[str] = None) -> list[int]:
-    """Worker ids among ``records`` (one instance's listing) whose address is stale. (Pure.)
-
-    ``p2p_host`` defaults to the first pod IP (the webhook injects the pod IP there)."""
-    ips = [pod_ips] if isinstance(pod_ips, str) else list(pod_ips)
-    host = p2p_host if p2p_host is not None else (ips[0] if ips else None)
-    out = []
-    for rec in records:
-        wid = rec["worker_id"]
-        wport = worker_ports[wid] if worker_ports is not None and wid < len(worker_ports) else None
-        peer = (expected_peer_init_url(host, p2p_init_ports, wid)
-                if p2p_init_ports is not None and host is not None else None)
-        if record_is_stale(rec, pod_ips=ips, worker_port=wport, peer_init_url=peer):
-            out.append(wid)
-    return sorted(out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,25 +328,3 @@ async def deregister_and_confirm(pull_url: str, http_url: str, instance_id: str,
                     last_err = e
                 last_push = time.monotonic()
             await asyncio.sleep(min(poll_interval, max(0.0, deadline - time.monotonic())))
-
-
-async def deregister_if_stale(pull_url: str, http_url: str, instance_id: str, *,
-                              pod_ips: Union[str, Iterable[str]],
-                              worker_ports: Optional[Sequence[int]] = None,
-                              p2p_init_ports: Optional[Sequence[int]] = None,
-                              p2p_host: Optional[str] = None, timeout: float = 10.0) -> list[int]:
-    """Deregister the workers of ``instance_id`` whose record points at an older incarnation's
-    address; returns their ids (``[]``: nothing stale, nothing sent).
-
-    Removing the stale record only helps if the live worker registers again afterwards: with
-    worker heartbeats on, its next heartbeat re-registers it with its real address (plus a full
-    KV sync); without heartbeats the worker stays unregistered until it restarts."""
-    pod_ips = [pod_ips] if isinstance(pod_ips, str) else list(pod_ips)
-    records = await workers(http_url, instance_id, timeout=timeout)
-    stale = stale_worker_ids(records, pod_ips=pod_ips, worker_ports=worker_ports,
-                             p2p_init_ports=p2p_init_ports, p2p_host=p2p_host)
-    if stale:
-        log.warning("controller record of %s workers %s is stale (pod now at %s): deregistering",
-                    instance_id, stale, pod_ips)
-        await deregister_and_confirm(pull_url, http_url, instance_id, stale, timeout=timeout)
-    return stale

@@ -165,13 +165,15 @@ async def test_p2p_lookup_forgets_dead_pod(lmc):
     print(f"\nderegister_and_confirm: {took * 1000:.0f} ms")
 
 
-async def test_reused_instance_id_keeps_old_address_and_stale_guard_fixes_it(lmc):
+async def test_reused_instance_id_keeps_old_address_until_deregistered(lmc):
+    """Why kvmesh gives StatefulSet pods uid-based instance ids and deregisters every departure:
+    a registration under a still-registered id keeps the OLD incarnation's address."""
     ctl, sim = lmc
     sts = uid("sts-0")                    # StatefulSet pod name reused across incarnations
     old_ip, new_ip = "127.0.0.31", "127.0.0.32"
     register_pod(sim, sts, old_ip)
     sim.admit(sts, 0, hashes(2))
-    sim.kill(sts, 0), sim.kill(sts, 1)    # old incarnation dies, not deregistered (kvmesh missed it)
+    sim.kill(sts, 0), sim.kill(sts, 1)    # old incarnation dies, not deregistered
 
     register_pod(sim, sts, new_ip)        # new incarnation: same id, new IP -> "already registered"
     recs = await L.workers(ctl.http_url, sts)
@@ -179,11 +181,8 @@ async def test_reused_instance_id_keeps_old_address_and_stale_guard_fixes_it(lmc
     assert {r["peer_init_url"] for r in recs} == {f"{old_ip}:{INIT[0]}", f"{old_ip}:{INIT[1]}"}
     assert all(r["key_count"] == 0 for r in recs)                          # its KV set was cleared
 
-    assert L.stale_worker_ids(recs, pod_ips=new_ip, worker_ports=WPORTS, p2p_init_ports=INIT) == [0, 1]
-    assert L.stale_worker_ids(recs, pod_ips=old_ip, worker_ports=WPORTS, p2p_init_ports=INIT) == []
-
-    assert await L.deregister_if_stale(ctl.pull_url, ctl.http_url, sts, pod_ips=[new_ip],
-                                       worker_ports=WPORTS, p2p_init_ports=INIT) == [0, 1]
+    # What the mesh does for the old incarnation's departure: every rank goes.
+    await L.deregister_and_confirm(ctl.pull_url, ctl.http_url, sts)
     assert await L.workers(ctl.http_url, sts) == []
 
     # The live new incarnation gets back in: rank 0 by its next heartbeat (unknown worker ->
@@ -195,9 +194,6 @@ async def test_reused_instance_id_keeps_old_address_and_stale_guard_fixes_it(lmc
     recs = await L.workers(ctl.http_url, sts)
     assert {(r["worker_id"], r["ip"], r["peer_init_url"]) for r in recs} == {
         (0, new_ip, f"{new_ip}:{INIT[0]}"), (1, new_ip, f"{new_ip}:{INIT[1]}")}
-    # now current: nothing stale, nothing sent
-    assert await L.deregister_if_stale(ctl.pull_url, ctl.http_url, sts, pod_ips=new_ip,
-                                       worker_ports=WPORTS, p2p_init_ports=INIT) == []
 
 
 async def test_heartbeat_reregisters_a_deregistered_live_worker(lmc):
@@ -256,38 +252,3 @@ async def test_controller_down_raises_clear_error_quickly(lmc):
     _, sim = lmc
     register_pod(sim, p, "127.0.0.61", tp=1)
     assert await L.deregister_and_confirm(ctl.pull_url, ctl.http_url, p) < 2.0
-
-
-# ---- pure stale-record decision ------------------------------------------------------------
-
-def rec(wid=0, ip="10.0.0.5", port=18100, peer="10.0.0.5:18200"):
-    return {"instance_id": "p", "worker_id": wid, "ip": ip, "port": port, "peer_init_url": peer}
-
-
-def test_record_is_stale():
-    assert not L.record_is_stale(rec(), pod_ips="10.0.0.5")
-    assert L.record_is_stale(rec(), pod_ips="10.0.0.6")
-    assert not L.record_is_stale(rec(), pod_ips=["fd00::5", "10.0.0.5"])          # dual stack
-    # peer_init_url decides when known on both sides (LMCACHE_P2P_HOST is the pod IP)
-    assert L.record_is_stale(rec(), pod_ips="10.0.0.5", peer_init_url="10.0.0.5:18299")
-    assert L.record_is_stale(rec(peer="10.0.0.4:18200"), pod_ips="10.0.0.5",
-                             peer_init_url="10.0.0.5:18200")
-    assert not L.record_is_stale(rec(peer=None), pod_ips="10.0.0.5", peer_init_url="10.0.0.5:1")
-    # get_ip()'s no-route fallback is not evidence either way ...
-    assert not L.record_is_stale(rec(ip="127.0.0.1"), pod_ips="10.0.0.5")
-    # ... but the peer URL still is
-    assert L.record_is_stale(rec(ip="127.0.0.1", peer="10.0.0.4:18200"), pod_ips="10.0.0.5",
-                             peer_init_url="10.0.0.5:18200")
-    assert L.record_is_stale(rec(), pod_ips="10.0.0.5", worker_port=18101)
-    assert not L.record_is_stale(rec(), pod_ips="10.0.0.5", worker_port=18100)
-
-
-def test_stale_worker_ids():
-    recs = [rec(0), rec(1, port=18101, peer="10.0.0.5:18201")]
-    assert L.stale_worker_ids(recs, pod_ips="10.0.0.5", worker_ports=WPORTS[:1] + [18101],
-                              p2p_init_ports=INIT) == []
-    assert L.stale_worker_ids(recs, pod_ips="10.0.0.9", p2p_init_ports=INIT) == [0, 1]
-    assert L.stale_worker_ids(recs, pod_ips="10.0.0.5", p2p_init_ports=[18200, 18209]) == [1]
-    assert L.stale_worker_ids(recs, pod_ips="10.0.0.5", p2p_host="10.0.1.1",
-                              p2p_init_ports=INIT) == [0, 1]
-    assert L.stale_worker_ids([], pod_ips="10.0.0.5") == []
