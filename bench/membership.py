@@ -1,7 +1,7 @@
 """Membership convergence: time from a pod's deletion (or readiness loss) through the real
 API server to its lookup state being gone from a real Redis, with kvmesh's controller.
 
-Runs the local control plane (kvmesh.devcluster), kvmesh's webhook and controller as local
+Runs the local control plane (kvmesh.local.devcluster), kvmesh's webhook and controller as local
 processes, a redis-mode Deployment, and a real redis-server bound to the group's lookup pod
 IP. Each trial: every pod publishes K keys (plain SET, as LMCache does), one pod is deleted,
 and the clock runs until no key with its address is left (polled every 2 ms).
@@ -30,8 +30,8 @@ from support import wait_for  # noqa: E402
 from test_mesh import lookup_pod  # noqa: E402
 
 from kvmesh import names  # noqa: E402
-from kvmesh.devcluster import DevCluster, build_binaries  # noqa: E402
-from kvmesh.localstack import LocalStack  # noqa: E402
+from kvmesh.local.devcluster import DevCluster, build_binaries  # noqa: E402
+from kvmesh.local.localstack import LocalStack  # noqa: E402
 
 
 def main() -> int:

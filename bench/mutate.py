@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from kvmesh import workloads  # noqa: E402
 from kvmesh.webhook import admission, inject  # noqa: E402
-from kvmesh.webhook.policy import PolicyDefaults  # noqa: E402
+from kvmesh.core.policy import PolicyDefaults  # noqa: E402
 from support import free_port, review_for  # noqa: E402
 
 

@@ -35,8 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests" / "p2p"))
 
-from kvmesh.devcluster import DevCluster, build_binaries  # noqa: E402
-from kvmesh.localstack import LocalStack  # noqa: E402
+from kvmesh.local.devcluster import DevCluster, build_binaries  # noqa: E402
+from kvmesh.local.localstack import LocalStack  # noqa: E402
 from scenario import CHUNK, P2PScenario  # noqa: E402
 
 KINDS = ("deleted", "not-ready", "ip-changed")

@@ -15,7 +15,7 @@ from typing import Optional
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from kvmesh import names
+from kvmesh.core import names
 from kvmesh.certs import authority
 
 log = logging.getLogger("kvmesh.certs")

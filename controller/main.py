@@ -17,9 +17,11 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from kvmesh import kube, names
+from kvmesh.kube import connect as kube
+
+from kvmesh.core import names
 from kvmesh.certs import store
-from kvmesh.controller.leader import LeaderElector
+from kvmesh.kube.leader import LeaderElector
 
 log = logging.getLogger("kvmesh.controller")
 
@@ -75,7 +77,7 @@ async def optin_loop(api, metrics: Metrics) -> None:
     """Workload opt-in by annotation, for Deployments and StatefulSets."""
     from kubernetes_asyncio import client
     from kvmesh.controller import optin
-    from kvmesh.controller.informer import Informer
+    from kvmesh.kube.informer import Informer
     apps = client.AppsV1Api(api)
     user_owned: set[str] = set()  # uids already reported, so a rollout's updates stay quiet
 
@@ -120,7 +122,7 @@ async def policy_loop(api, metrics: Metrics, mesh, webhook_url: Optional[str]) -
     import functools
     from kubernetes_asyncio import client
     from kvmesh.controller import policies
-    from kvmesh.controller.informer import Informer
+    from kvmesh.kube.informer import Informer
     custom = client.CustomObjectsApi(api)
     wake = asyncio.Event()
     inf = Informer(functools.partial(custom.list_cluster_custom_object, names.API_GROUP,
@@ -170,8 +172,8 @@ async def uninjected_loop(api, metrics: Metrics) -> None:
     """Opted-in pods that were admitted without kvmesh's status annotation: the webhook was
     unreachable under failurePolicy Ignore. Made visible as a metric and an Event."""
     from kubernetes_asyncio import client
-    from kvmesh.controller.informer import Informer
-    from kvmesh.controller import kapply
+    from kvmesh.kube.informer import Informer
+    from kvmesh.kube import apply as kapply
     core = client.CoreV1Api(api)
 
     async def on(type_, obj, old):
@@ -211,7 +213,7 @@ async def run(kubeconfig: Optional[str], metrics_port: int, cert_interval: float
 
     async def lead() -> None:
         from kvmesh.controller.mesh import Mesh
-        from kvmesh.webhook.policy import PolicyDefaults
+        from kvmesh.core.policy import PolicyDefaults
         mesh = Mesh(api, policy or PolicyDefaults(), metrics, grace_seconds=grace_seconds,
                     resync_seconds=resync_seconds, peer_policy=peer_network_policy)
         loops = [mesh.run(), optin_loop(api, metrics), uninjected_loop(api, metrics),

@@ -19,10 +19,11 @@ from typing import Optional
 
 from kubernetes_asyncio import client
 
-from kvmesh import names
-from kvmesh.controller import groups, kapply, lookup
-from kvmesh.controller.informer import Informer
-from kvmesh.webhook.policy import PolicyDefaults
+from kvmesh.core import names
+from kvmesh.core import groups, lookup
+from kvmesh.kube import apply as kapply
+from kvmesh.kube.informer import Informer
+from kvmesh.core.policy import PolicyDefaults
 
 log = logging.getLogger("kvmesh.mesh")
 
@@ -159,7 +160,7 @@ class Mesh:
 
     async def redis_index(self, namespace: str, group: str,
                           defaults: Optional[PolicyDefaults] = None):
-        from kvmesh.controller import purge
+        from kvmesh.backends import redis_index as purge
         eps = await self.endpoints(namespace, names.MODE_REDIS, group, "redis",
                                    defaults=defaults)
         ep = eps[0] if eps else None
@@ -219,7 +220,7 @@ class Mesh:
                 # Swept keys under a reused address predate the arriving pod: not its purge.
                 removed = res.deleted + (0 if quiet_if_empty else swept)
             else:
-                from kvmesh.controller import lmcache_ctrl
+                from kvmesh.backends import lmcache_controller as lmcache_ctrl
                 eps = await self.endpoints(m.namespace, m.mode, m.group, "pull", "http")
                 if eps is None:
                     raise LookupError(f"no ready pod of the lookup service {m.namespace}/"

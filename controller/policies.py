@@ -18,8 +18,8 @@ from typing import Optional
 from kubernetes_asyncio import client
 from pydantic import ValidationError
 
-from kvmesh import names
-from kvmesh.webhook.policy import Policy, describe, policy_from_object
+from kvmesh.core import names
+from kvmesh.core.policy import Policy, describe, policy_from_object
 
 log = logging.getLogger("kvmesh.policies")
 

@@ -14,9 +14,11 @@ from typing import Optional
 import yaml
 from pydantic import ValidationError
 
-from kvmesh import __version__, workloads
-from kvmesh.webhook import inject
-from kvmesh.webhook.policy import PolicyDefaults, describe, load_defaults
+from kvmesh import __version__
+
+from kvmesh.core import workloads
+from kvmesh.core import inject
+from kvmesh.core.policy import PolicyDefaults, describe, load_defaults
 
 EXIT_DENIED = 1
 EXIT_USAGE = 2
@@ -117,7 +119,7 @@ def cmd_webhook(args: argparse.Namespace) -> int:
             return 0
 
         async def with_policies() -> None:
-            from kvmesh import kube
+            from kvmesh.kube import connect as kube
             from kvmesh.webhook.policy_cache import PolicyCache
             api = await kube.api_client(args.kubeconfig)
             cache = PolicyCache(api, policy)
@@ -133,7 +135,7 @@ def cmd_webhook(args: argparse.Namespace) -> int:
         raise UsageError("--cert-source self needs --cert-dir and at least one --san")
 
     async def main() -> None:
-        from kvmesh import kube
+        from kvmesh.kube import connect as kube
         from kvmesh.certs.serving import SelfSigned
         from kvmesh.webhook.policy_cache import PolicyCache
         api = await kube.api_client(args.kubeconfig)
@@ -182,7 +184,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from kvmesh import demo
+    from kvmesh.local import demo
     return demo.run(args)
 
 

@@ -7,8 +7,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kvmesh.devcluster import DevCluster, find_bin_dir  # noqa: E402
-from kvmesh.localstack import LocalStack  # noqa: E402
+from kvmesh.local.devcluster import DevCluster, find_bin_dir  # noqa: E402
+from kvmesh.local.localstack import LocalStack  # noqa: E402
 from support import Webhook  # noqa: E402
 
 

@@ -98,7 +98,7 @@ class LMCacheController:
         """Fresh per-instance listing through kvmesh's client ([] = not registered), None if
         the controller is down."""
         import asyncio
-        from kvmesh.controller import lmcache_ctrl
+        from kvmesh.backends import lmcache_controller as lmcache_ctrl
         try:
             return asyncio.run(lmcache_ctrl.workers(self.http_url, instance, timeout=timeout))
         except Exception:

@@ -18,8 +18,8 @@ from typing import Any, Callable, Optional, Union
 
 import orjson
 
-from kvmesh.webhook import inject
-from kvmesh.webhook.policy import PolicyDefaults
+from kvmesh.core import inject
+from kvmesh.core.policy import PolicyDefaults
 
 API_VERSION = "admission.k8s.io/v1"
 MAX_WARNINGS = 20  # the API server truncates long warning lists; keep the important first

@@ -15,9 +15,9 @@ from typing import Optional
 from kubernetes_asyncio import client
 from pydantic import ValidationError
 
-from kvmesh import names
-from kvmesh.controller.informer import Informer
-from kvmesh.webhook.policy import (Policy, PolicyDefaults, describe, policy_from_object,
+from kvmesh.core import names
+from kvmesh.kube.informer import Informer
+from kvmesh.core.policy import (Policy, PolicyDefaults, describe, policy_from_object,
                                    select_policy)
 
 log = logging.getLogger("kvmesh.policy")

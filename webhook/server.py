@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from kvmesh.webhook import admission
-from kvmesh.webhook.policy import PolicyDefaults
+from kvmesh.core.policy import PolicyDefaults
 
 log = logging.getLogger("kvmesh.webhook")
 

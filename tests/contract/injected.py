@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from kvmesh import names, workloads
+from kvmesh.core import names, workloads
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "expected"
 POD_IP = "10.244.1.17"

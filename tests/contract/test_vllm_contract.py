@@ -12,7 +12,7 @@ import pytest
 
 import consumers
 from injected import injected_goldens
-from kvmesh.webhook import contract, launch
+from kvmesh.core import contract, launch
 
 CASES = [c for c in injected_goldens() if "v0-connector" not in c.case]
 

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kvmesh import names, workloads
-from kvmesh.controller import groups
-from kvmesh.webhook.inject import Context, decide
+from kvmesh.core import names, workloads
+from kvmesh.core import groups
+from kvmesh.core.inject import Context, decide
 
 CASES = Path(__file__).resolve().parents[1] / "golden" / "cases"
 

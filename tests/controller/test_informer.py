@@ -1,4 +1,4 @@
-"""kvmesh.controller.informer: the pure state transitions, and the informer against the real
+"""kvmesh.kube.informer: the pure state transitions, and the informer against the real
 local API server (the `devcluster` fixture; KWOK runs the pods).
 
 The 410 path is driven by wrapping the list function so that one watch request answers
@@ -18,9 +18,9 @@ import time
 import pytest
 from kubernetes_asyncio import client
 
-from kvmesh import kube
-from kvmesh.controller import informer as I
-from kvmesh.controller.informer import ADDED, BOOKMARK, DELETED, MODIFIED, Backoff, Change, Informer
+from kvmesh.kube import connect as kube
+from kvmesh.kube import informer as I
+from kvmesh.kube.informer import ADDED, BOOKMARK, DELETED, MODIFIED, Backoff, Change, Informer
 from support import free_port
 
 # --------------------------------------------------------------------------- helpers

@@ -1,4 +1,4 @@
-"""kvmesh.controller.lmcache_ctrl against the REAL ``lmcache_controller`` (lmcache 0.5.6).
+"""kvmesh.backends.lmcache_controller against the REAL ``lmcache_controller`` (lmcache 0.5.6).
 
 One controller process per module, from the vllm-0.33.0 consumer venv, on 127.0.0.1 with free
 ports and a heartbeat port; reaper off (workers must not vanish behind the tests' back). Workers
@@ -17,7 +17,7 @@ import uuid
 
 import pytest
 
-from kvmesh.controller import lmcache_ctrl as L
+from kvmesh.backends import lmcache_controller as L
 from lmc_worker_sim import WorkerSim
 from lmcache_controller import ENV, LMCacheController, child_env, consumers
 from support import free_port

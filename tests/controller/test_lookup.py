@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvmesh import names
-from kvmesh.controller import lookup
+from kvmesh.core import names
+from kvmesh.core import lookup
 
 GID = "controller-default"
 OWNER = {"apiVersion": "kvmesh.dev/v1alpha1", "kind": "KVMeshPeerGroup", "name": GID,

@@ -3,9 +3,9 @@ pass covers every group (drift repair)."""
 
 from kubernetes_asyncio import client
 
-from kvmesh.controller import groups
+from kvmesh.core import groups
 from kvmesh.controller.mesh import Mesh
-from kvmesh.webhook.policy import PolicyDefaults
+from kvmesh.core.policy import PolicyDefaults
 from test_groups import injected_pod
 
 

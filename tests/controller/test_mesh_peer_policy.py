@@ -8,10 +8,11 @@ from types import SimpleNamespace
 import pytest
 from kubernetes_asyncio import client
 
-from kvmesh import names
-from kvmesh.controller import groups, kapply
+from kvmesh.core import names
+from kvmesh.core import groups
+from kvmesh.kube import apply as kapply
 from kvmesh.controller.mesh import Mesh
-from kvmesh.webhook.policy import PolicyDefaults
+from kvmesh.core.policy import PolicyDefaults
 from test_groups import injected_pod
 
 GKEY = ("team-a", "controller-default")

@@ -4,7 +4,7 @@ to, whichever of the reconcile and the departure's purge ran first."""
 from kubernetes_asyncio import client
 
 from kvmesh.controller import mesh as M
-from kvmesh.webhook.policy import PolicyDefaults
+from kvmesh.core.policy import PolicyDefaults
 
 GKEY = ("team-a", "redis-default")
 DEAD, OTHER = "10.0.0.1:8200", "10.0.0.2:8200"

@@ -3,9 +3,9 @@
 import pytest
 from pydantic import ValidationError
 
-from kvmesh import names
+from kvmesh.core import names
 from kvmesh.controller import optin, policies
-from kvmesh.webhook.policy import LabelSelector, Policy, policy_from_object, select_policy
+from kvmesh.core.policy import LabelSelector, Policy, policy_from_object, select_policy
 
 
 @pytest.mark.parametrize("sel,labels,ok", [
@@ -55,7 +55,7 @@ async def test_policy_cache_keeps_a_policy_across_status_updates():
     # Same spec: the same Policy object, so admission answers remembered under its defaults
     # stay valid; a spec change parses anew.
     from kubernetes_asyncio import client
-    from kvmesh.webhook.policy import PolicyDefaults
+    from kvmesh.core.policy import PolicyDefaults
     from kvmesh.webhook.policy_cache import PolicyCache
     cache = PolicyCache(client.ApiClient(), PolicyDefaults())
     obj = {"metadata": {"name": "p"}, "spec": {"defaults": {"cpuCacheGb": 8}}}

@@ -1,4 +1,4 @@
-"""kvmesh.controller.purge against a real redis-server (started per test by conftest.py).
+"""kvmesh.backends.redis_index against a real redis-server (started per test by conftest.py).
 
 Keys are written the way LMCache's RedisLookupServer writes them: plain SET, no TTL, DB 0,
 from a client of their own."""
@@ -12,7 +12,7 @@ import pytest
 import redis
 import redis.asyncio as aredis
 
-from kvmesh.controller import purge as P
+from kvmesh.backends import redis_index as P
 
 DEAD, LIVE_A, LIVE_B = "10.1.0.9:8200", "10.1.0.10:8200", "10.1.0.11:8200"
 MODEL = "vllm@meta-llama/Llama-3.1-8B-Instruct@1@0@"

@@ -4,7 +4,7 @@ import json
 
 import yaml
 
-from kvmesh import names
+from kvmesh.core import names
 from support import wait_for  # noqa: F401  (re-exported for the e2e tests)
 
 

@@ -7,7 +7,7 @@ import json
 import ssl
 import urllib.request
 
-from kvmesh import names
+from kvmesh.core import names
 from helpers import apply, env, pods, running_pods, status, vllm_deployment
 from support import metric_sum
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from kvmesh import names
+from kvmesh.core import names
 from helpers import apply, pods, publish_keys, running_pods, status, vllm_deployment, wait_for
 from lmcache_controller import LMCacheController, child_env
 from support import RedisServer

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from kvmesh import names
+from kvmesh.core import names
 from helpers import apply, env, running_pods, status, vllm_deployment, wait_for
 from test_admission_chain import webhook_requests
 

@@ -13,7 +13,7 @@ import time
 import yaml
 from aiohttp import web
 
-from kvmesh import names
+from kvmesh.core import names
 from kvmesh.certs import authority
 from helpers import apply, env, status, wait_for
 from support import free_port

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kvmesh import names, workloads
+from kvmesh.core import names, workloads
 from support import apply_response, run_cli
 
 HERE = Path(__file__).parent
@@ -79,5 +79,5 @@ def test_golden_cli_webhook_agree(case: Path, webhook) -> None:
 
 
 def _policy():
-    from kvmesh.webhook.policy import PolicyDefaults
+    from kvmesh.core.policy import PolicyDefaults
     return PolicyDefaults()

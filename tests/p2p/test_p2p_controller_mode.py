@@ -30,9 +30,9 @@ from ctrlrunner import CtrlEngine
 from lmcache_controller import LMCacheController
 from scenario import CHUNK, P2PScenario, Peer, wait_for
 
-from kvmesh import names
-from kvmesh.webhook.inject import Context, decide
-from kvmesh.webhook.policy import PolicyDefaults
+from kvmesh.core import names
+from kvmesh.core.inject import Context, decide
+from kvmesh.core.policy import PolicyDefaults
 
 IMAGE = "lmcache/vllm-openai:v0.3.9"  # the webhook picks controller mode from this version
 CHUNKS = 8

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from kvmesh.webhook import admission
-from kvmesh.webhook.policy import PolicyDefaults
+from kvmesh.core.policy import PolicyDefaults
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=5),

@@ -1,7 +1,7 @@
 import pytest
 
-from kvmesh import names
-from kvmesh.webhook import contract
+from kvmesh.core import names
+from kvmesh.core import contract
 
 
 @pytest.mark.parametrize("image,version", [

@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from kvmesh import names
-from kvmesh.webhook import inject
-from kvmesh.webhook.inject import Context, decide
-from kvmesh.webhook.policy import PolicyDefaults
+from kvmesh.core import names
+from kvmesh.core import inject
+from kvmesh.core.inject import Context, decide
+from kvmesh.core.policy import PolicyDefaults
 
 CTX = Context(namespace="ns")
 

@@ -1,6 +1,6 @@
 import pytest
 
-from kvmesh.webhook import launch
+from kvmesh.core import launch
 
 
 @pytest.mark.parametrize("argv,at", [

@@ -7,7 +7,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from kvmesh.webhook.policy import PolicyDefaults
+from kvmesh.core.policy import PolicyDefaults
 from kvmesh.webhook.server import Metrics, make_app
 
 # No NaN/Infinity: not JSON, never sent by the API server, and answered 400 (test below).

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from kvmesh import names
-from kvmesh.devcluster import DevCluster
+from kvmesh.core import names
+from kvmesh.local.devcluster import DevCluster
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFESTS = REPO / "manifests"

@@ -11,8 +11,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from kvmesh import names
-from kvmesh.webhook import contract
+from kvmesh.core import names
+from kvmesh.core import contract
 
 
 class InvalidOverride(ValueError):

@@ -611,7 +611,7 @@ class DevCluster:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m kvmesh.devcluster [NODES]: start a cluster, print its kubeconfig path, run until Ctrl-C."""
+    """python -m kvmesh.local.devcluster [NODES]: start a cluster, print its kubeconfig path, run until Ctrl-C."""
     argv = sys.argv[1:] if argv is None else argv
     nodes = int(argv[0]) if argv else 3
     with DevCluster(nodes=nodes, verbose=True, keep_workdir=True) as c:

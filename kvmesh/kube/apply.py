@@ -11,7 +11,7 @@ from typing import Optional
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from kvmesh import names
+from kvmesh.core import names
 
 log = logging.getLogger("kvmesh.events")
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import yaml
 
-from kvmesh import names
-from kvmesh.devcluster import DevCluster, build_binaries
-from kvmesh.localstack import LocalStack
+from kvmesh.core import names
+from kvmesh.local.devcluster import DevCluster, build_binaries
+from kvmesh.local.localstack import LocalStack
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "manifests" / "samples" / "vllm-deployment.yaml"

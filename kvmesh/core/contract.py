@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from kvmesh import names
+from kvmesh.core import names
 
 # --- vLLM side ---------------------------------------------------------------------------
 

@@ -15,9 +15,11 @@ from typing import Any, Optional
 
 import orjson
 
-from kvmesh import __version__, names
-from kvmesh.webhook import contract, launch, overrides
-from kvmesh.webhook.policy import PolicyDefaults
+from kvmesh import __version__
+
+from kvmesh.core import names
+from kvmesh.core import contract, launch, overrides
+from kvmesh.core.policy import PolicyDefaults
 
 INJECT, SKIP, DENY = "inject", "skip", "deny"
 

@@ -31,8 +31,8 @@ from typing import Iterable, Optional
 
 from pydantic import ValidationError
 
-from kvmesh import names
-from kvmesh.webhook.policy import LabelSelector, PolicyDefaults
+from kvmesh.core import names
+from kvmesh.core.policy import LabelSelector, PolicyDefaults
 
 REDIS_IMAGE = "redis:7.2-alpine"
 REDIS_MAXMEMORY_MB = 1024

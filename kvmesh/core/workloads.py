@@ -7,8 +7,8 @@ import copy
 from dataclasses import dataclass
 from typing import Optional
 
-from kvmesh.webhook import inject
-from kvmesh.webhook.policy import PolicyDefaults
+from kvmesh.core import inject
+from kvmesh.core.policy import PolicyDefaults
 
 # kind -> path to the pod template inside the document
 TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {

@@ -12,8 +12,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Optional
 
-from kvmesh import names
-from kvmesh.webhook import contract
+from kvmesh.core import names
+from kvmesh.core import contract
 
 
 @dataclass(frozen=True)
