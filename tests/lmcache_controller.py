@@ -1,5 +1,5 @@
 """TEST CODE: the real `lmcache_controller` (LMCache 0.5.6, from the vllm-0.33.0 consumer venv)
-as a process, for tests/controller/test_lmcache_ctrl.py, tests/e2e/test_mesh.py and
+as a process, for tests/backends/test_lmcache_controller.py, tests/e2e/test_mesh.py and
 tests/p2p/ctrlrunner.py.
 
 Start it bound to a host with given ports (default: the ports kvmesh's lookup StatefulSet
