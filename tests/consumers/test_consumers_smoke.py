@@ -28,7 +28,7 @@ POD = {
     "status": {"podIP": "10.1.2.3"},
 }
 
-# contract §6.2, as a container env list (P2P host through $(POD_IP))
+# docs/lmcache-contract.md, controller mode: as a container env list (P2P host through $(POD_IP))
 CONTROLLER_CONTAINER_ENV = [
     {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
     {"name": "LMCACHE_ENABLE_P2P", "value": "True"},
