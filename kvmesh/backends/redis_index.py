@@ -58,6 +58,15 @@ def notify_flags_to_set(current: str, needed: str = REDIS_NOTIFY_FLAGS) -> str |
     return current + missing if missing else None
 
 
+def config_value(reply: dict, name: str) -> str:
+    """One setting from a CONFIG GET reply, whether the client decoded it (str keys, as
+    redis-py does) or not (bytes); '' when absent."""
+    for k, v in reply.items():
+        if (k.decode() if isinstance(k, bytes) else k) == name:
+            return v.decode() if isinstance(v, bytes) else v
+    return ""
+
+
 def backoff_delay(attempt: int, base: float, cap: float) -> float:
     """Exponential backoff: base, 2*base, 4*base, ... capped."""
     return min(cap, base * (2 ** min(attempt, 30)))
@@ -220,8 +229,8 @@ class AddressIndex:
 
     async def _ensure_notify(self) -> bool:
         try:
-            cur = (await self.redis.config_get(NOTIFY_CONFIG)).get(
-                b"notify-keyspace-events", b"").decode()
+            # Add to what is configured, never replace it: an external Redis may serve others.
+            cur = config_value(await self.redis.config_get(NOTIFY_CONFIG), NOTIFY_CONFIG)
             new = notify_flags_to_set(cur)
             if new is not None:
                 await self.redis.config_set(NOTIFY_CONFIG, new)

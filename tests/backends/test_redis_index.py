@@ -37,6 +37,15 @@ def test_notify_flags_to_set(current, expected):
     assert I.notify_flags_to_set(current) == expected
 
 
+@pytest.mark.parametrize("reply", [
+    {"notify-keyspace-events": "Kx"},  # redis-py decodes CONFIG GET replies to str
+    {b"notify-keyspace-events": b"Kx"},
+])
+def test_config_value_str_or_bytes(reply):
+    assert I.config_value(reply, "notify-keyspace-events") == "Kx"
+    assert I.config_value({}, "notify-keyspace-events") == ""
+
+
 def test_event_keys_dedup_own_and_barriers():
     frames = [[b"subscribe", CH, 1]]
     frames += [[b"message", CH, k] for k in
@@ -258,6 +267,34 @@ async def test_preconfigured_notifications_without_config_command(make_redis_ser
         assert res.deleted == 1000 and not res.full_scan
     finally:
         await idx.stop()
+        await w.aclose()
+
+
+def _flag_set(flags: str) -> set[str]:
+    """A notify-keyspace-events value as a set of flags, 'A' spelled out (Redis may read back
+    either spelling)."""
+    return set(flags.replace("A", "g$lshzxetd"))
+
+
+@pytest.mark.parametrize("operator_flags", ["Kx", "Eg$", "KEA"])
+async def test_adds_notify_flags_keeping_the_operators(make_redis_server, operator_flags):
+    # An external Redis configured by someone else: the index may add what it needs, never
+    # take away what others rely on (issue 13: `Kx` became `$E`, `Eg$` became `E$`).
+    srv = make_redis_server("--notify-keyspace-events", operator_flags)
+    before = srv.client.config_get("notify-keyspace-events")["notify-keyspace-events"]
+    assert _flag_set(before) == _flag_set(operator_flags)
+    w = aredis.Redis(port=srv.port)
+    try:
+        async with I.AddressIndex(port=srv.port) as idx:
+            assert idx.index_complete  # the probe write was notified
+            after = srv.client.config_get("notify-keyspace-events")["notify-keyspace-events"]
+            assert _flag_set(after) >= _flag_set(before) | {"E", "$"}
+            if {"E", "$"} <= _flag_set(before):
+                assert after == before  # nothing to add: left exactly as it was
+            await load(w, DEAD, 1000, "d")
+            res = await idx.purge_address(DEAD)
+            assert res.deleted == 1000 and not res.full_scan
+    finally:
         await w.aclose()
 
 
