@@ -103,29 +103,32 @@ def group_by_addr(keys: Iterable[bytes], values: Iterable[bytes | None]) -> dict
 # redis.call()s, which dominate the cost); MGET returns nil for a key that is not a string, so
 # no error can stop a script half-way. Batches stay far below Lua's unpack() limit (~8000).
 
+# The value check every delete goes through: of the keys in `keys`, delete those whose value is
+# still ARGV[1] (the dead address); leaves their count in #doomed.
+_LUA_DEL_MATCHING = """
+local values = redis.call('MGET', unpack(keys))
+local doomed = {}
+for i, v in ipairs(values) do
+  if v == ARGV[1] then doomed[#doomed + 1] = keys[i] end
+end
+if #doomed > 0 then redis.call('DEL', unpack(doomed)) end
+"""
+
 # Pop up to ARGV[2] members of the index set KEYS[1]; delete each whose value is still ARGV[1].
 # Pop and deletes happen in one script, so an interrupted purge loses nothing: the members not
 # yet popped are still in the set and the next call goes on (idempotent, resumable).
+# Returns {members popped, keys deleted}.
 LUA_DRAIN = """
-local members = redis.call('SPOP', KEYS[1], tonumber(ARGV[2]))
-if #members == 0 then return {0, 0} end
-local values = redis.call('MGET', unpack(members))
-local doomed = {}
-for i, v in ipairs(values) do
-  if v == ARGV[1] then doomed[#doomed + 1] = members[i] end
-end
-if #doomed > 0 then redis.call('DEL', unpack(doomed)) end
-return {#members, #doomed}
+local keys = redis.call('SPOP', KEYS[1], tonumber(ARGV[2]))
+if #keys == 0 then return {0, 0} end
+""" + _LUA_DEL_MATCHING + """
+return {#keys, #doomed}
 """
 
 # Delete KEYS[i] if its value is ARGV[1]. Returns the number deleted.
 LUA_DEL_IF = """
-local values = redis.call('MGET', unpack(KEYS))
-local doomed = {}
-for i, v in ipairs(values) do
-  if v == ARGV[1] then doomed[#doomed + 1] = KEYS[i] end
-end
-if #doomed > 0 then redis.call('DEL', unpack(doomed)) end
+local keys = KEYS
+""" + _LUA_DEL_MATCHING + """
 return #doomed
 """
 
