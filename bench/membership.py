@@ -29,7 +29,7 @@ from helpers import publish_keys, running_pods, vllm_deployment  # noqa: E402
 from support import wait_for  # noqa: E402
 from test_mesh import lookup_pod  # noqa: E402
 
-from kvmesh import names  # noqa: E402
+from kvmesh.core import names  # noqa: E402
 from kvmesh.local.devcluster import DevCluster, build_binaries  # noqa: E402
 from kvmesh.local.localstack import LocalStack  # noqa: E402
 

@@ -1,5 +1,6 @@
 """Deregister a dead pod's LMCache workers from ``lmcache_controller`` at once (controller mode,
-lmcache 0.3.7 → 0.5.x; contract §2.4–2.6, §7).
+lmcache 0.3.7 → 0.5.x; docs/lmcache-contract.md, "controller mode" and "Known upstream limits
+kvmesh works around or refuses").
 
 LMCache's controller has no HTTP deregister endpoint. Its ZMQ PULL socket (``--monitor-ports``
 ``"pull"``) accepts, besides msgpack, JSON parts: a part starting with ``{`` is decoded with
@@ -21,9 +22,10 @@ every field strictly before anything is sent.
 Listing: ``GET /controller/workers?instance_id=<id>`` is read fresh from the registry; the "all"
 listing (no instance_id) goes through a 30 s TTL cache, so this module always asks per instance.
 
-The trap (§2.4): a ``RegisterMsg`` for an ``(instance_id, worker_id)`` that is already registered
-is skipped ("already registered, skip registration"): the controller clears that worker's KV set
-but keeps the OLD ip/port/peer_init_url. kvmesh never meets it: instance ids come from the pod's
+The trap (docs/lmcache-contract.md, "controller mode", the instance id row): a ``RegisterMsg``
+for an ``(instance_id, worker_id)`` that is already registered is skipped ("already registered,
+skip registration"): the controller clears that worker's KV set but keeps the OLD
+ip/port/peer_init_url. kvmesh never meets it: instance ids come from the pod's
 uid wherever names are reused (StatefulSets, fixed-name pods), and every departure, a container
 restart included, deregisters all of the incarnation's ranks.
 
@@ -47,7 +49,6 @@ log = logging.getLogger("kvmesh.lmcache_ctrl")
 DEFAULT_SEND_TIMEOUT_S = 2.0
 DEFAULT_LINGER_MS = 1000
 DEFAULT_HTTP_TIMEOUT_S = 5.0
-LOCATION_DEFAULT = "LocalCPUBackend"
 
 
 class LMCacheControllerError(RuntimeError):
@@ -63,7 +64,7 @@ class DeregistrationNotConfirmed(LMCacheControllerError):
 
 
 # --------------------------------------------------------------------------------------------
-# Pure helpers: addresses, message schema, stale-record decision
+# Pure helpers: addresses, message schema
 # --------------------------------------------------------------------------------------------
 
 def zmq_endpoint(url: str) -> tuple[str, bool]:
@@ -248,7 +249,7 @@ async def workers(http_url: str, instance_id: Optional[str] = None, *,
 
 
 # --------------------------------------------------------------------------------------------
-# Deregister and confirm; stale-record guard
+# Deregister and confirm
 # --------------------------------------------------------------------------------------------
 
 async def deregister_and_confirm(pull_url: str, http_url: str, instance_id: str,

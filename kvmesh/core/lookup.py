@@ -38,7 +38,7 @@ REDIS_IMAGE = "redis:7.2-alpine"
 REDIS_MAXMEMORY_MB = 1024
 # Keyspace events for the controller's reverse index: keyevent notifications of string
 # commands (SET). The controller also sets this itself on connect.
-REDIS_NOTIFY = "E$"
+REDIS_NOTIFY = names.REDIS_NOTIFY_FLAGS
 # A burst of chunk stores must not drop the controller's subscription (default hard limit
 # 32 MB); a drop costs a full reconciliation.
 REDIS_PUBSUB_BUFFER = "pubsub 256mb 64mb 60"

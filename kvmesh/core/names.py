@@ -81,3 +81,9 @@ API_VERSION = "v1alpha1"
 def group_id(mode: str, group: str) -> str:
     """Label value and KVMeshPeerGroup name of a peer group, e.g. `redis-default`."""
     return f"{mode}-{group}"
+
+
+# Redis `notify-keyspace-events` flags the controller's address index needs: keyevent
+# notifications ('E') of string commands ('$', i.e. SET). The lookup Redis starts with them;
+# the index adds them to any other Redis's setting.
+REDIS_NOTIFY_FLAGS = "E$"

@@ -1,9 +1,10 @@
 """A real redis-server per test: 127.0.0.1, a free port, a temp dir, no persistence
-(support.RedisServer)."""
+(support.RedisServer); and the writer's client, a client of its own as LMCache's pods are."""
 
 from __future__ import annotations
 
 import pytest
+import redis.asyncio as aredis
 
 from support import RedisServer
 
@@ -30,3 +31,11 @@ def make_redis_server(tmp_path):
     yield make
     for srv in made:
         srv.stop()
+
+
+@pytest.fixture
+async def lmcache(redis_server):
+    """The writer: a client of its own, as LMCache's pods are."""
+    r = aredis.Redis(port=redis_server.port)
+    yield r
+    await r.aclose()

@@ -67,7 +67,8 @@ async def wait_for(pred, timeout=5.0, interval=0.02):
         await asyncio.sleep(interval)
 
 
-WPORTS, INIT = [18100, 18101], [18200, 18201]  # per-rank lists, same in every pod (contract §2.2)
+# Per-rank lists, the same in every pod (docs/lmcache-contract.md, "controller mode").
+WPORTS, INIT = [18100, 18101], [18200, 18201]
 
 
 def register_pod(sim, inst: str, ip: str, tp: int = 2) -> None:

@@ -1,7 +1,7 @@
 """kvmesh.backends.redis_index against a real redis-server (started per test by conftest.py).
 
 Keys are written the way LMCache's RedisLookupServer writes them: plain SET, no TTL, DB 0,
-from a client of their own."""
+from a client of its own (lmcache_keys.py)."""
 
 from __future__ import annotations
 
@@ -12,49 +12,16 @@ import pytest
 import redis
 import redis.asyncio as aredis
 
-from kvmesh.backends import redis_index as P
+from kvmesh.backends import redis_index as I
+from kvmesh.backends import redis_scripts as S
+from lmcache_keys import DEAD, LIVE_A, LIVE_B, count, load, values_of
 
-DEAD, LIVE_A, LIVE_B = "10.1.0.9:8200", "10.1.0.10:8200", "10.1.0.11:8200"
-MODEL = "vllm@meta-llama/Llama-3.1-8B-Instruct@1@0@"
-
-
-def key(tag: str, i: int) -> bytes:
-    return f"{MODEL}{tag}{i:060x}".encode()
-
-
-async def load(r: aredis.Redis, addr: str, n: int, tag: str) -> list[bytes]:
-    keys = [key(tag, i) for i in range(n)]
-    for i in range(0, n, 5000):
-        pipe = r.pipeline(transaction=False)
-        for k in keys[i:i + 5000]:
-            pipe.set(k, addr)
-        await pipe.execute()
-    return keys
-
-
-async def values_of(r: aredis.Redis) -> dict[bytes, bytes]:
-    """Every LMCache-style string key -> value (own kvmesh: keys excluded)."""
-    out: dict[bytes, bytes] = {}
-    async for keys in P._scan_batches(r, 5000):
-        out.update(zip(keys, await r.mget(keys)))
-    return out
-
-
-def count(values: dict, addr: str) -> int:
-    return sum(1 for v in values.values() if v == addr.encode())
-
-
-@pytest.fixture
-async def lmcache(redis_server):
-    """The writer: a client of its own, as LMCache's pods are."""
-    r = aredis.Redis(port=redis_server.port)
-    yield r
-    await r.aclose()
+CH = b"__keyevent@0__:set"
 
 
 @pytest.fixture
 async def index(redis_server):
-    idx = P.AddressIndex(port=redis_server.port, health_interval=1.0)
+    idx = I.AddressIndex(port=redis_server.port, health_interval=1.0)
     assert await idx.start(wait=10)
     yield idx
     await idx.stop()
@@ -62,43 +29,29 @@ async def index(redis_server):
 
 # ---- pure functions ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("value,expected", [
-    (b"10.0.0.1:8200", "10.0.0.1:8200"), ("pod-a.ns:1", "pod-a.ns:1"),
-    (b"10.0.0.1", None), (b"10.0.0.1:", None), (b":80", None), (b"10.0.0.1:0", None),
-    (b"10.0.0.1:65536", None), (b"::1:80", None), (b"a b:80", None), (b"h:8x", None),
-    (b"\xff:80", None), (None, None), (b"x" * 400 + b":1", None),
-])
-def test_parse_addr(value, expected):
-    assert P.parse_addr(value) == expected
-
-
 @pytest.mark.parametrize("current,expected", [
     ("", "E$"), ("E", "E$"), ("$E", None), ("AE", None), ("Kx", "KxE$"), ("KA", "KAE"),
+    ("Eg$", None), ("g", "gE$"),
 ])
 def test_notify_flags_to_set(current, expected):
-    assert P.notify_flags_to_set(current) == expected
+    assert I.notify_flags_to_set(current) == expected
 
 
-def test_parse_resp_frames_partial_and_events():
-    ch = b"__keyevent@0__:set"
-    msg = P.resp_command("message", ch, b"k1") + P.resp_command("message", ch, b"kvmesh:addr:x")
-    msg += P.resp_command("message", ch, b"kvmesh:barrier:ab12") + P.resp_command("message", ch, b"k1")
-    sub = b"*3\r\n$9\r\nsubscribe\r\n$18\r\n" + ch + b"\r\n:1\r\n"
-    data = sub + msg + b"*2\r\n$4\r\npong\r\n$0\r\n\r\n"
-    for cut in range(len(data) + 1):  # every split point parses to the same frames
-        f1, pos = P.parse_resp_frames(data[:cut])
-        f2, pos2 = P.parse_resp_frames(data[:cut][pos:] + data[cut:])
-        assert pos2 == len(data[:cut][pos:] + data[cut:])
-        frames = f1 + f2
-        assert frames[0] == [b"subscribe", ch, 1] and frames[-1] == [b"pong", b""]
-    assert P.event_keys(frames, ch) == ([b"k1"], ["ab12"])
-    assert P.parse_resp_frames(b"-ERR no\r\n") == ([("-", b"ERR no")], 9)
+@pytest.mark.parametrize("reply", [
+    {"notify-keyspace-events": "Kx"},  # redis-py decodes CONFIG GET replies to str
+    {b"notify-keyspace-events": b"Kx"},
+])
+def test_config_value_str_or_bytes(reply):
+    assert I.config_value(reply, "notify-keyspace-events") == "Kx"
+    assert I.config_value({}, "notify-keyspace-events") == ""
 
 
-def test_group_by_addr_drops_own_and_junk():
-    keys = [b"a", b"b", b"kvmesh:x", b"c", b"d"]
-    values = [DEAD.encode(), b"junk", DEAD.encode(), None, LIVE_A.encode()]
-    assert P.group_by_addr(keys, values) == {DEAD: [b"a"], LIVE_A: [b"d"]}
+def test_event_keys_dedup_own_and_barriers():
+    frames = [[b"subscribe", CH, 1]]
+    frames += [[b"message", CH, k] for k in
+               (b"k1", b"kvmesh:addr:x", b"kvmesh:barrier:ab12", b"k1")]
+    frames += [[b"message", b"__keyevent@1__:set", b"k2"], [b"pong", b""]]
+    assert I.event_keys(frames, CH) == ([b"k1"], ["ab12"])
 
 
 # ---- index from notifications + purge ---------------------------------------------------------
@@ -112,9 +65,9 @@ async def test_purge_dead_address_exact_counts(index, lmcache):
     assert await index.sync()
 
     # The index came from notifications only (the start-up reconcile saw an empty Redis).
-    assert set(await lmcache.smembers(P.index_key(DEAD))) == set(dead)
-    assert await lmcache.scard(P.index_key(LIVE_A)) == 6000
-    assert await lmcache.scard(P.index_key(LIVE_B)) == 4000
+    assert set(await lmcache.smembers(S.index_key(DEAD))) == set(dead)
+    assert await lmcache.scard(S.index_key(LIVE_A)) == 6000
+    assert await lmcache.scard(S.index_key(LIVE_B)) == 4000
     assert index.stats.keys_indexed == 20000
 
     res = await index.purge_address(DEAD)
@@ -122,8 +75,8 @@ async def test_purge_dead_address_exact_counts(index, lmcache):
     vals = await values_of(lmcache)
     assert (count(vals, DEAD), count(vals, LIVE_A), count(vals, LIVE_B)) == (0, 6000, 4000)
     assert len(vals) == 10001 and vals[b"vllm@junk@1"] == b"not-an-address"
-    assert not await lmcache.exists(P.index_key(DEAD))
-    assert await lmcache.scard(P.index_key(LIVE_A)) == 6000
+    assert not await lmcache.exists(S.index_key(DEAD))
+    assert await lmcache.scard(S.index_key(LIVE_A)) == 6000
     assert index.stats.keys_purged == 10000 and index.stats.purges == 1
 
     again = await index.purge_address(DEAD)  # idempotent
@@ -140,12 +93,12 @@ async def test_key_rewritten_by_live_pod_survives(index, lmcache):
     await pipe.execute()
     # Drain straight away, before the indexer has seen these writes: the dead pod's index set
     # still lists the stolen keys, and only the atomic value check spares them.
-    res = await P.drain_index(index.redis, DEAD)
+    res = await S.drain_index(index.redis, DEAD)
     assert (res.deleted, res.checked) == (4700, 5000)
     vals = await values_of(lmcache)
     assert len(vals) == 300 and all(vals[k] == LIVE_A.encode() for k in stolen)
     assert await index.sync()
-    assert set(await lmcache.smembers(P.index_key(LIVE_A))) == set(stolen)
+    assert set(await lmcache.smembers(S.index_key(LIVE_A))) == set(stolen)
 
 
 async def test_purge_waits_for_indexer_backlog(index, lmcache):
@@ -158,52 +111,11 @@ async def test_purge_waits_for_indexer_backlog(index, lmcache):
 
 # ---- reconcile --------------------------------------------------------------------------------
 
-async def test_reconcile_purges_stale_and_rebuilds_live(redis_server, lmcache):
-    a = await load(lmcache, LIVE_A, 3000, "a")
-    b = await load(lmcache, LIVE_B, 2000, "b")
-    await load(lmcache, DEAD, 4000, "d")
-    await load(lmcache, "10.1.0.99:8200", 1000, "e")
-    # Leftovers in the index: a member now owned by B, one since deleted, an empty dead set.
-    await lmcache.sadd(P.index_key(LIVE_A), b[0], b"vllm@gone@1")
-    await lmcache.sadd(P.index_key("10.1.0.77:8200"), b"vllm@gone@2")
-    r = aredis.Redis(port=redis_server.port)
-    try:
-        res = await P.reconcile(r, {LIVE_A, LIVE_B})
-    finally:
-        await r.aclose()
-    assert (res.scanned, res.indexed, res.purged, res.pruned) == (10000, 10000, 5000, 2)
-    assert res.stale_addrs == {DEAD: 4000, "10.1.0.99:8200": 1000}
-    vals = await values_of(lmcache)
-    assert len(vals) == 5000 and (count(vals, LIVE_A), count(vals, LIVE_B)) == (3000, 2000)
-    assert set(await lmcache.smembers(P.index_key(LIVE_A))) == set(a)
-    assert set(await lmcache.smembers(P.index_key(LIVE_B))) == set(b)
-    idx_keys = set(await lmcache.keys(b"kvmesh:addr:*"))
-    assert idx_keys == {P.index_key(LIVE_A), P.index_key(LIVE_B)}
-
-
-async def test_reconcile_live_provider_evaluated_after_scan(redis_server, lmcache):
-    await load(lmcache, DEAD, 500, "d")
-    calls = []
-
-    async def live():  # e.g. the pod informer; a pod that became live during the scan counts
-        calls.append(1)
-        return {DEAD}
-
-    r = aredis.Redis(port=redis_server.port)
-    try:
-        res = await P.reconcile(r, live)
-        assert res.purged == 0 and calls == [1]
-        assert (await P.reconcile(r, None)).purged == 0  # None: rebuild only
-    finally:
-        await r.aclose()
-    assert await lmcache.dbsize() == 501
-
-
 async def test_startup_reconcile_with_live_provider(redis_server, lmcache):
     await load(lmcache, DEAD, 2000, "d")  # died while nobody watched
     await load(lmcache, LIVE_A, 1000, "a")
     swept: list[dict[str, int]] = []
-    async with P.AddressIndex(port=redis_server.port, live_addrs=lambda: {LIVE_A},
+    async with I.AddressIndex(port=redis_server.port, live_addrs=lambda: {LIVE_A},
                               on_reconcile=swept.append) as idx:
         assert idx.index_complete and idx.stats.reconcile_purged == 2000
         # The owner learns which dead address lost how many keys (to credit its departure).
@@ -215,7 +127,7 @@ async def test_startup_reconcile_with_live_provider(redis_server, lmcache):
 async def test_full_scan_fallback_without_subscription(redis_server, lmcache):
     await load(lmcache, DEAD, 3000, "d")
     await load(lmcache, LIVE_A, 1000, "a")
-    idx = P.AddressIndex(port=redis_server.port)  # never started: no index to trust
+    idx = I.AddressIndex(port=redis_server.port)  # never started: no index to trust
     try:
         res = await idx.purge_address(DEAD)
     finally:
@@ -224,23 +136,11 @@ async def test_full_scan_fallback_without_subscription(redis_server, lmcache):
     assert await lmcache.dbsize() == 1000
 
 
-async def test_naive_baseline(redis_server, lmcache):
-    await load(lmcache, DEAD, 3000, "d")
-    await load(lmcache, LIVE_A, 1000, "a")
-    r = aredis.Redis(port=redis_server.port)
-    try:
-        res = await P.purge_address_naive(r, DEAD)
-    finally:
-        await r.aclose()
-    assert (res.deleted, res.checked) == (3000, 4000)
-    assert await lmcache.dbsize() == 1000
-
-
 # ---- resilience -------------------------------------------------------------------------------
 
 async def test_redis_restarted_mid_purge(redis_server, lmcache, caplog):
     caplog.set_level(logging.INFO, logger="kvmesh.purge")
-    idx = P.AddressIndex(port=redis_server.port, drain_batch=100, health_interval=1.0,
+    idx = I.AddressIndex(port=redis_server.port, drain_batch=100, health_interval=1.0,
                          backoff_base=0.02)
     assert await idx.start(wait=10)
     try:
@@ -276,7 +176,7 @@ async def test_redis_restarted_mid_purge(redis_server, lmcache, caplog):
 
 
 async def test_connection_killed_mid_purge_then_resumed(redis_server, lmcache):
-    idx = P.AddressIndex(port=redis_server.port, drain_batch=100, max_attempts=1)
+    idx = I.AddressIndex(port=redis_server.port, drain_batch=100, max_attempts=1)
     assert await idx.start(wait=10)
     try:
         await load(lmcache, DEAD, 20000, "d")
@@ -290,7 +190,7 @@ async def test_connection_killed_mid_purge_then_resumed(redis_server, lmcache):
                 killed.append(killer.client_kill_filter(_type="normal"))
 
         idx.progress_hook = hook
-        with pytest.raises(P.PurgeError) as err:
+        with pytest.raises(I.PurgeError) as err:
             await idx.purge_address(DEAD)
         partial = err.value.partial
         assert killed and 0 < partial.deleted < 20000
@@ -299,14 +199,14 @@ async def test_connection_killed_mid_purge_then_resumed(redis_server, lmcache):
         assert partial.deleted + res.deleted == 20000
         vals = await values_of(lmcache)
         assert (count(vals, DEAD), count(vals, LIVE_A)) == (0, 2000)
-        assert not await lmcache.exists(P.index_key(DEAD))
+        assert not await lmcache.exists(S.index_key(DEAD))
         killer.close()
     finally:
         await idx.stop()
 
 
 async def test_connection_killed_mid_purge_retried_transparently(redis_server, lmcache):
-    idx = P.AddressIndex(port=redis_server.port, drain_batch=100, backoff_base=0.01)
+    idx = I.AddressIndex(port=redis_server.port, drain_batch=100, backoff_base=0.01)
     assert await idx.start(wait=10)
     try:
         await load(lmcache, DEAD, 5000, "d")
@@ -321,7 +221,7 @@ async def test_connection_killed_mid_purge_retried_transparently(redis_server, l
 
 
 async def test_subscription_killed_resubscribes_and_reconciles(redis_server, lmcache):
-    idx = P.AddressIndex(port=redis_server.port, backoff_base=0.01)
+    idx = I.AddressIndex(port=redis_server.port, backoff_base=0.01)
     assert await idx.start(wait=10)
     try:
         await lmcache.client_kill_filter(_type="pubsub")
@@ -332,7 +232,7 @@ async def test_subscription_killed_resubscribes_and_reconciles(redis_server, lmc
             await asyncio.sleep(0.05)
         assert await idx.wait_complete(10)
         assert idx.stats.subscriptions == 2 and idx.stats.reconciles == 2
-        assert await lmcache.scard(P.index_key(DEAD)) == 2000  # rebuilt by the reconcile
+        assert await lmcache.scard(S.index_key(DEAD)) == 2000  # rebuilt by the reconcile
         res = await idx.purge_address(DEAD)
         assert res.deleted == 2000 and not res.full_scan
     finally:
@@ -342,7 +242,7 @@ async def test_subscription_killed_resubscribes_and_reconciles(redis_server, lmc
 async def test_config_refused_logs_and_falls_back(make_redis_server, caplog):
     srv = make_redis_server("--rename-command", "CONFIG", "")
     caplog.set_level(logging.INFO, logger="kvmesh.purge")
-    idx = P.AddressIndex(port=srv.port, sync_timeout=0.3, backoff_base=0.01)
+    idx = I.AddressIndex(port=srv.port, sync_timeout=0.3, backoff_base=0.01)
     w = aredis.Redis(port=srv.port)
     try:
         assert not await idx.start(wait=1.5)
@@ -358,7 +258,7 @@ async def test_config_refused_logs_and_falls_back(make_redis_server, caplog):
 
 async def test_preconfigured_notifications_without_config_command(make_redis_server):
     srv = make_redis_server("--rename-command", "CONFIG", "", "--notify-keyspace-events", "E$")
-    idx = P.AddressIndex(port=srv.port)
+    idx = I.AddressIndex(port=srv.port)
     w = aredis.Redis(port=srv.port)
     try:
         assert await idx.start(wait=10)  # the probe write proved events arrive
@@ -370,8 +270,36 @@ async def test_preconfigured_notifications_without_config_command(make_redis_ser
         await w.aclose()
 
 
+def _flag_set(flags: str) -> set[str]:
+    """A notify-keyspace-events value as a set of flags, 'A' spelled out (Redis may read back
+    either spelling)."""
+    return set(flags.replace("A", "g$lshzxetd"))
+
+
+@pytest.mark.parametrize("operator_flags", ["Kx", "Eg$", "KEA"])
+async def test_adds_notify_flags_keeping_the_operators(make_redis_server, operator_flags):
+    # An external Redis configured by someone else: the index may add what it needs, never
+    # take away what others rely on (issue 13: `Kx` became `$E`, `Eg$` became `E$`).
+    srv = make_redis_server("--notify-keyspace-events", operator_flags)
+    before = srv.client.config_get("notify-keyspace-events")["notify-keyspace-events"]
+    assert _flag_set(before) == _flag_set(operator_flags)
+    w = aredis.Redis(port=srv.port)
+    try:
+        async with I.AddressIndex(port=srv.port) as idx:
+            assert idx.index_complete  # the probe write was notified
+            after = srv.client.config_get("notify-keyspace-events")["notify-keyspace-events"]
+            assert _flag_set(after) >= _flag_set(before) | {"E", "$"}
+            if {"E", "$"} <= _flag_set(before):
+                assert after == before  # nothing to add: left exactly as it was
+            await load(w, DEAD, 1000, "d")
+            res = await idx.purge_address(DEAD)
+            assert res.deleted == 1000 and not res.full_scan
+    finally:
+        await w.aclose()
+
+
 async def test_periodic_prune_drops_evicted_and_rewritten_members(redis_server, lmcache):
-    idx = P.AddressIndex(port=redis_server.port, prune_interval=0.2)
+    idx = I.AddressIndex(port=redis_server.port, prune_interval=0.2)
     assert await idx.start(wait=10)
     try:
         keys = await load(lmcache, LIVE_A, 1000, "a")
@@ -382,14 +310,14 @@ async def test_periodic_prune_drops_evicted_and_rewritten_members(redis_server, 
             pipe.set(k, LIVE_B)
         await pipe.execute()
         assert await idx.sync()
-        assert await lmcache.scard(P.index_key(LIVE_A)) == 1000  # stale until pruned
+        assert await lmcache.scard(S.index_key(LIVE_A)) == 1000  # stale until pruned
         for _ in range(100):
             if idx.stats.pruned >= 400:
                 break
             await asyncio.sleep(0.05)
         assert idx.stats.pruned == 400 and idx.stats.prunes >= 1
-        assert set(await lmcache.smembers(P.index_key(LIVE_A))) == set(keys[400:])
-        assert set(await lmcache.smembers(P.index_key(LIVE_B))) == set(keys[300:400])
+        assert set(await lmcache.smembers(S.index_key(LIVE_A))) == set(keys[400:])
+        assert set(await lmcache.smembers(S.index_key(LIVE_B))) == set(keys[300:400])
         assert await lmcache.dbsize() - len(await lmcache.keys(b"kvmesh:*")) == 700
     finally:
         await idx.stop()
