@@ -17,8 +17,8 @@ from helpers import apply, pods, publish_keys, running_pods, status, vllm_deploy
 from lmcache_controller import LMCacheController, child_env
 from support import RedisServer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "controller"))
-from lmc_worker_sim import WorkerSim  # noqa: E402  (tests/controller: the simulated workers)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backends"))
+from lmc_worker_sim import WorkerSim  # noqa: E402  (tests/backends: the simulated workers)
 
 API = f"{names.API_GROUP}/{names.API_VERSION}"
 
