@@ -88,7 +88,7 @@ def violations() -> list[str]:
             theirs = layer_of(imp)
             if theirs is not None and theirs != mine and theirs not in MAY_IMPORT[mine]:
                 out.append(f"{where}:{line}: {mod} ({mine}) imports {imp} ({theirs}); "
-                           f"{mine} may import only {sorted(MAY_IMPORT[mine]) or 'nothing of kvmesh'}")
+                           f"{mine} may import " + (", ".join(sorted(MAY_IMPORT[mine])) or "no other layer"))
     return out
 
 
