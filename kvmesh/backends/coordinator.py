@@ -4,7 +4,7 @@ every fact below read in the lmcache 0.5.6 wheel).
 The coordinator is a FastAPI app (``lmcache/v1/mp_coordinator/app.py``) that keeps the fleet's
 membership in memory (``views/instance_registry.py``). Each ``lmcache server`` started with
 ``--coordinator-url`` registers itself, heartbeats and deregisters on a clean shutdown
-(``mp_coordinator/registrar.py:129-209``, started from ``multiprocess/http_server.py:127-143``).
+(``mp_coordinator/registrar.py:79-159``, started from ``multiprocess/http_server.py:127-143``).
 Its P2P controller polls ``GET /instances`` at the heartbeat interval and keeps one L2 adapter
 per listed peer (``multiprocess/modules/p2p_controller.py:425-453``). kvmesh uses three routes:
 
@@ -18,14 +18,14 @@ per listed peer (``multiprocess/modules/p2p_controller.py:425-453``). kvmesh use
 
 A deleted server that is still running re-registers at its next heartbeat: the heartbeat
 ``PUT /instances/{id}/heartbeat`` gets a 404 (``instances_api.py:77-95``) and the registrar drops
-its id and registers again (``registrar.py:188-197``). So ``DELETE`` is only meaningful for an
+its id and registers again (``registrar.py:138-147``). So ``DELETE`` is only meaningful for an
 incarnation that is dead, and a confirmation that finds the id listed again means that
 incarnation is still alive (``deregister_and_confirm`` says so).
 
 Instance ids: the server registers exactly its ``--instance-id`` (``multiprocess/config.py:353-361``,
-``:601``; ``http_server.py:136``; ``registrar.py:115-121``), a fresh UUID4 per process start when
-the flag is absent (``config.py:115``, ``:601``). The coordinator strips surrounding whitespace
-(``schemas.py:94``) and generates ``mp-<hex>`` for an empty id (``instances_api.py:53``). The
+``:601``; ``http_server.py:136``; ``registrar.py:65-71``), a fresh UUID4 per process start when
+the flag is absent (``multiprocess/config.py:115``, ``:601``). The coordinator strips surrounding whitespace
+(``mp_coordinator/schemas.py:94``) and generates ``mp-<hex>`` for an empty id (``instances_api.py:53``). The
 ``DELETE`` route's ``{instance_id}`` cannot contain ``/`` (a Starlette path parameter), so such
 ids are refused here before anything is sent.
 
@@ -139,7 +139,7 @@ def check_instance_id(instance_id: str) -> str:
         raise ValueError(f"instance_id must be a non-empty str, got {instance_id!r}")
     if instance_id != instance_id.strip():
         raise ValueError(f"instance_id {instance_id!r} has surrounding whitespace; the "
-                         f"coordinator strips it at registration (schemas.py:94), so no "
+                         f"coordinator strips it at registration (lmcache 0.5.6 mp_coordinator/schemas.py:94), so no "
                          f"registration has this id")
     if "/" in instance_id or instance_id in (".", ".."):
         raise ValueError(f"instance_id {instance_id!r} cannot be addressed as "
@@ -355,7 +355,7 @@ class Coordinator:
         ``resend_after`` s while it is listed. Returns the seconds it took.
 
         An id listed again after a 204 was registered anew by a server that is still running
-        (its heartbeat got a 404 and it re-registered, ``registrar.py:188-197``): that
+        (its heartbeat got a 404 and it re-registered, ``registrar.py:138-147``): that
         incarnation is not dead, and ``DeregistrationNotConfirmed`` says so."""
         check_instance_id(instance_id)
         t0 = time.monotonic()

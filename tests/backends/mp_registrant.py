@@ -7,7 +7,7 @@ does it, without the engine (no GPU, no L1, no torch work beyond lmcache's impor
                     advertise_ip=..., heartbeat_interval=..., p2p_advertised_url=...,
                     mq_port=<--port if P2P else 0>, on_registered=...)
 (lmcache 0.5.6 `lmcache/v1/multiprocess/http_server.py:127-143`) and cancels it on shutdown,
-which deregisters (`lmcache/v1/mp_coordinator/registrar.py:206-209`). This script runs one such
+which deregisters (`lmcache/v1/mp_coordinator/registrar.py:156-159`). This script runs one such
 task per instance given, with the same client settings:
 
     python mp_registrant.py '{"coordinator": "http://127.0.0.1:PORT", "heartbeat": 0.5,
