@@ -166,3 +166,55 @@ class Registrant(_Proc):
                 if "registered" in rec:
                     out.append(rec["registered"])
         return out
+
+
+NIXL_ENV = "nixl-1.5.1-cu13"
+
+
+def nixl_site() -> Path:
+    """The NIXL overlay (upstream's `lmcache[nixl]` extra) put on the server's PYTHONPATH; without
+    it a P2P server exits with "NIXL is not available" (lmcache 0.5.6 nixl_impl.py:47-58)."""
+    d = consumers.env_dir(NIXL_ENV)
+    sp = sorted((d / "lib").glob("python3*/site-packages"))
+    if not sp or not (d / ".kvmesh-spec").exists():
+        raise consumers.ConsumerEnvMissing(
+            f"NIXL overlay {NIXL_ENV!r} missing at {d}; create it with: "
+            f"bash {consumers.SETUP_SCRIPT} {ENV} {NIXL_ENV}")
+    return sp[0]
+
+
+class Server(_Proc):
+    """A real `lmcache server` with P2P on, configured the way docs/mp-mode.md §4.1 prescribes
+    (listen on all interfaces, advertise `ip` through LMCACHE_COORDINATOR_ADVERTISE_IP and
+    --p2p-advertise-url, 1 s heartbeat), small CPU L1. Stand-ins: `ip` is a loopback address for
+    the pod IP; UCX over TCP on loopback; `--supported-transfer-mode auto` (no GPU here)."""
+
+    name = "lmcache server"
+
+    def __init__(self, coordinator: Coordinator, instance_id: str, ip: str, ports: dict,
+                 log_dir: Path, heartbeat: float = 1.0):
+        consumers.env_python(ENV)
+        exe = consumers.env_dir(ENV) / "bin" / "lmcache"
+        self.coordinator, self.instance_id, self.ip, self.ports = coordinator, instance_id, ip, ports
+        env = {**child_env(), "PYTHONPATH": str(nixl_site()), "UCX_TLS": "tcp,self",
+               "UCX_NET_DEVICES": "lo", "LMCACHE_COORDINATOR_URL": coordinator.url,
+               "LMCACHE_COORDINATOR_ADVERTISE_IP": ip,
+               "LMCACHE_COORDINATOR_HEARTBEAT_INTERVAL": str(heartbeat)}
+        argv = [str(exe), "server", "--instance-id", instance_id,
+                "--host", "0.0.0.0", "--port", str(ports["rpc"]),
+                "--http-host", "127.0.0.1", "--http-port", str(ports["http"]),
+                "--p2p-advertise-url", f"{ip}:{ports['p2p']}",
+                "--p2p-listen-url", f"0.0.0.0:{ports['p2p']}",
+                "--l1-size-gb", "0.25", "--eviction-policy", "LRU", "--l1-align-bytes", "65536",
+                "--chunk-size", "16", "--supported-transfer-mode", "auto"]
+        self.log_path = log_dir / f"server-{instance_id}.log"
+        self._log = open(self.log_path, "wb")
+        try:
+            self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
+                                         env=env, cwd=log_dir, start_new_session=True)
+        except BaseException:
+            self._log.close()
+            raise
+
+    def wait_registered(self, timeout: float = 120) -> None:
+        self._wait("registered", lambda: self.instance_id in self.coordinator.listed(), timeout)

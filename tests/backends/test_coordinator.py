@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import socket
 import time
 import uuid
 
@@ -148,7 +149,7 @@ async def test_delete_is_idempotent(coord, registrants):
 
 async def test_deleted_live_server_reregisters_at_next_heartbeat(coord, registrants):
     """Why kvmesh deletes only dead incarnations: a running server's heartbeat gets 404 and it
-    registers again (lmcache registrar.py:188-197)."""
+    registers again (lmcache registrar.py:138-147)."""
     iid = uid("alive")
     r = registrants(inst(iid, "127.0.0.2"))
     async with C.Coordinator(coord.url) as c:
@@ -406,3 +407,38 @@ def test_base_url(url, base):
 def test_base_url_refuses(url):
     with pytest.raises(ValueError):
         C.base_url(url)
+
+
+# --------------------------------------------------------------------------------------------
+# A real `lmcache server` (P2P on, the flags docs/mp-mode.md prescribes)
+# --------------------------------------------------------------------------------------------
+
+async def test_real_server_registration_crash_and_delete(coord, tmp_path):
+    """What the controller will see and do for a real server: its registration carries the
+    advertise IP from LMCACHE_COORDINATOR_ADVERTISE_IP, mq_port = --port and the P2P URL; a
+    SIGKILLed server stays listed; DELETE + GET removes it."""
+    from lmcache_mp import Server, nixl_site
+    try:
+        nixl_site()
+    except consumers.ConsumerEnvMissing as e:
+        pytest.fail(str(e))
+    iid = f"kvm-{uuid.uuid4()}-1"
+    ports = {"rpc": free_port(), "p2p": free_port(), "http": free_port()}
+    srv = Server(coord, iid, "127.0.0.5", ports, tmp_path)
+    try:
+        srv.wait_registered()
+        async with C.Coordinator(coord.url) as c:
+            got = {i.instance_id: i for i in await c.instances()}[iid]
+            assert (got.ip, got.mq_port, got.p2p_advertised_url) == \
+                ("127.0.0.5", ports["rpc"], f"127.0.0.5:{ports['p2p']}")
+            assert got.p2p and got.http_port == ports["http"]
+            for port in (ports["rpc"], ports["p2p"]):  # bound on all interfaces, not only the
+                socket.create_connection(("127.0.0.9", port), timeout=2).close()  # advertised one
+            srv.crash()
+            await asyncio.sleep(3)  # 3 heartbeats missed: a crash deregisters nothing
+            assert iid in {i.instance_id for i in await c.instances()}
+            assert await c.deregister_and_confirm(iid, timeout=5) < 2.0
+            assert iid not in {i.instance_id for i in await c.instances()}
+    finally:
+        if srv.alive():
+            srv.stop()
