@@ -302,7 +302,7 @@ class Coordinator:
     def _json(self, body: bytes, what: str) -> Any:
         try:
             return json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: hostile nesting ("[[[[...")
             raise CoordinatorReplyError(
                 f"{what}: reply is not JSON: {_snippet(body)}; is {self.base} an lmcache "
                 f"coordinator (`lmcache coordinator`, default port 9300)?") from None

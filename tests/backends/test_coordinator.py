@@ -327,6 +327,7 @@ async def test_announced_length_over_bound_reads_nothing():
 @pytest.mark.parametrize("reply,err,words", [
     (b"garbage\r\n\r\n", C.CoordinatorError, ["127.0.0.1"]),
     (http("200 OK", b"<html>hi</html>"), C.CoordinatorReplyError, ["not JSON", "<html>"]),
+    (http("200 OK", b"[" * 200_000), C.CoordinatorReplyError, ["not JSON"]),
     (http("200 OK", b'{"workers": []}'), C.CoordinatorReplyError, ["expected", "instances"]),
     (http("200 OK", b'{"instances": [{"ip": "1.2.3.4", "http_port": 1}]}'),
      C.CoordinatorReplyError, ["instances[0]", "instance_id"]),
