@@ -187,6 +187,22 @@ async def test_odd_ids_round_trip(coord, registrants):
         assert not set(odd) & {i.instance_id for i in await c.instances()}
 
 
+async def test_real_reply_over_the_bound_is_refused(coord, tmp_path):
+    """A real coordinator's listing longer than max_reply_bytes: refused from Content-Length."""
+    ids = [uid(f"many{i}") for i in range(40)]
+    r = Registrant(coord, [inst(i, "127.0.0.2") for i in ids], tmp_path, heartbeat=2.0, tag="many")
+    try:
+        r.wait_registered()
+        async with C.Coordinator(coord.url, max_reply_bytes=4096) as c:
+            with pytest.raises(C.ReplyTooLarge) as e:
+                await c.instances()
+        assert "announces" in str(e.value) and "4096" in str(e.value)
+        async with C.Coordinator(coord.url) as c:  # the default bound has room for them
+            assert set(ids) <= {i.instance_id for i in await c.instances()}
+    finally:
+        r.stop()
+
+
 @pytest.mark.parametrize("bad", ["", " x", "x ", "a/b", ".", "..", "x\ny", None, 7])
 async def test_unaddressable_ids_refused_before_sending(coord, bad):
     async with C.Coordinator(coord.url) as c:
