@@ -20,7 +20,7 @@ from kvmesh.core import names
 from kvmesh.local.devcluster import DevCluster, build_binaries
 from kvmesh.local.localstack import LocalStack
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "manifests" / "samples" / "vllm-deployment.yaml"
 
 

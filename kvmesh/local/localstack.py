@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,18 +19,13 @@ from typing import Optional
 
 from kvmesh.core import names
 from kvmesh.local.devcluster import DevCluster
+from kvmesh.local.net import free_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MANIFESTS = REPO / "manifests"
 # Which path each webhook entry calls (the namespace entry tells the webhook the API server
 # selected the pod by namespace, not by label).
 ENTRY_PATHS = {names.WEBHOOK_POD_ENTRY: "/mutate", names.WEBHOOK_NAMESPACE_ENTRY: "/mutate/namespace"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Process:
