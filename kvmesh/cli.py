@@ -157,7 +157,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from kvmesh.local import demo
-    return demo.run(args)
+    return demo.run(args.sample, exit_after_showing=args.exit)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
