@@ -29,7 +29,7 @@ import redis.asyncio as aredis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kvmesh.backends import redis_index as P  # noqa: E402
-from kvmesh.local.net import free_port  # noqa: E402
+from kvmesh.local.localstack import free_port  # noqa: E402
 
 DEAD = "10.244.1.9:8200"
 LIVE = [f"10.244.{2 + i // 200}.{i % 200 + 10}:8200" for i in range(16)]
