@@ -72,30 +72,54 @@ def new_ca(now: dt.datetime, common_name: str = "kvmesh-webhook-ca",
 def issue_leaf(ca: KeyPair, hosts: list[str], now: dt.datetime,
                validity: dt.timedelta = LEAF_VALIDITY) -> KeyPair:
     """A serving certificate for `hosts` (DNS names and/or IP addresses)."""
-    key = ec.generate_private_key(ec.SECP256R1())
     sans: list[x509.GeneralName] = []
     for h in hosts:
         try:
             sans.append(x509.IPAddress(ipaddress.ip_address(h)))
         except ValueError:
             sans.append(x509.DNSName(h))
+    return _leaf(ca, [x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])], sans,
+                 ExtendedKeyUsageOID.SERVER_AUTH, now, validity)
+
+
+def issue_client(ca: KeyPair, user: str, groups: tuple[str, ...], now: dt.datetime,
+                 validity: dt.timedelta = LEAF_VALIDITY) -> KeyPair:
+    """A client certificate; the Kubernetes API server reads the user from the CN and the
+    groups from the O attributes."""
+    subject = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, g) for g in groups]
+    subject.append(x509.NameAttribute(NameOID.COMMON_NAME, user))
+    return _leaf(ca, subject, [], ExtendedKeyUsageOID.CLIENT_AUTH, now, validity)
+
+
+def _leaf(ca: KeyPair, subject: list[x509.NameAttribute], sans: list[x509.GeneralName],
+          usage: x509.ObjectIdentifier, now: dt.datetime, validity: dt.timedelta) -> KeyPair:
+    key = ec.generate_private_key(ec.SECP256R1())
     ca_cert = ca.cert
     not_after = min(now + validity, ca_cert.not_valid_after_utc)
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-            .issuer_name(ca_cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - _backdate(validity))
-            .not_valid_after(not_after)
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    builder = (x509.CertificateBuilder()
+               .subject_name(x509.Name(subject))
+               .issuer_name(ca_cert.subject)
+               .public_key(key.public_key())
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(now - _backdate(validity))
+               .not_valid_after(not_after))
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    cert = (builder
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
-                           critical=False)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
                 ca.key.public_key()), critical=False)
             .sign(ca.key, hashes.SHA256()))
     return KeyPair(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+
+
+def signing_key() -> tuple[bytes, bytes]:
+    """A bare key pair (private PKCS#8 PEM, public PEM), e.g. for service-account tokens."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    public = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo)
+    return _key_pem(key), public
 
 
 def needs_renewal(cert: x509.Certificate, now: dt.datetime) -> bool:

@@ -1,4 +1,8 @@
-"""`kvmesh` console script: inject, explain, webhook, certs, demo."""
+"""`kvmesh` console script: inject, explain, certs (offline), webhook, controller, demo.
+
+Only argument handling lives here: the processes are assembled in kvmesh.webhook.main and
+kvmesh.controller.main, the demo in kvmesh.local.demo, the decisions in kvmesh.core.
+"""
 
 from __future__ import annotations
 
@@ -108,49 +112,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_webhook(args: argparse.Namespace) -> int:
-    from kvmesh.webhook import server
-    policy = _policy(args)
-    if args.cert_source == "files":
-        if not (args.cert and args.key):
-            raise UsageError("--cert-source files needs --cert and --key")
-        if not (args.kubeconfig or os.environ.get("KUBERNETES_SERVICE_HOST")):
-            # No API to watch: the --policy defaults apply to every pod.
-            asyncio.run(server.serve(args.host, args.port, args.cert, args.key, policy))
-            return 0
-
-        async def with_policies() -> None:
-            from kvmesh.kube import connect as kube
-            from kvmesh.webhook.policy_cache import PolicyCache
-            api = await kube.api_client(args.kubeconfig)
-            cache = PolicyCache(api, policy)
-            try:
-                await server.serve(args.host, args.port, args.cert, args.key, cache.resolve,
-                                   policy_cache=cache)
-            finally:
-                await api.close()
-
-        asyncio.run(with_policies())
-        return 0
-    if not args.cert_dir or not args.san:
+    from kvmesh.webhook import main as webhook
+    if args.cert_source == "files" and not (args.cert and args.key):
+        raise UsageError("--cert-source files needs --cert and --key")
+    if args.cert_source == "self" and not (args.cert_dir and args.san):
         raise UsageError("--cert-source self needs --cert-dir and at least one --san")
-
-    async def main() -> None:
-        from kvmesh.kube import connect as kube
-        from kvmesh.certs.serving import SelfSigned
-        from kvmesh.webhook.policy_cache import PolicyCache
-        api = await kube.api_client(args.kubeconfig)
-        source = SelfSigned(api, Path(args.cert_dir), args.san, on_change=lambda: None,
-                            interval=args.cert_check_seconds,
-                            validity=dt.timedelta(seconds=args.leaf_validity_seconds))
-        cache = PolicyCache(api, policy)
-        try:
-            await server.serve(args.host, args.port, str(source.cert_file),
-                               str(source.key_file), cache.resolve, cert_source=source,
-                               policy_cache=cache)
-        finally:
-            await api.close()
-
-    asyncio.run(main())
+    self_signed = args.cert_source == "self"
+    asyncio.run(webhook.run(args.host, args.port, _policy(args), cert=args.cert, key=args.key,
+                            cert_dir=args.cert_dir if self_signed else None, sans=args.san,
+                            kubeconfig=args.kubeconfig,
+                            cert_check_seconds=args.cert_check_seconds,
+                            leaf_validity=dt.timedelta(seconds=args.leaf_validity_seconds)))
     return 0
 
 
@@ -185,7 +157,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from kvmesh.local import demo
-    return demo.run(args)
+    return demo.run(args.sample, exit_after_showing=args.exit)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -196,7 +168,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="kvmesh", description=__doc__)
+    ap = argparse.ArgumentParser(prog="kvmesh", description=__doc__.split("\n\n")[0])
     ap.add_argument("--version", action="version", version=f"kvmesh {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name, fn, help_ in (("inject", cmd_inject, "write manifests with LMCache P2P injected"),

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import jsonpatch
 
+from kvmesh.local.net import free_port  # noqa: F401  (the one helper; re-exported for tests)
+
 REPO = Path(__file__).resolve().parents[1]
 KVMESH = [sys.executable, "-m", "kvmesh.cli"]
 
@@ -32,12 +34,6 @@ def wait_for(what: str, probe, timeout: float = 60, interval: float = 0.25):
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:

@@ -257,15 +257,14 @@ async def _metrics(request: web.Request) -> web.Response:
 
 async def serve(host: str, port: int, cert: str, key: str,
                 policy: Union[PolicyDefaults, admission.Resolver], grace: float = 3.0,
-                started: Optional[asyncio.Event] = None,
                 cert_source: Optional[object] = None,
                 policy_cache: Optional[object] = None) -> None:
     """Run until SIGTERM/SIGINT; then report not-ready, let in-flight requests finish, stop.
 
     cert_source (certs.serving.SelfSigned) keeps cert/key files current and says whether the
     live webhook configuration trusts them; without it the files are managed outside
-    (cert-manager, the demo). policy_cache (webhook.policy_cache.PolicyCache) resolves each
-    pod's KVMeshPolicy; the webhook is ready only once it has synced."""
+    (cert-manager, `kvmesh certs`). policy_cache (webhook.policy_cache.PolicyCache) resolves
+    each pod's KVMeshPolicy; the webhook is ready only once it has synced."""
     metrics = Metrics()
     if cert_source is not None:
         await cert_source.step()  # first leaf before the listener needs it
@@ -293,8 +292,6 @@ async def serve(host: str, port: int, cert: str, key: str,
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     log.info("kvmesh webhook serving https://%s:%d/mutate", host, port)
-    if started:
-        started.set()
     try:
         await stopping.wait()
         log.info("stopping: readyz now fails; finishing in-flight requests")

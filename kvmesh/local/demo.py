@@ -20,7 +20,7 @@ from kvmesh.core import names
 from kvmesh.local.devcluster import DevCluster, build_binaries
 from kvmesh.local.localstack import LocalStack
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "manifests" / "samples" / "vllm-deployment.yaml"
 
 
@@ -65,8 +65,9 @@ def show_pod(p: dict) -> None:
     print(f"  argv {' '.join((c.get('command') or []) + (c.get('args') or []))}")
 
 
-def run(args) -> int:
-    sample = Path(args.sample) if args.sample else SAMPLE
+def run(sample_file: str | None = None, exit_after_showing: bool = False) -> int:
+    """Run the demo until Ctrl-C (or, with exit_after_showing, once the pods are shown)."""
+    sample = Path(sample_file) if sample_file else SAMPLE
     doc = yaml.safe_load(sample.read_text())
     ns = doc["metadata"].get("namespace", "default")
     t0 = time.monotonic()
@@ -92,7 +93,7 @@ def run(args) -> int:
             for p in pods:
                 show_pod(p)
             print()
-            if args.exit:
+            if exit_after_showing:
                 return 0
             _say(f"running; try `KUBECONFIG={cluster.kubeconfig} kubectl get pods -A` in "
                  "another shell. Ctrl-C stops everything.")

@@ -8,8 +8,7 @@ Runs etcd, kube-apiserver, kube-controller-manager, kube-scheduler and KWOK
         c.kubectl("get", "nodes")
         c.api("GET", "/api/v1/namespaces/default")
 
-Only the standard library is needed; ``cryptography`` is used for the
-certificates when importable, otherwise the ``openssl`` command.
+Certificates come from kvmesh.certs.authority; everything else is the standard library.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -32,9 +30,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from kvmesh.certs import authority
+from kvmesh.local.net import free_ports
+
 __all__ = ["DevCluster", "DevClusterError", "find_bin_dir", "build_binaries"]
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO_ROOT / "cluster" / "build.sh"
 BIN_ENV = "KVMESH_K8S_BIN"
 KWOK_NODE_ANNOTATION = ("kwok.x-k8s.io/node", "fake")
@@ -78,146 +79,40 @@ def build_binaries() -> Path:
     return Path(res.stdout.strip().splitlines()[-1])
 
 
-# --------------------------------------------------------------------------- helpers
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _free_ports(n: int) -> list[int]:
-    ports: set[int] = set()
-    while len(ports) < n:
-        ports.add(_free_port())
-    return list(ports)
+# --------------------------------------------------------------------------- certificates
 
 
 class _PKI:
-    """CA + leaf certificates and the service-account signing key, as PEM files."""
+    """The cluster's CA, its certificates and the service-account signing key, as PEM files
+    (issued by kvmesh.certs.authority, the same code that signs the webhook's certificates)."""
+
+    VALIDITY = datetime.timedelta(days=30)
 
     def __init__(self, directory: Path):
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
-        try:
-            import cryptography  # noqa: F401
+        self.now = datetime.datetime.now(datetime.timezone.utc)
+        self.ca = authority.new_ca(self.now, "kvmesh-devcluster-ca", self.VALIDITY)
+        self.ca_cert = self._write("ca.crt", self.ca.cert_pem)
 
-            self._impl = "cryptography"
-        except ImportError:
-            if not shutil.which("openssl"):
-                raise DevClusterError("need the 'cryptography' package or the 'openssl' command") from None
-            self._impl = "openssl"
-        self.ca_cert = self.dir / "ca.crt"
-        self.ca_key = self.dir / "ca.key"
-        getattr(self, f"_{self._impl}_ca")()
+    def _write(self, name: str, data: bytes, mode: int = 0o644) -> Path:
+        path = self.dir / name
+        path.write_bytes(data)
+        path.chmod(mode)
+        return path
 
-    def issue(self, name: str, cn: str, orgs: tuple[str, ...] = (), ips=(), dns=(), server=False) -> tuple[Path, Path]:
-        crt, key = self.dir / f"{name}.crt", self.dir / f"{name}.key"
-        getattr(self, f"_{self._impl}_issue")(crt, key, cn, orgs, list(ips), list(dns), server)
-        return crt, key
+    def _pair(self, name: str, pair: authority.KeyPair) -> tuple[Path, Path]:
+        return self._write(f"{name}.crt", pair.cert_pem), self._write(f"{name}.key", pair.key_pem, 0o600)
+
+    def serving(self, name: str, hosts: list[str]) -> tuple[Path, Path]:
+        return self._pair(name, authority.issue_leaf(self.ca, hosts, self.now, self.VALIDITY))
+
+    def client(self, name: str, user: str, groups: tuple[str, ...] = ()) -> tuple[Path, Path]:
+        return self._pair(name, authority.issue_client(self.ca, user, groups, self.now, self.VALIDITY))
 
     def sa_keypair(self) -> tuple[Path, Path]:
-        pub, key = self.dir / "sa.pub", self.dir / "sa.key"
-        if self._impl == "cryptography":
-            from cryptography.hazmat.primitives import serialization
-            from cryptography.hazmat.primitives.asymmetric import ec
-
-            k = ec.generate_private_key(ec.SECP256R1())
-            key.write_bytes(k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-            pub.write_bytes(k.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-        else:
-            self._run("openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", key)
-            self._run("openssl", "pkey", "-in", key, "-pubout", "-out", pub)
-        return pub, key
-
-    # -- cryptography
-    def _cryptography_ca(self):
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import NameOID
-
-        self._key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kvmesh-devcluster-ca")])
-        now = datetime.datetime.now(datetime.timezone.utc)
-        self._cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(self._key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
-            )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(self._key.public_key()), critical=False)
-            .sign(self._key, hashes.SHA256())
-        )
-        self.ca_cert.write_bytes(self._cert.public_bytes(serialization.Encoding.PEM))
-        self.ca_key.write_bytes(
-            self._key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        )
-
-    def _cryptography_issue(self, crt, key, cn, orgs, ips, dns, server):
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-        k = ec.generate_private_key(ec.SECP256R1())
-        attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, o) for o in orgs]
-        attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, cn))
-        now = datetime.datetime.now(datetime.timezone.utc)
-        b = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name(attrs))
-            .issuer_name(self._cert.subject)
-            .public_key(k.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
-            .add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]),
-                critical=False,
-            )
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()), critical=False)
-        )
-        sans = [x509.IPAddress(ipaddress.ip_address(i)) for i in ips] + [x509.DNSName(d) for d in dns]
-        if sans:
-            b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        cert = b.sign(self._key, hashes.SHA256())
-        crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        key.write_bytes(k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-
-    # -- openssl fallback
-    @staticmethod
-    def _run(*argv):
-        subprocess.run([str(a) for a in argv], check=True, capture_output=True)
-
-    def _openssl_ca(self):
-        self._run("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                  "-keyout", self.ca_key, "-out", self.ca_cert, "-days", "30", "-subj", "/CN=kvmesh-devcluster-ca",
-                  "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
-
-    def _openssl_issue(self, crt, key, cn, orgs, ips, dns, server):
-        subj = "".join(f"/O={o}" for o in orgs) + f"/CN={cn}"
-        csr = crt.with_suffix(".csr")
-        ext = crt.with_suffix(".ext")
-        lines = ["basicConstraints=critical,CA:FALSE", "keyUsage=critical,digitalSignature",
-                 f"extendedKeyUsage={'serverAuth' if server else 'clientAuth'}"]
-        sans = [f"IP:{i}" for i in ips] + [f"DNS:{d}" for d in dns]
-        if sans:
-            lines.append("subjectAltName=" + ",".join(sans))
-        ext.write_text("\n".join(lines) + "\n")
-        self._run("openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                  "-keyout", key, "-out", csr, "-subj", subj)
-        self._run("openssl", "x509", "-req", "-in", csr, "-CA", self.ca_cert, "-CAkey", self.ca_key,
-                  "-CAcreateserial", "-out", crt, "-days", "30", "-sha256", "-extfile", ext)
+        private, public = authority.signing_key()
+        return self._write("sa.pub", public), self._write("sa.key", private, 0o600)
 
 
 # --------------------------------------------------------------------------- cluster
@@ -352,23 +247,21 @@ class DevCluster:
 
     def _start(self) -> None:
         w = self.workdir
-        p_etcd, p_peer, p_api, p_kcm, p_sched = _free_ports(5)
+        p_etcd, p_peer, p_api, p_kcm, p_sched = free_ports(5)
         self.server = f"https://127.0.0.1:{p_api}"
 
         pki = _PKI(w / "pki")
         self.ca_file = str(pki.ca_cert)
         svc_ip = str(next(ipaddress.ip_network(SERVICE_CIDR).hosts()))
-        api_crt, api_key = pki.issue(
-            "apiserver", "kube-apiserver", ips=["127.0.0.1", svc_ip],
-            dns=["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
-                 "kubernetes.default.svc.cluster.local"], server=True,
-        )
+        api_crt, api_key = pki.serving("apiserver", [
+            "kubernetes", "kubernetes.default", "kubernetes.default.svc",
+            "kubernetes.default.svc.cluster.local", "localhost", "127.0.0.1", svc_ip])
         sa_pub, sa_key = pki.sa_keypair()
-        admin = pki.issue("admin", "kvmesh-admin", orgs=("system:masters",))
-        kcm = pki.issue("kube-controller-manager", "system:kube-controller-manager")
-        sched = pki.issue("kube-scheduler", "system:kube-scheduler")
-        kwok = pki.issue("kwok", "kwok-controller", orgs=("system:masters",))
-        proxy_crt, proxy_key = pki.issue("front-proxy-client", "front-proxy-client")
+        admin = pki.client("admin", "kvmesh-admin", ("system:masters",))
+        kcm = pki.client("kube-controller-manager", "system:kube-controller-manager")
+        sched = pki.client("kube-scheduler", "system:kube-scheduler")
+        kwok = pki.client("kwok", "kwok-controller", ("system:masters",))
+        proxy_crt, proxy_key = pki.client("front-proxy-client", "front-proxy-client")
 
         self.kubeconfig = str(self._write_kubeconfig(w / "admin.kubeconfig", *admin))
         kcm_kc = self._write_kubeconfig(w / "kube-controller-manager.kubeconfig", *kcm)

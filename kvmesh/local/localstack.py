@@ -11,32 +11,30 @@ from __future__ import annotations
 
 import json
 import os
-import socket
+import ssl
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Optional
 
 from kvmesh.core import names
 from kvmesh.local.devcluster import DevCluster
+from kvmesh.local.net import free_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MANIFESTS = REPO / "manifests"
 # Which path each webhook entry calls (the namespace entry tells the webhook the API server
 # selected the pod by namespace, not by label).
 ENTRY_PATHS = {names.WEBHOOK_POD_ENTRY: "/mutate", names.WEBHOOK_NAMESPACE_ENTRY: "/mutate/namespace"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Process:
+    """A kvmesh process of the local stack (its own session, output to a log file)."""
+
     def __init__(self, name: str, argv: list[str], log: Path, env: Optional[dict] = None):
-        self.name, self.argv, self.log_path = name, argv, log
+        self.name, self.log_path = name, log
         self._log = open(log, "ab")
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})}, start_new_session=True)
@@ -62,9 +60,8 @@ class Process:
 
 
 class LocalStack:
-    def __init__(self, cluster: DevCluster, workdir: Path, failure_policy: str = "Ignore"):
+    def __init__(self, cluster: DevCluster, workdir: Path):
         self.cluster, self.workdir = cluster, workdir
-        self.failure_policy = failure_policy
         workdir.mkdir(parents=True, exist_ok=True)
         self.webhook_port = free_port()
         self.webhook: Optional[Process] = None
@@ -86,7 +83,7 @@ class LocalStack:
         self.point_webhook_at_local(self.webhook_port)
         return out
 
-    def point_webhook_at_local(self, port: int, failure_policy: Optional[str] = None) -> None:
+    def point_webhook_at_local(self, port: int, failure_policy: str = "Ignore") -> None:
         mwc = self.cluster.kubectl_json("get", "mutatingwebhookconfiguration",
                                         names.WEBHOOK_CONFIGURATION)
         ops = []
@@ -96,7 +93,7 @@ class LocalStack:
             ops.append({"op": "add", "path": f"/webhooks/{i}/clientConfig/url",
                         "value": f"https://127.0.0.1:{port}{ENTRY_PATHS[w['name']]}"})
             ops.append({"op": "replace", "path": f"/webhooks/{i}/failurePolicy",
-                        "value": failure_policy or self.failure_policy})
+                        "value": failure_policy})
         self.cluster.kubectl("patch", "mutatingwebhookconfiguration",
                              names.WEBHOOK_CONFIGURATION, "--type=json", "-p", json.dumps(ops))
 
@@ -137,8 +134,6 @@ class LocalStack:
                   self.webhook_ready, timeout=90)
 
     def webhook_ready(self) -> bool:
-        import ssl
-        import urllib.request
         ctx = ssl._create_unverified_context()  # readiness only; trust is checked by the API server
         try:
             with urllib.request.urlopen(f"https://127.0.0.1:{self.webhook_port}/readyz",

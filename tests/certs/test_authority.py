@@ -2,6 +2,11 @@
 
 import datetime as dt
 
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
 from kvmesh.certs import authority as a
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
@@ -54,3 +59,23 @@ def test_leaf_reissue_rules():
     assert a.leaf_needs_reissue(leaf.cert_pem, ca, ["h"], T0 + dt.timedelta(days=6))
     assert a.leaf_needs_reissue(None, ca, ["h"], T0)
     assert not a.leaf_trusted(leaf.cert_pem, ca.cert_pem, T0 + dt.timedelta(days=8))
+
+
+def test_client_certificate_names_user_and_groups():
+    ca = a.new_ca(T0)
+    cert = a.issue_client(ca, "kvmesh-admin", ("system:masters",), T0).cert
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "kvmesh-admin"
+    assert [o.value for o in cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)] \
+        == ["system:masters"]
+    usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(usage) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    cert.verify_directly_issued_by(ca.cert)
+    with pytest.raises(x509.ExtensionNotFound):
+        cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+
+
+def test_signing_key_pair_matches():
+    private, public = a.signing_key()
+    key = serialization.load_pem_private_key(private, None)
+    assert key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo) == public

@@ -8,7 +8,7 @@ import signal
 import time
 
 from kvmesh.core import names
-from kvmesh.local.localstack import free_port
+from kvmesh.local.net import free_port
 from helpers import apply, publish_keys, running_pods, vllm_deployment, wait_for
 from support import RedisServer
 from test_mesh import keys_by_value, lookup_pod
