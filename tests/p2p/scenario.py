@@ -38,7 +38,7 @@ import podrunner  # noqa: E402
 from support import free_port  # noqa: E402
 from support import wait_for  # noqa: E402,F401  (re-exported for the p2p tests)
 
-from kvmesh import names  # noqa: E402
+from kvmesh.core import names  # noqa: E402
 
 IMAGE = "lmcache/vllm-openai:v0.3.6"  # the webhook injects the Redis (legacy) generation
 CHUNK = 256
