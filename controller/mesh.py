@@ -19,8 +19,8 @@ from typing import Optional
 
 from kubernetes_asyncio import client
 
-from kvmesh.core import names
-from kvmesh.core import groups, lookup
+from kvmesh.core import groups, lookup, names
+from kvmesh.core.groups import PeerGroupId
 from kvmesh.kube import apply as kapply
 from kvmesh.kube.informer import Informer
 from kvmesh.core.policy import PolicyDefaults
@@ -29,6 +29,8 @@ log = logging.getLogger("kvmesh.mesh")
 
 RECONCILE_SECONDS = 300.0
 SWEPT_MAX = 10_000
+
+GroupKey = tuple[str, PeerGroupId]  # (namespace, group)
 
 
 def _now() -> str:
@@ -70,16 +72,16 @@ class Mesh:
         self.purged: set[tuple[str, Optional[str], int]] = set()
         self.pending: dict[tuple[str, str], groups.Departure] = {}  # purges to retry
         self.redis: dict[str, object] = {}  # "host:port" -> purge.AddressIndex
-        self.last_purge: dict[tuple[str, str], PurgeRecord] = {}
+        self.last_purge: dict[GroupKey, PurgeRecord] = {}
         # Keys of dead addresses a Redis reconcile removed before the departure's own purge
         # got there (it runs when an index (re)connects): credited to that purge's record.
         self.swept: dict[str, int] = {}
-        self.empty_since: dict[tuple[str, str], float] = {}
+        self.empty_since: dict[GroupKey, float] = {}
         # Per group: does a user's NetworkPolicy select its pods (last applied answer), and
         # which members none selects then (they lose every port but P2P from peers).
-        self.user_isolated: dict[tuple[str, str], bool] = {}
-        self.unselected: dict[tuple[str, str], list[str]] = {}
-        self.dirty: set[tuple[str, str]] = set()
+        self.user_isolated: dict[GroupKey, bool] = {}
+        self.unselected: dict[GroupKey, list[str]] = {}
+        self.dirty: set[GroupKey] = set()
         self._wake = asyncio.Event()
 
     # --- membership ---------------------------------------------------------------------------
@@ -97,7 +99,7 @@ class Mesh:
             self.members[key] = new_m
         for m in (old_m, new_m):
             if m is not None:
-                self.dirty.add((m.namespace, m.group_id))
+                self.dirty.add(m.group_key)
         if d is not None:
             inc = (d.member.uid, d.member.ip, d.member.restarts)
             if inc not in self.purged and await self.purge(d):
@@ -131,7 +133,7 @@ class Mesh:
 
     # --- lookup endpoints -------------------------------------------------------------------
 
-    async def endpoints(self, namespace: str, mode: str, group: str, *port_names: str,
+    async def endpoints(self, namespace: str, gid: PeerGroupId, *port_names: str,
                         defaults: Optional[PolicyDefaults] = None
                         ) -> Optional[list[tuple[str, int]]]:
         """(pod IP, port) for each named port of one ready pod of the group's lookup service,
@@ -142,12 +144,11 @@ class Mesh:
         where EndpointSlices cannot list the address (the local control plane's loopback
         pod IPs)."""
         defaults = defaults or self.policy
-        if mode == names.MODE_REDIS and defaults.redis_address:
+        if gid.mode == names.MODE_REDIS and defaults.redis_address:
             host, port = defaults.redis_address.rsplit(":", 1)
             return [(host, int(port))]
-        gid = names.group_id(mode, group)
         found = await self.core.list_namespaced_pod(
-            namespace, label_selector=f"{names.LABEL_LOOKUP_FOR}={gid}")
+            namespace, label_selector=f"{names.LABEL_LOOKUP_FOR}={gid.label}")
         for pod in found.items:
             ready = any(c.type == "Ready" and c.status == "True"
                         for c in (pod.status.conditions or []))
@@ -161,7 +162,7 @@ class Mesh:
     async def redis_index(self, namespace: str, group: str,
                           defaults: Optional[PolicyDefaults] = None):
         from kvmesh.backends import redis_index as purge
-        eps = await self.endpoints(namespace, names.MODE_REDIS, group, "redis",
+        eps = await self.endpoints(namespace, PeerGroupId(names.MODE_REDIS, group), "redis",
                                    defaults=defaults)
         ep = eps[0] if eps else None
         if ep is None:
@@ -208,7 +209,7 @@ class Mesh:
         m = d.member
         if quiet_if_empty and m.mode != names.MODE_REDIS:
             return True
-        gkey = (m.namespace, m.group_id)
+        gkey = m.group_key
         t0 = time.perf_counter()
         try:
             if m.mode == names.MODE_REDIS:
@@ -221,7 +222,7 @@ class Mesh:
                 removed = res.deleted + (0 if quiet_if_empty else swept)
             else:
                 from kvmesh.backends import lmcache_controller as lmcache_ctrl
-                eps = await self.endpoints(m.namespace, m.mode, m.group, "pull", "http")
+                eps = await self.endpoints(m.namespace, m.peer_group, "pull", "http")
                 if eps is None:
                     raise LookupError(f"no ready pod of the lookup service {m.namespace}/"
                                       f"{names.lookup_service_name(m.mode, m.group)}")
@@ -295,17 +296,16 @@ class Mesh:
 
     # --- groups -------------------------------------------------------------------------------
 
-    def group_view(self) -> dict[tuple[str, str], groups.Group]:
+    def group_view(self) -> dict[GroupKey, groups.Group]:
         return groups.groups_of(list(self.members.values()))
 
-    async def reconcile_group(self, gkey: tuple[str, str], g: Optional[groups.Group]) -> None:
+    async def reconcile_group(self, gkey: GroupKey, g: Optional[groups.Group]) -> None:
         ns, gid = gkey
-        mode, _, group = gid.partition("-")
         if g is None or not g.members:
             since = self.empty_since.setdefault(gkey, time.monotonic())
             if time.monotonic() - since >= self.grace:
                 if await kapply.delete(self.api, f"{names.API_GROUP}/{names.API_VERSION}",
-                                       names.PEER_GROUP_KIND, ns, gid):
+                                       names.PEER_GROUP_KIND, ns, gid.label):
                     log.info("peer group %s/%s empty for %.0fs: lookup service removed",
                              ns, gid, self.grace)
                 self.empty_since.pop(gkey, None)
@@ -315,7 +315,7 @@ class Mesh:
                 return
         else:
             self.empty_since.pop(gkey, None)
-        cr = await kapply.apply(self.api, lookup.peer_group(ns, mode, group))
+        cr = await kapply.apply(self.api, lookup.peer_group(ns, gid))
         defaults = self.group_defaults(g)
         if g is not None and g.members and self.manage_lookup:
             image = sorted(m.image for m in g.members.values())[0]
@@ -327,10 +327,10 @@ class Mesh:
         # purge peers that died while nobody watched.
         status = {"members": len(g.members) if g else 0, "readyPeers": len(peers),
                   "peers": sorted(f"{m.name}={m.token}" for m in peers if m.token)}
-        if mode == names.MODE_REDIS and g is not None and g.members:
+        if gid.mode == names.MODE_REDIS and g is not None and g.members:
             # Index the group's Redis before anyone dies, so a purge is one index drain.
             try:
-                idx = await self.redis_index(ns, group, defaults)
+                idx = await self.redis_index(ns, gid.group, defaults)
                 status["lookupAddress"] = f"{idx.host}:{idx.port}"
             except Exception as e:
                 log.debug("lookup Redis of %s/%s not reachable yet: %s", ns, gid, e)
@@ -339,10 +339,10 @@ class Mesh:
         rec = self.last_purge.get(gkey)
         if rec:
             status["lastPurge"] = {k: v for k, v in rec.__dict__.items() if k != "mode"}
-        await kapply.apply(self.api, {**lookup.peer_group(ns, mode, group), "status": status},
+        await kapply.apply(self.api, {**lookup.peer_group(ns, gid), "status": status},
                            subresource="status")
 
-    async def reconcile_peer_policy(self, gkey: tuple[str, str], g: groups.Group,
+    async def reconcile_peer_policy(self, gkey: GroupKey, g: groups.Group,
                                     owner: dict) -> None:
         """Apply `kvmesh-peers-<gid>` (see lookup.peer_network_policy), or delete it when the
         group declares no P2P ports or peer policies are switched off."""
@@ -350,7 +350,7 @@ class Mesh:
         ports = sorted({p for m in g.members.values() for p in m.p2p_ports})
         if not ports or not self.peer_policy:
             await kapply.delete(self.api, lookup.NETWORK_POLICY_API, "NetworkPolicy", ns,
-                                names.PEER_POLICY_PREFIX + gid)
+                                names.PEER_POLICY_PREFIX + gid.label)
             self.user_isolated.pop(gkey, None)
             self.unselected.pop(gkey, None)
             return
@@ -402,11 +402,9 @@ class Mesh:
             return
         view = self.group_view()
         for cr in found.get("items", []):
-            ns = cr["metadata"]["namespace"]
-            mode, group = cr["spec"]["mode"], cr["spec"]["group"]
+            ns, gid = cr["metadata"]["namespace"], lookup.group_of(cr)
             gone = groups.departed_during_gap((cr.get("status") or {}).get("peers") or [],
-                                              view.get((ns, cr["metadata"]["name"])),
-                                              mode, ns, group)
+                                              view.get((ns, gid)), gid, ns)
             for d in gone:
                 log.info("peer %s/%s (%s) left while no controller was leading; purging",
                          ns, d.member.name, d.member.token)

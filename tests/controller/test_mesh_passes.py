@@ -6,7 +6,7 @@ from kubernetes_asyncio import client
 from kvmesh.core import groups
 from kvmesh.controller.mesh import Mesh
 from kvmesh.core.policy import PolicyDefaults
-from test_groups import injected_pod
+from support import injected_pod
 
 
 async def test_event_pass_touches_only_dirty_groups(monkeypatch):
@@ -21,7 +21,7 @@ async def test_event_pass_touches_only_dirty_groups(monkeypatch):
     async def reconcile_group(gkey, g):
         seen.append(gkey[0])
     monkeypatch.setattr(m, "reconcile_group", reconcile_group)
-    m.dirty.add(("a", m.members[("a", "p-a")].group_id))
+    m.dirty.add(m.members[("a", "p-a")].group_key)
     await m.resync_once(full=False)
     assert seen == ["a"] and not m.dirty
     seen.clear()

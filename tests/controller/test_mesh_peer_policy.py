@@ -13,9 +13,9 @@ from kvmesh.core import groups
 from kvmesh.kube import apply as kapply
 from kvmesh.controller.mesh import Mesh
 from kvmesh.core.policy import PolicyDefaults
-from test_groups import injected_pod
+from support import injected_pod
 
-GKEY = ("team-a", "controller-default")
+GKEY = ("team-a", groups.PeerGroupId("controller", "default"))
 OWNER = {"apiVersion": "kvmesh.dev/v1alpha1", "kind": "KVMeshPeerGroup",
          "name": "controller-default", "uid": "u-g", "controller": True}
 

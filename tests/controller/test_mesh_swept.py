@@ -4,9 +4,10 @@ to, whichever of the reconcile and the departure's purge ran first."""
 from kubernetes_asyncio import client
 
 from kvmesh.controller import mesh as M
+from kvmesh.core.groups import PeerGroupId
 from kvmesh.core.policy import PolicyDefaults
 
-GKEY = ("team-a", "redis-default")
+GKEY = ("team-a", PeerGroupId("redis", "default"))
 DEAD, OTHER = "10.0.0.1:8200", "10.0.0.2:8200"
 
 
