@@ -1,8 +1,7 @@
 """Mesh.resync_once: a pod event's pass reconciles only the groups that changed; the periodic
 pass covers every group (drift repair)."""
 
-from kubernetes_asyncio import client
-
+from fake_api import FakeMeshClient
 from kvmesh.core import groups
 from kvmesh.controller.mesh import Mesh
 from kvmesh.core.policy import PolicyDefaults
@@ -10,7 +9,7 @@ from support import injected_pod
 
 
 async def test_event_pass_touches_only_dirty_groups(monkeypatch):
-    m = Mesh(client.ApiClient(), PolicyDefaults())
+    m = Mesh(FakeMeshClient(), PolicyDefaults())
     for ns in ("a", "b"):
         pod = injected_pod(name=f"p-{ns}", uid=f"u-{ns}")
         pod["metadata"]["namespace"] = ns
