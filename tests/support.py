@@ -3,6 +3,7 @@ patch application with an independent JSON-patch implementation (jsonpatch)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -35,6 +36,18 @@ def wait_for(what: str, probe, timeout: float = 60, interval: float = 0.25):
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
 
+
+
+async def wait_until(pred, timeout: float = 5.0, interval: float = 0.05):
+    """Await ``pred()`` until it returns something truthy (returned) or ``timeout`` s pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = await pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s (last: {v!r})")
+        await asyncio.sleep(interval)
 
 def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(KVMESH + list(args), input=stdin, capture_output=True, text=True,
