@@ -259,7 +259,9 @@ def build_kvmesh(out: Path, ref: str, work: Path) -> dict:
         _nonroot_hook(),
     ]
     layer = work / "rootfs.tar"
-    mmdebstrap(layer, ["python3"], hooks)
+    # libstdc++6: manylinux wheels may link it as a system library (pyzmq does); Debian's
+    # python3 does not pull it in, python:3.11-slim has it.
+    mmdebstrap(layer, ["python3", "libstdc++6"], hooks)
     config = {"User": f"{NONROOT}:{NONROOT}", "Env": KVMESH_ENV, "Entrypoint": ["kvmesh"],
               "WorkingDir": "/home/nonroot",
               "Labels": {"org.opencontainers.image.title": "kvmesh",
@@ -288,6 +290,16 @@ def build_pause(out: Path, ref: str, work: Path, binary: Path) -> dict:
             t.addfile(info, f)
     config = {"User": f"{NONROOT}:{NONROOT}", "Entrypoint": ["/pause"], "WorkingDir": "/"}
     return pack(layer, out, ref, config, "images/build.py pause")
+
+
+def prune(cache: Path, prefix: str, keep: int) -> None:
+    """Each source change is a new key: keep the newest `keep` tarballs of one name and
+    version (other checkouts sharing the cache may use them), delete older ones."""
+    tars = sorted(cache.glob(prefix + "*.tar"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in tars[keep:]:
+        old.unlink(missing_ok=True)
+        old.with_suffix(".json").unlink(missing_ok=True)
+        (cache / f".{old.stem}.lock").unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- main
@@ -345,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         meta["seconds"] = round(time.monotonic() - t0, 1)
         meta["tarball_bytes"] = out.stat().st_size
         meta_path.write_text(json.dumps(meta, indent=1))
+        prune(cache, f"{args.name}-{version}-", keep=3)
         log(f"{ref}: {meta['tarball_bytes'] / 1e6:.0f} MB tarball, {meta['uncompressed_bytes'] / 1e6:.0f} MB "
             f"unpacked, in {meta['seconds']} s -> {out}")
     return done()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -94,16 +95,19 @@ def test_kvmesh_starts_from_the_image_as_uid_65532(kvmesh_image, tmp_path):
     layer = t.extractfile("blobs/sha256/" + man["layers"][0]["digest"].split(":")[1])
     with tarfile.open(fileobj=layer, mode="r:gz") as lt:
         lt.extractall(root, filter=lambda m, p: None if m.isdev() else m)
+    chroot = shutil.which("chroot") or "/usr/sbin/chroot"
     env = {"PATH": "/opt/kvmesh/bin:/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1", "HOME": "/home/nonroot"}
-    res = subprocess.run(["chroot", "--userspec=65532:65532", str(root), "kvmesh", "--help"],
+    res = subprocess.run([chroot, "--userspec=65532:65532", str(root), "kvmesh", "--help"],
                          capture_output=True, text=True, env=env, timeout=60)
     assert res.returncode == 0, res.stderr
     for sub in ("webhook", "controller", "inject"):
         assert sub in res.stdout
     # The controller's and webhook's imports resolve (the modules the Deployments run).
-    res = subprocess.run(["chroot", "--userspec=65532:65532", str(root), "/opt/kvmesh/bin/python3", "-c",
-                          "import kvmesh.webhook.server, kvmesh.controller, kvmesh.certs, redis, zmq, "
-                          "orjson, kubernetes_asyncio; print('ok')"],
+    res = subprocess.run([chroot, "--userspec=65532:65532", str(root), "/opt/kvmesh/bin/python3", "-c",
+                          # every dependency with native code, so a missing system library shows
+                          "import kvmesh.webhook.server, kvmesh.controller.main, kvmesh.certs, redis, hiredis, "
+                          "zmq, orjson, yaml, pydantic_core, cryptography.hazmat.bindings._rust, aiohttp, "
+                          "multidict, yarl, frozenlist, propcache, kubernetes_asyncio; print('ok')"],
                          capture_output=True, text=True, env=env, timeout=60)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
 
