@@ -33,8 +33,10 @@ are tainted ``kvmesh.dev/fake-node:NoSchedule`` here so real workloads land on t
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import fcntl
 import ipaddress
 import json
 import os
@@ -72,6 +74,9 @@ NODE_IP = "10.244.0.1"
 POD_CIDR = "10.244.0.0/24"
 CLUSTER_DNS_DOMAIN = "cluster.local"
 RECORDS = Path("/run/kvmesh-node")
+# Paths containerd, CNI and the kubelet hard-code; each gets a private tmpfs in the node's
+# mount namespace, so the machine's copies are never written.
+MOUNTPOINTS = ("/run/netns", "/run/containerd", "/var/lib/cni", "/var/log/containers")
 FAKE_NODE_TAINT = {"key": "kvmesh.dev/fake-node", "value": "true", "effect": "NoSchedule"}
 CLONE_NEWNET = 0x40000000
 
@@ -235,8 +240,7 @@ def _remove_cgroup_tree(root: Path) -> list[str]:
     left = []
     if not root.is_dir():
         return left
-    dirs = sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
-    for d in [*dirs, root]:
+    for d in [Path(d) for d, _, _ in os.walk(root, topdown=False)]:  # deepest first, root last
         for attempt in range(50):
             try:
                 d.rmdir()
@@ -272,34 +276,144 @@ def _start_time(pid: int) -> str | None:
         return None
 
 
+@contextlib.contextmanager
+def _machine_lock():
+    """One run at a time changes the machine-wide state below (records, baseline)."""
+    RECORDS.mkdir(parents=True, exist_ok=True)
+    with open(RECORDS / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _records() -> list[tuple[Path, dict]]:
+    out = []
+    for rec in sorted(RECORDS.glob("kvmesh-node-*.json")):
+        try:
+            out.append((rec, json.loads(rec.read_text())))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _alive(data: dict) -> bool:
+    owner = data.get("owner_pid")
+    return bool(owner) and _start_time(owner) == data.get("owner_start")
+
+
+def _kill_cgroup_procs(root: Path) -> None:
+    """SIGKILL every process in a cgroup tree of ours (containers outlive a killed shim)."""
+    if not root.is_dir():
+        return
+    for d, _, _ in os.walk(root):  # os.walk skips directories that vanish meanwhile
+        try:
+            pids = Path(d, "cgroup.procs").read_text().split()
+        except OSError:
+            continue
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+
+
+def _processes_in_netns(ns_inode: int) -> list[int]:
+    pids = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if os.stat(p / "ns" / "net").st_ino == ns_inode:
+                    pids.append(int(p.name))
+            except OSError:
+                pass
+    return pids
+
+
+def _clean_run(data: dict) -> list[str]:
+    """Remove what one (dead) run left: its processes (by its network namespace, which the
+    /run/netns bind mount keeps alive, so the inode is still its own), its containers and
+    cgroups (by its cgroup root) and the namespace itself."""
+    problems = []
+    ns_file = Path("/run/netns") / data["netns"]
+    for attempt in range(20):
+        pids = _processes_in_netns(os.stat(ns_file).st_ino) if ns_file.exists() else []
+        pids = [p for p in pids if p != os.getpid()]
+        for mount in _cgroup_mounts():
+            _kill_cgroup_procs(mount / data["cgroup_root"].lstrip("/"))
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.25)
+    else:
+        problems.append(f"processes left in {data['netns']}: {pids}")
+    for mount in _cgroup_mounts():
+        problems += _remove_cgroup_tree(mount / data["cgroup_root"].lstrip("/"))
+    if ns_file.exists():
+        res = subprocess.run(["ip", "netns", "del", data["netns"]], capture_output=True, text=True)
+        if res.returncode != 0:
+            problems.append(f"ip netns del {data['netns']}: {res.stderr.strip()}")
+    return problems
+
+
+def _release_machine(leaving: Path | None = None) -> list[str]:
+    """With no other run left: restore the sysctls saved by the first run and remove the
+    empty mount-point directories it created. Call under _machine_lock."""
+    baseline = RECORDS / "baseline.json"
+    if any(_alive(d) for r, d in _records() if r != leaving) or not baseline.exists():
+        return []
+    data = json.loads(baseline.read_text())
+    problems = _write_sysctls(data["sysctls"])
+    changed = {k: v for k, v in _read_sysctls().items() if data["sysctls"].get(k) != v}
+    if changed:
+        problems.append(f"sysctls not restored: {changed}")
+    for d in reversed(data.get("created_dirs", [])):
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass
+    if not problems:
+        baseline.unlink()
+    return problems
+
+
+def _claim_machine() -> None:
+    """Before a run changes anything: the first of possibly concurrent runs saves the
+    machine-wide sysctls and creates the mount points the node's private mounts need; the
+    last one to leave restores and removes them (_release_machine). Call under _machine_lock."""
+    baseline = RECORDS / "baseline.json"
+    if baseline.exists():
+        return
+    created = []
+    for d in MOUNTPOINTS:
+        path = Path(d)
+        missing = []
+        while not path.exists():
+            missing.append(str(path))
+            path = path.parent
+        for m in reversed(missing):
+            os.mkdir(m)
+            created.append(m)
+    baseline.write_text(json.dumps({"sysctls": _read_sysctls(), "created_dirs": created}))
+
+
 def cleanup_stale() -> list[str]:
-    """Undo what a crashed run left (its record names its namespace, cgroup root and the
-    sysctls it saved) when the process that wrote the record is gone. Returns what was done."""
+    """Undo what crashed runs left (those whose owner process is gone), then release the
+    machine's baseline if no run is left. Returns what was done."""
     done = []
     if not RECORDS.is_dir():
         return done
-    for rec in RECORDS.glob("*.json"):
-        try:
-            data = json.loads(rec.read_text())
-        except (OSError, ValueError):
-            continue
-        owner = data.get("owner_pid")
-        if owner and _start_time(owner) == data.get("owner_start"):
-            continue  # still running
-        holder = data.get("holder_pid")
-        if holder and data.get("mntns"):
-            for pid in _processes_in_mntns(int(data["mntns"])):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        time.sleep(0.5)
-        for mount in _cgroup_mounts():
-            _remove_cgroup_tree(mount / data["cgroup_root"].lstrip("/"))
-        subprocess.run(["ip", "netns", "del", data["netns"]], capture_output=True)
-        _write_sysctls(data.get("sysctls", {}))
-        rec.unlink(missing_ok=True)
-        done.append(f"cleaned up {data['netns']} (owner {owner} gone)")
+    with _machine_lock():
+        for rec, data in _records():
+            if _alive(data):
+                continue
+            problems = _clean_run(data)
+            rec.unlink(missing_ok=True)
+            done.append(f"cleaned up {data['netns']} (owner {data.get('owner_pid')} gone)"
+                        + (f": {problems}" if problems else ""))
+        done += _release_machine()
     return done
 
 
@@ -336,7 +450,6 @@ class RealNodeCluster(DevCluster):
         self._holder: subprocess.Popen | None = None
         self._mntns: int | None = None
         self._forwarders: list[_Forwarder] = []
-        self._sysctls: dict[str, str] | None = None
         self._record: Path | None = None
         self._netns_created = False
         self._node_procs: list[tuple[str, subprocess.Popen]] = []
@@ -364,6 +477,9 @@ class RealNodeCluster(DevCluster):
         super()._spawn(name, [*self._ns_prefix(), *argv], env)
 
     def _setup_namespaces(self) -> None:
+        with _machine_lock():
+            _claim_machine()
+            self._write_record()  # before anything exists: a crash from here on is cleaned up
         ip = lambda *a: subprocess.run(["ip", *a], check=True, capture_output=True, text=True)  # noqa: E731
         ip("netns", "add", self.netns)
         self._netns_created = True
@@ -371,12 +487,8 @@ class RealNodeCluster(DevCluster):
         # mounts never propagate back. Private tmpfs over the paths containerd and CNI hard-code
         # (/run/netns for pod namespaces, /run/containerd for shim sockets, /var/lib/cni for
         # results) keeps another containerd on this machine and ours apart.
-        script = ("set -e; mount -t tmpfs -o mode=0755 kvmesh-node /run/netns; "
-                  "mkdir -p /run/containerd /var/lib/cni; "
-                  "mount -t tmpfs -o mode=0711 kvmesh-node /run/containerd; "
-                  "mount -t tmpfs -o mode=0755 kvmesh-node /var/lib/cni; "
-                  "mkdir -p /var/log/containers; mount -t tmpfs -o mode=0755 kvmesh-node /var/log/containers; "
-                  "echo ready; exec sleep infinity")
+        script = "set -e; " + "".join(f"mount -t tmpfs -o mode=0755 kvmesh-node {d}; " for d in MOUNTPOINTS) \
+            + "echo ready; exec sleep infinity"
         self._holder = subprocess.Popen(
             ["nsenter", f"--net={self.netns_path}", "--", "unshare", "--mount", "--propagation", "slave",
              "--", "sh", "-c", script],
@@ -387,7 +499,8 @@ class RealNodeCluster(DevCluster):
         self._mntns = os.stat(f"/proc/{self._holder.pid}/ns/mnt").st_ino
         if self._mntns == os.stat("/proc/self/ns/mnt").st_ino:
             raise DevClusterError("holder did not get its own mount namespace")
-        self._write_record()
+        with _machine_lock():
+            self._write_record()
         for cmd in (["ip", "link", "set", "lo", "up"],
                     ["ip", "link", "add", "cni0", "type", "bridge"],
                     ["ip", "addr", "add", f"{NODE_IP}/24", "dev", "cni0"],
@@ -403,7 +516,7 @@ class RealNodeCluster(DevCluster):
         self._record = RECORDS / f"{self.netns}.json"
         me = os.getpid()
         self._record.write_text(json.dumps({
-            "netns": self.netns, "cgroup_root": self.cgroup_root, "sysctls": self._sysctls or {},
+            "netns": self.netns, "cgroup_root": self.cgroup_root,
             "owner_pid": me, "owner_start": _start_time(me),
             "holder_pid": self._holder.pid if self._holder else None, "mntns": self._mntns,
             "workdir": str(self.workdir)}))
@@ -417,7 +530,6 @@ class RealNodeCluster(DevCluster):
 
     def _start(self) -> None:
         t0 = time.monotonic()
-        self._sysctls = _read_sysctls()
         self._setup_namespaces()
         self.timings["namespaces"] = time.monotonic() - t0
         self._start_control_plane()
@@ -607,7 +719,6 @@ class RealNodeCluster(DevCluster):
         (state / "kubelet.yaml").write_text(_KUBELET_YAML.format(
             sock=sock, ca=pki.ca_cert, state=state, node_ip=NODE_IP, cgroup_root=self.cgroup_root,
             crt=serve_crt, key=serve_key, domain=CLUSTER_DNS_DOMAIN))
-        self._write_record()  # the cgroup root exists from here on
         self._spawn_node("kubelet", [
             nb / "kubelet", f"--config={state / 'kubelet.yaml'}", f"--kubeconfig={node_kc}",
             f"--hostname-override={self.node_name}", f"--node-ip={NODE_IP}",
@@ -696,8 +807,11 @@ class RealNodeCluster(DevCluster):
     def _teardown_namespaces(self) -> list[str]:
         problems = []
         if self._mntns is not None:
-            # Anything left in the mount namespace is ours (shims, containers, the holder).
+            # Anything left in the mount namespace is ours (shims, the holder), and so is
+            # anything in our cgroup root (containers a killed shim would leave running).
             for attempt in range(20):
+                for mount in _cgroup_mounts():
+                    _kill_cgroup_procs(mount / self.cgroup_root.lstrip("/"))
                 pids = [p for p in _processes_in_mntns(self._mntns) if p != os.getpid()]
                 if not pids:
                     break
@@ -718,20 +832,13 @@ class RealNodeCluster(DevCluster):
         for f in self._forwarders:
             f.close()
         self._forwarders.clear()
-        for mount in _cgroup_mounts():
-            problems += _remove_cgroup_tree(mount / self.cgroup_root.lstrip("/"))
-        if self._netns_created:
-            res = subprocess.run(["ip", "netns", "del", self.netns], capture_output=True, text=True)
-            if res.returncode != 0:
-                problems.append(f"ip netns del {self.netns}: {res.stderr.strip()}")
-            self._netns_created = False
-        if self._sysctls is not None:
-            problems += _write_sysctls(self._sysctls)
-            changed = {k: v for k, v in _read_sysctls().items() if self._sysctls.get(k) != v}
-            if changed:
-                problems.append(f"sysctls not restored: {changed}")
-        if self._record is not None and not problems:
-            self._record.unlink(missing_ok=True)
+        if self._record is not None:
+            with _machine_lock():
+                problems += _clean_run({"netns": self.netns, "cgroup_root": self.cgroup_root})
+                self._netns_created = False
+                if not problems:
+                    self._record.unlink(missing_ok=True)
+                problems += _release_machine(leaving=self._record)
         return problems
 
     # -- conveniences

@@ -60,6 +60,7 @@ def test_a_pod_runs_and_teardown_leaves_nothing(tmp_path):
     require()
     before = realnode._read_sysctls()
     mounts_before = Path("/proc/self/mountinfo").read_text()
+    dirs_before = {d: os.path.exists(d) for d in realnode.MOUNTPOINTS}
     c = realnode.RealNodeCluster(images=(), workdir=tmp_path / "w", verbose=True)
     c.start()
     netns, cgroot, mntns = c.netns, c.cgroup_root, c._mntns
@@ -89,3 +90,45 @@ def test_a_pod_runs_and_teardown_leaves_nothing(tmp_path):
     assert realnode._processes_in_mntns(mntns) == []
     assert not (realnode.RECORDS / f"{netns}.json").exists()
     assert Path("/proc/self/mountinfo").read_text().count("kvmesh-node") == mounts_before.count("kvmesh-node")
+    assert {d: os.path.exists(d) for d in realnode.MOUNTPOINTS} == dirs_before  # mount points it made: gone
+
+
+CRASHER = """
+import json, os, sys, time
+from kvmesh.local.node import RealNodeCluster
+c = RealNodeCluster(images=(), workdir=sys.argv[1])
+c.start()
+pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "default"},
+       "spec": {"containers": [{"name": "c", "image": c.image_refs["pause"], "command": ["/pause"]}]}}
+c.api("POST", "/api/v1/namespaces/default/pods", pod)
+deadline = time.monotonic() + 90
+while time.monotonic() < deadline:
+    st = c.api("GET", "/api/v1/namespaces/default/pods/p").get("status", {})
+    if st.get("phase") == "Running":
+        break
+    time.sleep(0.3)
+print(json.dumps({"netns": c.netns, "cgroup_root": c.cgroup_root, "phase": st.get("phase")}), flush=True)
+os.kill(os.getpid(), 9)  # no teardown at all: kubelet, containerd, shims and the pod keep running
+"""
+
+
+def test_a_crashed_run_is_cleaned_up_by_the_next(tmp_path):
+    """SIGKILL of the process that owns a running node (pod included): the next run's
+    cleanup_stale() stops what was left, removes namespace and cgroups, restores sysctls."""
+    require()
+    before = realnode._read_sysctls()
+    res = subprocess.run([sys.executable, "-c", CRASHER, str(tmp_path / "w")], capture_output=True,
+                         text=True, timeout=240, cwd=REPO)
+    assert res.returncode == -9, res.stderr[-3000:]
+    info = json.loads(res.stdout.strip().splitlines()[-1])
+    assert info["phase"] == "Running"
+    ns_file = Path("/run/netns") / info["netns"]
+    assert ns_file.exists()
+    assert realnode._processes_in_netns(os.stat(ns_file).st_ino)  # the node outlived its owner
+    done = realnode.cleanup_stale()
+    assert any(info["netns"] in line for line in done), done
+    assert not [line for line in done if "problem" in line or "left" in line], done
+    assert not ns_file.exists()
+    for mount in realnode._cgroup_mounts():
+        assert not (mount / info["cgroup_root"].lstrip("/")).exists(), mount
+    assert realnode._read_sysctls() == before
