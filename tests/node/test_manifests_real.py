@@ -78,14 +78,14 @@ def rendered_manifests(ref: str) -> str:
     return out
 
 
-def test_shipped_manifests_ready_and_inject_through_the_service(cluster, tmp_path):
+@pytest.fixture(scope="module")
+def deployed(cluster):
+    """manifests/ applied as a user would (namespace first), both Deployments rolled out."""
     c = cluster
     ref = c.image_refs["kvmesh"]
     t0 = time.monotonic()
     c.kubectl("apply", "-f", str(REPO / "manifests" / "00-namespace.yaml"))
     c.kubectl("apply", "-f", "-", input=rendered_manifests(ref), timeout=120)
-    ns = c.kubectl_json("get", "namespace", "kvmesh-system")
-    assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
     try:
         for d in ("kvmesh-webhook", "kvmesh-controller"):
             c.kubectl("-n", "kvmesh-system", "rollout", "status", f"deployment/{d}", "--timeout=240s", timeout=250)
@@ -95,7 +95,28 @@ def test_shipped_manifests_ready_and_inject_through_the_service(cluster, tmp_pat
             print(c.kubectl("-n", "kvmesh-system", "logs", p["metadata"]["name"], "--tail=40", check=False).stdout,
                   file=sys.stderr)
         raise
-    rollout = time.monotonic() - t0
+    c.rollout_seconds = time.monotonic() - t0
+    c.import_image(standin_vllm_image(c.node_bin / "pause", Path(c.workdir)))
+    return c
+
+
+def webhook_pods(c) -> list[dict]:
+    return c.kubectl_json("-n", "kvmesh-system", "get", "pods", "-l",
+                          "app.kubernetes.io/name=kvmesh-webhook")["items"]
+
+
+def standin_pod(name: str) -> dict:
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "labels": {"app": "burst", "kvmesh.dev/inject": "enabled"}},
+            "spec": {"containers": [{"name": "vllm", "image": STANDIN_REF.removeprefix("docker.io/"),
+                                     "command": ["vllm", "serve"], "args": ["Qwen/Qwen2.5-0.5B-Instruct"]}]}}
+
+
+def test_shipped_manifests_ready_and_inject_through_the_service(deployed):
+    c = deployed
+    ref = c.image_refs["kvmesh"]
+    ns = c.kubectl_json("get", "namespace", "kvmesh-system")
+    assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
     pods = c.kubectl_json("-n", "kvmesh-system", "get", "pods")["items"]
     assert len([p for p in pods if p["status"].get("phase") == "Running"]) == 4
     for p in pods:
@@ -114,7 +135,6 @@ def test_shipped_manifests_ready_and_inject_through_the_service(cluster, tmp_pat
     assert sum(len(e.get("endpoints") or []) for e in eps) == 2
 
     # A labelled Deployment, injected on admission by the webhook pods.
-    c.import_image(standin_vllm_image(c.node_bin / "pause", tmp_path))
     c.kubectl("create", "namespace", "serving")
     deploy = {
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "qwen", "namespace": "serving"},
@@ -139,5 +159,46 @@ def test_shipped_manifests_ready_and_inject_through_the_service(cluster, tmp_pat
         assert "--kv-transfer-config" in p["spec"]["containers"][0]["args"]
         assert p["metadata"]["labels"].get("kvmesh.dev/peer-group")
     print(f"\nreal node: cluster up {c.startup_seconds:.1f}s {json.dumps({k: round(v, 1) for k, v in c.timings.items()})}; "
-          f"manifests applied -> both Deployments rolled out {rollout:.1f}s; "
+          f"manifests applied -> both Deployments rolled out {c.rollout_seconds:.1f}s; "
           f"labelled Deployment -> 2 injected pods Ready {injected_ready:.1f}s", file=sys.stderr)
+
+
+def test_leader_election_between_the_two_real_controller_pods(deployed):
+    """One controller pod holds the Lease; delete it and the other one takes over."""
+    c = deployed
+    lease = lambda: c.kubectl_json("-n", "kvmesh-system", "get", "lease", "kvmesh-controller")["spec"]  # noqa: E731
+    pods = {p["metadata"]["name"] for p in c.kubectl_json("-n", "kvmesh-system", "get", "pods", "-l",
+                                                             "app.kubernetes.io/name=kvmesh-controller")["items"]}
+    leader = wait("a controller pod holds the lease", lambda: lease().get("holderIdentity") in pods and
+                  lease()["holderIdentity"], timeout=60)
+    (other,) = pods - {leader}
+    t0 = time.monotonic()
+    c.kubectl("-n", "kvmesh-system", "delete", "pod", leader, "--wait=false")
+    wait("the other pod takes the lease", lambda: lease().get("holderIdentity") == other, timeout=60)
+    print(f"\nleader {leader} deleted -> {other} leads after {time.monotonic() - t0:.1f}s", file=sys.stderr)
+    c.kubectl("-n", "kvmesh-system", "rollout", "status", "deployment/kvmesh-controller", "--timeout=120s", timeout=130)
+
+
+def test_webhook_pod_killed_during_a_burst_of_pod_creations(deployed):
+    """`kubectl delete pod --grace-period=0` of one webhook replica while opted-in pods are
+    being admitted: every one of them is still injected (server-side dry run: the whole
+    admission chain runs, nothing is scheduled)."""
+    c = deployed
+    c.kubectl("-n", "kvmesh-system", "rollout", "status", "deployment/kvmesh-webhook", "--timeout=120s", timeout=130)
+    victim = webhook_pods(c)[0]["metadata"]["name"]
+    results: list[tuple[float, bool, str]] = []
+    t0 = time.monotonic()
+    killed_at = None
+    for i in range(60):
+        if i == 10:
+            killed_at = time.monotonic() - t0
+            c.kubectl("-n", "kvmesh-system", "delete", "pod", victim, "--grace-period=0", "--wait=false")
+        out = c.api("POST", "/api/v1/namespaces/default/pods?dryRun=All", standin_pod(f"burst-{i}"))
+        ann = out["metadata"].get("annotations", {})
+        injected = "kvmesh.dev/status" in ann and json.loads(ann["kvmesh.dev/status"]).get("injected") is not False
+        results.append((time.monotonic() - t0, injected, ann.get("kvmesh.dev/status", "")))
+        time.sleep(0.1)
+    lost = [(round(t, 2), s) for t, ok, s in results if not ok]
+    print(f"\nburst: {len(results)} admissions over {results[-1][0]:.1f}s, webhook {victim} deleted at "
+          f"{killed_at:.1f}s, not injected: {lost}", file=sys.stderr)
+    assert lost == []
