@@ -202,3 +202,96 @@ def test_webhook_pod_killed_during_a_burst_of_pod_creations(deployed):
     print(f"\nburst: {len(results)} admissions over {results[-1][0]:.1f}s, webhook {victim} deleted at "
           f"{killed_at:.1f}s, not injected: {lost}", file=sys.stderr)
     assert lost == []
+
+
+def dns_a(c, name: str, server: str = realnode.NODE_IP) -> list[str]:
+    """One A query to CoreDNS on the node's bridge, sent from inside the node's namespace."""
+    import random
+    import socket
+    import struct
+    import threading
+
+    qid = random.randrange(65536)
+    q = struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0)
+    q += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0" + struct.pack(">HH", 1, 1)
+    out: dict = {}
+
+    def ask():
+        try:
+            realnode._setns(c.netns_path)
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.settimeout(3)
+                s.sendto(q, (server, 53))
+                out["reply"] = s.recv(4096)
+        except OSError as e:
+            out["error"] = e
+
+    t = threading.Thread(target=ask)
+    t.start()
+    t.join()
+    if "error" in out:
+        raise out["error"]
+    r = out["reply"]
+    an = struct.unpack(">H", r[6:8])[0]
+    i = 12
+    while r[i]:
+        i += r[i] + 1
+    i += 5
+    ips = []
+    for _ in range(an):
+        i += 2 if r[i] & 0xC0 == 0xC0 else len(r[i:].split(b"\0", 1)[0]) + 1
+        rtype, _, _, rdlen = struct.unpack(">HHIH", r[i:i + 10])
+        i += 10
+        if rtype == 1:
+            ips.append(".".join(map(str, r[i:i + 4])))
+        i += rdlen
+    return ips
+
+
+def test_services_resolve_through_coredns(deployed):
+    """The names kvmesh injects resolve through the cluster DNS to real Service addresses:
+    the webhook Service, and the peer group's lookup Service the controller created."""
+    c = deployed
+    svc = c.kubectl_json("-n", "kvmesh-system", "get", "service", "kvmesh-webhook")
+    assert dns_a(c, "kvmesh-webhook.kvmesh-system.svc.cluster.local") == [svc["spec"]["clusterIP"]]
+    pods = c.kubectl_json("-n", "serving", "get", "pods", "-l", "app=qwen")["items"]
+    if not pods:
+        pytest.skip("needs the serving Deployment of the first test")
+    env = {e["name"]: e.get("value", "") for e in pods[0]["spec"]["containers"][0].get("env", [])}
+    lookup = next(v for k, v in env.items() if k.endswith("_URL") and ".svc" in v)
+    host = lookup.split("://")[-1].rsplit(":", 1)[0]
+    svc_name, ns = host.split(".")[:2]
+    wait(f"lookup Service {svc_name}", lambda: c.kubectl("-n", ns, "get", "service", svc_name, check=False).returncode == 0,
+         timeout=60)
+    ip = c.kubectl_json("-n", ns, "get", "service", svc_name)["spec"]["clusterIP"]
+    fqdn = host if host.endswith(".cluster.local") else host + ".cluster.local"
+    assert dns_a(c, fqdn) == [ip], (lookup, fqdn)
+    print(f"\nCoreDNS: {fqdn} -> {ip} (injected as {lookup})", file=sys.stderr)
+
+
+def test_benchmark_pod_create_to_ready_with_and_without_the_webhook(deployed):
+    """Same run, same image, same node: N opted-in pods (through kvmesh's webhook) vs N pods
+    without the label (the API server never calls it). Prints the figures; asserts only that
+    both sets became Ready."""
+    c = deployed
+    c.kubectl("create", "namespace", "bench", check=False)
+    n = 8
+    figures = {}
+    for label, opted in (("without", False), ("with", True)):
+        times = []
+        for i in range(n):
+            p = standin_pod(f"{label}-{i}")
+            if not opted:
+                p["metadata"]["labels"] = {"app": "bench"}
+            t0 = time.monotonic()
+            c.api("POST", "/api/v1/namespaces/bench/pods", p)
+            wait(f"pod {label}-{i} Ready", lambda: any(
+                x.get("type") == "Ready" and x.get("status") == "True"
+                for x in c.api("GET", f"/api/v1/namespaces/bench/pods/{label}-{i}").get("status", {}).get("conditions", [])),
+                timeout=60, every=0.05)
+            times.append(time.monotonic() - t0)
+            c.api("DELETE", f"/api/v1/namespaces/bench/pods/{label}-{i}?gracePeriodSeconds=0")
+        times.sort()
+        figures[label] = {"p50": round(times[n // 2], 2), "max": round(times[-1], 2)}
+    print(f"\npod create -> Ready on the real node, {n} pods each, sequential: "
+          f"without kvmesh webhook {figures['without']}, with {figures['with']} (s)", file=sys.stderr)
