@@ -5,9 +5,11 @@ the namespace's PodSecurity `restricted`; the controller bootstraps the CA and w
 caBundle; the API server calls the webhook through its Service (at the pod IPs); a labelled
 Deployment is injected on admission and its pods run.
 
-Test-only stand-in, named as such: the "vLLM" image is the pause binary installed as
-/usr/local/bin/vllm and imported as `docker.io/lmcache/vllm-openai:v0.5.6`, so that admission sees
-a real LMCache image name while the node runs a few-MB process instead of a CUDA image.
+Test-only stand-ins, named as such: the "vLLM" image is the pause binary installed as
+/usr/local/bin/vllm and imported as `docker.io/lmcache/vllm-openai:v0.5.6` (and tagged `:v0.3.6`),
+so that admission sees a real LMCache image name while the node runs a few-MB process instead of a
+CUDA image; Debian's redis-server image (images/build.py redis) is tagged as the controller's
+default `redis:7.2-alpine`, since the node cannot pull from Docker Hub.
 Skipped unless `make node` has built everything (KVMESH_REQUIRE_NODE=1: fail instead).
 """
 
@@ -56,8 +58,8 @@ def standin_vllm_image(pause: Path, work: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, request):
-    require(("kvmesh",))
-    c = realnode.RealNodeCluster(images=("kvmesh",), verbose=True)
+    require(("kvmesh", "redis"))
+    c = realnode.RealNodeCluster(images=("kvmesh", "redis"), verbose=True)
     c.start()
     failed = request.session.testsfailed
     try:
@@ -295,3 +297,69 @@ def test_benchmark_pod_create_to_ready_with_and_without_the_webhook(deployed):
         figures[label] = {"p50": round(times[n // 2], 2), "max": round(times[-1], 2)}
     print(f"\npod create -> Ready on the real node, {n} pods each, sequential: "
           f"without kvmesh webhook {figures['without']}, with {figures['with']} (s)", file=sys.stderr)
+
+
+def resp_ping(c, ip: str, port: int) -> bytes:
+    """PING over TCP from inside the node namespace (so through kube-proxy's Service rules)."""
+    import socket
+    import threading
+
+    out: dict = {}
+
+    def ask():
+        try:
+            realnode._setns(c.netns_path)
+            with socket.create_connection((ip, port), timeout=5) as s:
+                s.sendall(b"*1\r\n$4\r\nPING\r\n")
+                out["reply"] = s.recv(64)
+        except OSError as e:
+            out["error"] = e
+
+    t = threading.Thread(target=ask)
+    t.start()
+    t.join()
+    if "error" in out:
+        raise out["error"]
+    return out["reply"]
+
+
+def test_redis_lookup_service_runs_as_a_real_pod(deployed):
+    """A redis-generation group: the controller's Redis Deployment runs (Debian's redis-server
+    image), its Service routes through kube-proxy to the real pod and answers PING, and the
+    peer group counts both real vLLM pods as ready peers."""
+    c = deployed
+    c._ctr("images", "tag", "--force", c.image_refs["redis"], "docker.io/library/redis:7.2-alpine")
+    c._ctr("images", "tag", "--force", STANDIN_REF, "docker.io/lmcache/vllm-openai:v0.3.6")
+    c.kubectl("create", "namespace", "legacy")
+    deploy = {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "old", "namespace": "legacy"},
+        "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "old"}},
+                 "template": {"metadata": {"labels": {"app": "old", "kvmesh.dev/inject": "enabled"}},
+                              "spec": {"containers": [{
+                                  "name": "vllm", "image": "lmcache/vllm-openai:v0.3.6",
+                                  "command": ["vllm", "serve"], "args": ["Qwen/Qwen2.5-0.5B-Instruct"]}]}}}}
+    c.kubectl("apply", "-f", "-", input=json.dumps(deploy))
+    c.kubectl("-n", "legacy", "rollout", "status", "deployment/old", "--timeout=120s", timeout=130)
+    for p in c.kubectl_json("-n", "legacy", "get", "pods", "-l", "app=old")["items"]:
+        assert json.loads(p["metadata"]["annotations"]["kvmesh.dev/status"])["mode"] == "redis"
+    t0 = time.monotonic()
+    wait("the lookup Deployment", lambda: c.kubectl("-n", "legacy", "get", "deployment", "kvmesh-redis-default",
+                                                     check=False).returncode == 0, timeout=60)
+    c.kubectl("-n", "legacy", "rollout", "status", "deployment/kvmesh-redis-default", "--timeout=120s", timeout=130)
+    ready = time.monotonic() - t0
+    svc = c.kubectl_json("-n", "legacy", "get", "service", "kvmesh-redis-default")
+    ip, port = svc["spec"]["clusterIP"], svc["spec"]["ports"][0]["port"]
+    assert dns_a(c, "kvmesh-redis-default.legacy.svc.cluster.local") == [ip]
+    # kube-proxy REJECTs a Service until its endpoints reach it: retry for a bounded time.
+    def pong():
+        try:
+            return resp_ping(c, ip, port) == b"+PONG\r\n"
+        except OSError:
+            return False
+
+    wait("PONG through the Service", pong, timeout=30)
+    group = wait("peer group sees 2 ready peers", lambda: (
+        g := c.kubectl_json("-n", "legacy", "get", "kvmeshpeergroups", "redis-default", check=False)
+    ).get("status", {}).get("readyPeers") == 2 and g, timeout=60)
+    print(f"\nredis lookup: Deployment Ready {ready:.1f}s after the group's pods; {ip}:{port} PONG; "
+          f"group status {group['status'].get('members')} members", file=sys.stderr)
