@@ -350,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per key; the others wait and reuse
         if out.is_file() and meta_path.is_file():
             return done()
+        for stale in cache.glob(f".build-{key}-*"):  # left by a killed build; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
         t0 = time.monotonic()
         with tempfile.TemporaryDirectory(prefix=f".build-{key}-", dir=cache) as tmp:
             work = Path(tmp)

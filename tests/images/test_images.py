@@ -24,6 +24,16 @@ REPO = Path(__file__).resolve().parents[2]
 BUILD = REPO / "images" / "build.py"
 
 
+def load_builder():
+    """images/build.py as a module (by path: `build` is also a PyPI package's name)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kvmesh_images_build", BUILD)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def built(name: str) -> tuple[str, Path]:
     res = subprocess.run([sys.executable, str(BUILD), name, "--check"], capture_output=True, text=True)
     if res.returncode != 0:
@@ -123,11 +133,7 @@ def test_containerfile_keeps_the_same_promises():
     assert re.search(r'^ENTRYPOINT \["kvmesh"\]$', runtime, re.M)
     assert "pip install" not in runtime and "apt-get" not in runtime
     # What the build stage copies is exactly what images/build.py hashes and installs.
-    sys.path.insert(0, str(BUILD.parent))
-    try:
-        import build as image_build  # noqa: PLC0415
-    finally:
-        sys.path.pop(0)
+    image_build = load_builder()
     copied = re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.M)
     assert sorted(" ".join(copied).split()) == sorted(image_build.PROJECT_INPUTS)
 

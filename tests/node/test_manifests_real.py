@@ -34,11 +34,11 @@ STANDIN_REF = "docker.io/lmcache/vllm-openai:v0.5.6"
 
 
 def standin_vllm_image(pause: Path, work: Path) -> Path:
-    sys.path.insert(0, str(REPO / "images"))
-    try:
-        import build as image_build  # noqa: PLC0415
-    finally:
-        sys.path.pop(0)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kvmesh_images_build", REPO / "images" / "build.py")
+    image_build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(image_build)  # by path: `build` is also a PyPI package's name
     layer = work / "standin.tar"
     with tarfile.open(layer, "w") as t:
         for d in ("usr", "usr/local", "usr/local/bin"):
