@@ -951,9 +951,18 @@ _COREFILE = """\
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m kvmesh.local.node [IMAGE...]: start, print the kubeconfig, run until Ctrl-C."""
+    """python -m kvmesh.local.node [IMAGE...]: start, print the kubeconfig, run until Ctrl-C or
+    SIGTERM, then tear down. IMAGE: kvmesh (default), redis; `pause` alone: no other image."""
     argv = sys.argv[1:] if argv is None else argv
-    with RealNodeCluster(images=tuple(argv) or ("kvmesh",), verbose=True, keep_workdir=True) as c:
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    # Ctrl-C and SIGTERM both tear down (a shell's `cmd &` starts with SIGINT ignored).
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+    images = tuple(a for a in argv if a != "pause") if argv else ("kvmesh",)
+    with RealNodeCluster(images=images, verbose=True, keep_workdir=True) as c:
         print(f"export KUBECONFIG={c.kubeconfig}   # node {c.node_name} in netns {c.netns}; "
               f"images {c.image_refs}; timings {json.dumps({k: round(v, 1) for k, v in c.timings.items()})}",
               flush=True)
