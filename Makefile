@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 export KVMESH_CACHE ?= $(HOME)/.cache/kvmesh
 
-.PHONY: demo test bench setup consumers cluster system-packages clean
+.PHONY: demo test bench setup consumers cluster system-packages clean image images node test-node
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,29 @@ bench: setup cluster system-packages
 	$(VENV)/bin/python bench/mutate.py
 	$(VENV)/bin/python bench/purge.py
 	$(VENV)/bin/python bench/membership.py
+
+# The kvmesh image as one tarball (OCI layout + docker archive) under $(KVMESH_CACHE)/images,
+# built without a daemon or registry (root, mmdebstrap); `docker build .` builds the same from
+# ./Containerfile. See docs/images.md.
+image:
+	command -v mmdebstrap >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mmdebstrap >/dev/null)
+	$(PYTHON) images/build.py kvmesh
+
+# + the redis-mode lookup image (Debian's redis-server).
+images: image
+	$(PYTHON) images/build.py redis
+
+# A real node's pieces (kvmesh/local/node.py): Debian's containerd/runc/CNI/iptables,
+# kubelet + kube-proxy + CoreDNS + pause from Go modules, the pause image.
+node: cluster images
+	bash cluster/node-build.sh --packages
+	bash cluster/node-build.sh >/dev/null
+	$(PYTHON) images/build.py pause --binary "$$(bash cluster/node-build.sh --check | tail -1)/pause"
+
+# The image and real-node tests, with everything they need built first (not part of `test`
+# yet: the node's cold build is ~17 min on 2 busy cores, mostly CoreDNS; see docs/real-node.md).
+test-node: setup node
+	KVMESH_REQUIRE_NODE=1 $(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/images tests/node
 
 clean:
 	rm -rf $(VENV)
