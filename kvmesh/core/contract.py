@@ -1,7 +1,8 @@
 """The LMCache / vLLM configuration contract per mode (pure, no I/O).
 
-One place for every variable name, value format and rule kvmesh relies on. Sources are in
-docs/lmcache-contract.md (research note §1.2, §2.1-2.5, §6). Two generations:
+One place for every variable name, value format and rule kvmesh relies on. Where each fact
+comes from: docs/lmcache-contract.md (a section per mode, and the upstream limits kvmesh works
+around). Two generations:
 
 * redis mode: LMCache experimental builds and 0.3.0-0.3.6 (Redis lookup + per-pod TCP server)
 * controller mode: LMCache 0.3.7 -> 0.5.x (lmcache_controller + NIXL)
@@ -252,7 +253,8 @@ GENERATION_VARS = {
         "LMCACHE_LMCACHE_WORKER_HEARTBEAT_TIME",
     ),
 }
-# Deprecated aliases that LMCache 0.5.6 drops as unknown keys (contract §2.1).
+# Deprecated aliases that LMCache 0.5.6 drops as unknown keys (docs/lmcache-contract.md,
+# controller mode).
 BROKEN_ALIASES = ("LMCACHE_CONTROLLER_URL", "LMCACHE_LMCACHE_WORKER_PORT")
 
 

@@ -2,7 +2,7 @@
 
 Every key under kvmesh.dev/ is validated: an unknown key or a bad value is an error naming the
 key, the value and what is accepted, because a typo silently ignored is a pod silently not
-sharing (Linkerd's weakness, research webhook-anchors §1).
+sharing.
 """
 
 from __future__ import annotations
