@@ -11,7 +11,7 @@ selected and the governing defaults, which is exactly the key.
 
 from __future__ import annotations
 
-import base64
+import binascii
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional, Union
@@ -169,7 +169,7 @@ def _response(uid: str, allowed: bool, patch: Optional[list] = None, message: st
     resp: dict[str, Any] = {"uid": uid, "allowed": allowed}
     if patch:
         resp["patchType"] = "JSONPatch"
-        resp["patch"] = base64.b64encode(orjson.dumps(patch)).decode()
+        resp["patch"] = binascii.b2a_base64(orjson.dumps(patch), newline=False).decode()
     if not allowed:
         resp["status"] = {"code": code, "message": message, "reason": reason}
     if warnings:
@@ -184,51 +184,56 @@ def _ptr(token: Any) -> str:
     return t.replace("~", "~0").replace("/", "~1") if "~" in t or "/" in t else t
 
 
-def _same(a: Any, b: Any) -> bool:
-    # Identity first: the core shares every unchanged subtree, and == on two distinct but
-    # equal containers would walk them.
-    return a is b or a == b
+_ABSENT = object()
 
 
 def diff(before: Any, after: Any, path: str = "") -> list[dict]:
     """RFC 6902 operations turning `before` into `after`: objects recursed, lists matched by
     common prefix/suffix, so an insertion is one `add` and a changed element is recursed; a
     list whose middle changed shape is one `replace` (one op for a rewritten env list instead
-    of one per entry)."""
-    if before is after:  # the core shares unchanged subtrees: skip them by identity
+    of one per entry). The core shares every unchanged subtree with its input, so identity
+    ends most comparisons before any walk."""
+    if before is after:
         return []
     if isinstance(before, dict) and isinstance(after, dict):
         ops: list[dict] = []
-        for k in before:
-            if k not in after:
-                ops.append({"op": "remove", "path": f"{path}/{_ptr(k)}"})
+        if not before.keys() <= after.keys():
+            for k in before:
+                if k not in after:
+                    ops.append({"op": "remove", "path": f"{path}/{_ptr(k)}"})
         for k, v in after.items():
-            if k not in before:
+            b = before.get(k, _ABSENT)
+            if b is _ABSENT:
                 ops.append({"op": "add", "path": f"{path}/{_ptr(k)}", "value": v})
-            elif before[k] is not v:
-                ops.extend(diff(before[k], v, f"{path}/{_ptr(k)}"))
+            elif b is not v:
+                ops += diff(b, v, f"{path}/{_ptr(k)}")
         return ops
     if isinstance(before, list) and isinstance(after, list):
-        nb, na = len(before), len(after)
-        pre = 0
-        while pre < nb and pre < na and _same(before[pre], after[pre]):
-            pre += 1
-        suf = 0
-        while suf < nb - pre and suf < na - pre and _same(before[-1 - suf], after[-1 - suf]):
-            suf += 1
-        old_n, new_n = nb - pre - suf, na - pre - suf
-        if old_n == 0:
-            return [{"op": "add", "path": f"{path}/{pre + i}", "value": after[pre + i]}
-                    for i in range(new_n)]
-        if new_n == 0:  # from the back so earlier indexes stay valid
-            return [{"op": "remove", "path": f"{path}/{pre + i}"}
-                    for i in range(old_n - 1, -1, -1)]
-        if old_n == new_n:
-            ops = []
-            for i in range(pre, pre + old_n):
-                ops.extend(diff(before[i], after[i], f"{path}/{i}"))
-            return ops
-        return [{"op": "replace", "path": path, "value": after}]
+        return _diff_lists(before, after, path)
     if before == after and type(before) is type(after):
         return []
+    return [{"op": "replace", "path": path, "value": after}]
+
+
+def _diff_lists(before: list, after: list, path: str) -> list[dict]:
+    nb, na = len(before), len(after)
+    pre = 0
+    # `is` first: == on two distinct but equal containers would walk them.
+    while pre < nb and pre < na and (before[pre] is after[pre] or before[pre] == after[pre]):
+        pre += 1
+    suf = 0
+    while suf < nb - pre and suf < na - pre and (before[-1 - suf] is after[-1 - suf]
+                                                 or before[-1 - suf] == after[-1 - suf]):
+        suf += 1
+    old_n, new_n = nb - pre - suf, na - pre - suf
+    if old_n == 0:
+        return [{"op": "add", "path": f"{path}/{pre + i}", "value": after[pre + i]}
+                for i in range(new_n)]
+    if new_n == 0:  # from the back so earlier indexes stay valid
+        return [{"op": "remove", "path": f"{path}/{pre + i}"} for i in range(old_n - 1, -1, -1)]
+    if old_n == new_n:
+        ops: list[dict] = []
+        for i in range(pre, pre + old_n):
+            ops += diff(before[i], after[i], f"{path}/{i}")
+        return ops
     return [{"op": "replace", "path": path, "value": after}]

@@ -1,7 +1,8 @@
 """The LMCache / vLLM configuration contract per mode (pure, no I/O).
 
-One place for every variable name, value format and rule kvmesh relies on. Sources are in
-docs/lmcache-contract.md (research note §1.2, §2.1-2.5, §6). Two generations:
+One place for every variable name, value format and rule kvmesh relies on. Where each fact
+comes from: docs/lmcache-contract.md (a section per mode, and the upstream limits kvmesh works
+around). Two generations:
 
 * redis mode: LMCache experimental builds and 0.3.0-0.3.6 (Redis lookup + per-pod TCP server)
 * controller mode: LMCache 0.3.7 -> 0.5.x (lmcache_controller + NIXL)
@@ -13,7 +14,7 @@ import functools
 import json
 import re
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 from kvmesh.core import names
 
@@ -46,7 +47,15 @@ def lmcache_version_from_image(image: str) -> Optional[tuple[int, int, int]]:
 
     Only images whose repository names LMCache carry an LMCache version in their tag
     (`lmcache/vllm-openai:v0.3.6`); a `vllm/vllm-openai:v0.10.0` tag is a vLLM version.
+    Cached (a pure function of the string; a cluster runs few images), unless very long.
     """
+    if len(image) > 512:
+        return _version_in_image.__wrapped__(image)
+    return _version_in_image(image)
+
+
+@functools.lru_cache(maxsize=256)
+def _version_in_image(image: str) -> Optional[tuple[int, int, int]]:
     ref = image.split("@", 1)[0]
     repo, _, tag = ref.rpartition(":")
     if not repo or "/" in tag:  # no tag, or the ':' was a registry port
@@ -145,9 +154,10 @@ class EnvSpec:
     why: str = ""
 
 
-@dataclass(frozen=True)
-class Plan:
-    """Resolved inputs for one pod's env (all decisions already made)."""
+class Plan(NamedTuple):
+    """Resolved inputs for one pod's env (all decisions already made).
+
+    A tuple: built for every pod and hashed as env_specs' cache key, both cheap for tuples."""
 
     mode: str
     pod_ip_var: str
@@ -252,7 +262,8 @@ GENERATION_VARS = {
         "LMCACHE_LMCACHE_WORKER_HEARTBEAT_TIME",
     ),
 }
-# Deprecated aliases that LMCache 0.5.6 drops as unknown keys (contract §2.1).
+# Deprecated aliases that LMCache 0.5.6 drops as unknown keys (docs/lmcache-contract.md,
+# controller mode).
 BROKEN_ALIASES = ("LMCACHE_CONTROLLER_URL", "LMCACHE_LMCACHE_WORKER_PORT")
 
 

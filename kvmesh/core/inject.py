@@ -3,10 +3,20 @@
 Pure: no I/O, no clocks, no randomness. The webhook, the offline CLI and the tests all call
 `decide`, so every path injects byte-identical configuration. Re-running `decide` on its own
 output changes nothing (the webhook's reinvocationPolicy: IfNeeded relies on it).
+
+`decide` runs the pod through PIPELINE, one named step after another:
+
+    prepare -> opt_in -> target -> parallelism -> connector -> ports -> env
+            -> container_ports -> flag -> stamp
+
+Each step reads what earlier steps found on a `_Pod` and adds to it. A step ends the pipeline
+by raising `_Deny` (the pod is refused) or `_Skip` (admitted untouched; once the target
+container is known, with the reason in the status annotation).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -39,9 +49,6 @@ R_CONTAINER_NOT_FOUND = "container-not-found"
 R_CONNECTOR_CONFLICT = "connector-mode-conflict"
 R_BAD_KV_CONFIG = "invalid-kv-transfer-config"
 R_MALFORMED = "malformed-pod"
-
-SKIP_REASONS = (R_NOT_OPTED_IN, R_OPTED_OUT, R_NO_VLLM, R_PARALLEL, R_DATA_PARALLEL,
-                R_FOREIGN_CONNECTOR, R_SCRIPT)
 
 
 @dataclass(frozen=True)
@@ -83,121 +90,177 @@ class _Skip(Exception):
         self.reason = reason
 
 
+class _Pod:
+    """One pod on its way through the pipeline: the copy being built and what steps found."""
+
+    __slots__ = ("ctx", "warnings", "pod", "meta", "annotations", "labels", "spec",
+                 "containers", "ov", "c", "launch", "env_in", "mode", "mode_reason", "version",
+                 "flags", "ranks", "user_kv", "v0", "ports", "dist", "init", "look", "work")
+
+    def __init__(self, pod: dict, ctx: Context, warnings: list[str]):
+        self.pod, self.ctx, self.warnings = pod, ctx, warnings
+        self.c: Optional[dict] = None  # the target container (a copy), once known
+
+
 def decide(pod: Any, ctx: Context) -> Result:
     """Inject LMCache P2P configuration into `pod` (a Pod or a pod template), or say why not."""
-    original = pod
     warnings: list[str] = []
+    if not isinstance(pod, dict):
+        return Result(DENY, R_MALFORMED, "the object is not a JSON object", pod, warnings)
+    s = _Pod(pod, ctx, warnings)
     try:
-        if not isinstance(pod, dict):
-            raise _Deny(R_MALFORMED, "the object is not a JSON object")
-        return _decide(pod, ctx, warnings)
+        for step in PIPELINE:
+            step(s)
     except _Deny as d:
-        return Result(DENY, d.reason, str(d), original, warnings)
-    except _Skip as s:  # skips that happen before a mode is known
-        return Result(SKIP, s.reason, str(s), original, warnings)
+        return Result(DENY, d.reason, str(d), pod, warnings)
+    except _Skip as skip:
+        if s.c is None:  # before the target container is known: nothing to record
+            return Result(SKIP, skip.reason, str(skip), pod, warnings)
+        _set_status(s.annotations, {"injected": False, "reason": skip.reason,
+                                    "message": str(skip), "mode": s.mode,
+                                    "modeReason": s.mode_reason, "container": s.c["name"]})
+        return Result(SKIP, skip.reason, str(skip), s.pod, warnings, s.mode, s.mode_reason,
+                      s.c["name"])
+    c = s.c
+    return Result(INJECT, R_INJECTED,
+                  f"injected {s.mode} mode into container {c['name']!r} ({s.mode_reason})",
+                  s.pod, warnings, s.mode, s.mode_reason, c["name"])
 
 
-# --- helpers over plain dicts (the pod is untrusted JSON: check every type) ---------------
+# --- prepare: copy on write, check the untrusted JSON, parse the overrides ------------------
 
-def _dict(obj: dict, key: str, where: str, create: bool = True) -> dict:
-    v = obj.get(key)
+def prepare(s: _Pod) -> None:
+    """Copy on write: only the objects on the path to what changes are copied (metadata, its
+    annotations and labels, spec, later the containers list and the target container);
+    everything else is shared with the input, which is never modified. Sharing also lets the
+    patch diff skip unchanged subtrees by identity."""
+    pod = s.pod = dict(s.pod)
+    meta = s.meta = pod["metadata"] = dict(_object(pod.get("metadata"), ".metadata"))
+    annotations = s.annotations = meta["annotations"] = dict(
+        _strings(_object(meta.get("annotations"), "metadata.annotations"),
+                 "metadata.annotations"))
+    labels = s.labels = dict(_strings(_object(meta.get("labels"), "metadata.labels"),
+                                      "metadata.labels"))
+    spec = pod.get("spec")
+    if not isinstance(spec, dict):
+        raise _Deny(R_MALFORMED, "spec must be an object")
+    spec = s.spec = pod["spec"] = dict(spec)
+    s.containers = _checked_containers(spec, "containers")
+    if not s.containers:
+        raise _Deny(R_MALFORMED, "spec.containers is empty")
+    _checked_containers(spec, "initContainers")
+    try:
+        s.ov = overrides.parse(annotations, labels)
+    except overrides.InvalidOverride as e:
+        raise _Deny(R_INVALID_ANNOTATION, str(e)) from None
+
+
+def _object(v: Any, where: str) -> dict:
     if v is None:
-        v = {}
-        if create:
-            obj[key] = v
+        return {}
     if not isinstance(v, dict):
-        raise _Deny(R_MALFORMED, f"{where}.{key} must be an object")
+        raise _Deny(R_MALFORMED, f"{where} must be an object")
     return v
 
 
-def _list(obj: dict, key: str, where: str) -> list:
-    v = obj.get(key)
-    if v is None:
-        return []
-    if not isinstance(v, list):
-        raise _Deny(R_MALFORMED, f"{where}.{key} must be a list")
-    return v
-
-
-def _str_map(d: dict, where: str) -> dict:
+def _strings(d: dict, where: str) -> dict:
     for k, v in d.items():
         if not isinstance(v, str):
             raise _Deny(R_MALFORMED, f"{where}[{k!r}] must be a string")
     return d
 
 
-def _containers(spec: dict, key: str) -> list[dict]:
-    cs = _list(spec, key, "spec")
-    for i, c in enumerate(cs):
+def _checked_containers(spec: dict, key: str) -> list[dict]:
+    cs = spec.get(key)
+    if cs is None:
+        return []
+    if not isinstance(cs, list):
+        raise _Deny(R_MALFORMED, f"spec.{key} must be a list")
+    for c in cs:
         if not isinstance(c, dict) or not isinstance(c.get("name"), str):
-            raise _Deny(R_MALFORMED, f"spec.{key}[{i}] must be an object with a name")
+            raise _Deny(R_MALFORMED, f"spec.{key}[{_at(cs, c)}] must be an object with a name")
         for k in ("command", "args"):
-            if c.get(k) is not None and (not isinstance(c[k], list)
-                                         or not all(isinstance(a, str) for a in c[k])):
-                raise _Deny(R_MALFORMED, f"spec.{key}[{i}].{k} must be a list of strings")
+            words = c.get(k)
+            if words is not None and not _all_strings(words):
+                raise _Deny(R_MALFORMED, f"spec.{key}[{_at(cs, c)}].{k} must be a list of strings")
         for k in ("env", "ports"):
-            for j, e in enumerate(_list(c, k, f"spec.{key}[{i}]")):
-                if not isinstance(e, dict):
-                    raise _Deny(R_MALFORMED, f"spec.{key}[{i}].{k}[{j}] must be an object")
+            items = c.get(k)
+            if items is not None and not _all_objects(items):
+                where = f"spec.{key}[{_at(cs, c)}].{k}"
+                if not isinstance(items, list):
+                    raise _Deny(R_MALFORMED, f"{where} must be a list")
+                raise _Deny(R_MALFORMED, f"{where}[{_at(items, None)}] must be an object")
     return cs
 
 
-# --- the vLLM container ------------------------------------------------------------------
-
-@dataclass
-class _Launch:
-    form: str  # exec | args-only | shell | unknown
-    words: list[str]  # vLLM's own arguments (after `vllm serve` / the module)
-    script_field: Optional[str] = None  # "command" | "args" for shell form
-    script_index: int = 0
-    script: Optional[launch.ScriptLaunch] = None
-    script_error: Optional[str] = None
+def _at(items: list, item: Any) -> int:
+    """Index of `item` in `items` by identity, or of the first non-object when item is None
+    (error messages only: the loops above do without enumerate)."""
+    for i, x in enumerate(items):
+        if (x is item) if item is not None else not isinstance(x, dict):
+            return i
+    return -1
 
 
-def _classify(c: dict) -> Optional[_Launch]:
-    command = c.get("command") or []
-    args = c.get("args") or []
-    argv = command + args
-    at = launch.server_start(argv)
-    if at is not None:
-        return _Launch("exec", argv[at:])
-    # sh -c SCRIPT, with the script in command or args
-    for i, w in enumerate(argv):
-        if launch._base(w) in launch.SHELLS:
-            j = i + 1
-            while j < len(argv) and argv[j].startswith("-") and "c" not in argv[j][1:]:
-                j += 1
-            if j < len(argv) and argv[j].startswith("-") and "c" in argv[j][1:] \
-                    and j + 1 < len(argv):
-                where = "command" if j + 1 < len(command) else "args"
-                idx = j + 1 if where == "command" else j + 1 - len(command)
-                script = argv[j + 1]
-                try:
-                    found = launch.find_in_script(script)
-                except launch.ScriptError as e:
-                    if "vllm" in script:
-                        return _Launch("shell", [], where, idx, None, str(e))
-                    return None
-                if found is None:
-                    return None
-                return _Launch("shell", [w.text for w in found.words[found.server_at:]],
-                               where, idx, found)
-            break
-    if not command and launch.is_vllm_image(str(c.get("image", ""))):
-        return _Launch("args-only", list(args))
-    return None
+def _all_objects(items: Any) -> bool:
+    if not isinstance(items, list):
+        return False
+    for e in items:
+        if not isinstance(e, dict):
+            return False
+    return True
 
 
-def _find_container(spec_containers: list[dict], ov: overrides.Overrides
-                    ) -> tuple[int, _Launch]:
+def _all_strings(words: Any) -> bool:
+    if not isinstance(words, list):
+        return False
+    for w in words:
+        if not isinstance(w, str):
+            return False
+    return True
+
+
+# --- opt_in: the pod's label, or the namespace / a policy selecting it ---------------------
+
+def opt_in(s: _Pod) -> None:
+    opt = s.labels.get(names.LABEL_INJECT)
+    if opt == names.INJECT_DISABLED:
+        raise _Skip(R_OPTED_OUT, f"label {names.LABEL_INJECT}={names.INJECT_DISABLED}")
+    if opt != names.INJECT_ENABLED and not s.ctx.selected:
+        raise _Skip(R_NOT_OPTED_IN, f"no label {names.LABEL_INJECT}={names.INJECT_ENABLED} and "
+                                    "neither the namespace nor a policy selects the pod")
+
+
+# --- target: the vLLM container, how it starts, and the LMCache mode ------------------------
+
+def target(s: _Pod) -> None:
+    idx, ln = _find_container(s.containers, s.ov)
+    containers = s.spec["containers"] = list(s.containers)
+    c = s.c = containers[idx] = dict(containers[idx])
+    s.launch = ln
+    s.env_in = c.get("env") or []
+    s.mode, s.mode_reason, s.version = _mode(s.ov, s.ctx.policy, str(c.get("image", "")))
+    if ln.script_error:
+        raise _Skip(R_SCRIPT, f"container {c['name']!r}: cannot edit its shell script safely "
+                              f"({ln.script_error}); start vLLM with command/args, or add "
+                              f"{contract.KV_TRANSFER_FLAG} to the script yourself")
+
+
+def _classify(c: dict) -> Optional[launch.Launch]:
+    return launch.classify(c.get("command") or (), c.get("args") or (),
+                           str(c.get("image", "")))
+
+
+def _find_container(containers: list[dict], ov: overrides.Overrides
+                    ) -> tuple[int, launch.Launch]:
     if ov.container:
-        for i, c in enumerate(spec_containers):
+        for i, c in enumerate(containers):
             if c["name"] == ov.container:
-                return i, _classify(c) or _Launch("unknown", [])
+                return i, _classify(c) or launch.UNKNOWN
         raise _Deny(R_CONTAINER_NOT_FOUND,
                     f"annotation {names.ANN_CONTAINER}={ov.container!r} names no container of "
-                    f"this pod; containers: {', '.join(c['name'] for c in spec_containers)}")
-    found = [(i, l) for i, c in enumerate(spec_containers) if (l := _classify(c))]
+                    f"this pod; containers: {', '.join(c['name'] for c in containers)}")
+    found = [(i, ln) for i, c in enumerate(containers) if (ln := _classify(c))]
     if not found:
         raise _Skip(R_NO_VLLM, "no container runs the vLLM OpenAI server (vllm serve, "
                                "python -m vllm.entrypoints.openai.api_server, or a vLLM image); "
@@ -205,12 +268,10 @@ def _find_container(spec_containers: list[dict], ov: overrides.Overrides
     if len(found) > 1:
         raise _Deny(R_AMBIGUOUS,
                     "several containers run vLLM ("
-                    + ", ".join(spec_containers[i]["name"] for i, _ in found)
+                    + ", ".join(containers[i]["name"] for i, _ in found)
                     + f"); name the one to inject with the annotation {names.ANN_CONTAINER}")
     return found[0]
 
-
-# --- mode ----------------------------------------------------------------------------------
 
 def _mode(ov: overrides.Overrides, policy: PolicyDefaults, image: str
           ) -> tuple[str, str, Optional[tuple[int, int, int]]]:
@@ -225,7 +286,31 @@ def _mode(ov: overrides.Overrides, policy: PolicyDefaults, image: str
     return policy.default_mode, "policy default (the image tag names no LMCache version)", None
 
 
-# --- integers on the vLLM command line ------------------------------------------------------
+# --- parallelism: ranks from the vLLM command line -------------------------------------------
+
+def parallelism(s: _Pod) -> None:
+    flags = s.flags = s.launch.flags
+    name, warnings = s.c["name"], s.warnings
+    if flags.has_config_file:
+        warnings.append("vLLM reads a --config file kvmesh cannot see: keep tensor/pipeline "
+                        "parallel 1 and no other kv-transfer-config there")
+    tp = _flag_int(flags.tp, "--tensor-parallel-size", s.env_in, warnings)
+    pp = _flag_int(flags.pp, "--pipeline-parallel-size", s.env_in, warnings)
+    dp = _flag_int(flags.dp, "--data-parallel-size", s.env_in, warnings)
+    if dp > 1:
+        raise _Skip(R_DATA_PARALLEL, f"container {name!r} runs --data-parallel-size {dp}: "
+                                     "several LMCache engines in one pod would share one "
+                                     "address (LMCache#919)")
+    s.ranks = tp * pp
+    if s.ranks > 1:
+        if not s.ov.allow_parallel:
+            raise _Skip(R_PARALLEL, f"container {name!r} runs tensor-parallel {tp} x "
+                                    f"pipeline-parallel {pp}; LMCache P2P is broken for more "
+                                    "than one rank (LMCache#2405, #1861); set "
+                                    f"{names.ANN_ALLOW_PARALLEL}: \"true\" to inject anyway")
+        warnings.append(f"{names.ANN_ALLOW_PARALLEL}: injecting for {s.ranks} ranks although "
+                        "upstream LMCache P2P does not work across ranks (LMCache#2405)")
+
 
 _REF = re.compile(r"^\$\(([A-Za-z_][A-Za-z0-9_]*)\)$")
 
@@ -246,7 +331,59 @@ def _flag_int(raw: Optional[str], flag: str, env: list[dict], warnings: list[str
         return 1
 
 
-# --- ports -----------------------------------------------------------------------------------
+# --- connector: the user's kv-transfer-config, if any ----------------------------------------
+
+def connector(s: _Pod) -> None:
+    flags, name, mode = s.flags, s.c["name"], s.mode
+    user_kv: Optional[dict] = None
+    if flags.kv_transfer is not None:
+        try:
+            user_kv = json.loads(flags.kv_transfer)
+        except ValueError:
+            raise _Deny(R_BAD_KV_CONFIG, f"container {name!r}: {contract.KV_TRANSFER_FLAG} "
+                                         f"{flags.kv_transfer!r} is not valid JSON") from None
+        if not isinstance(user_kv, dict):
+            raise _Deny(R_BAD_KV_CONFIG, f"container {name!r}: {contract.KV_TRANSFER_FLAG} "
+                                         "must be a JSON object")
+    if flags.kv_transfer_dotted:
+        user_kv = {**(user_kv or {}), **flags.kv_transfer_dotted}
+    s.user_kv = user_kv
+    s.v0 = mode == names.MODE_REDIS and s.version is not None \
+        and s.version < contract.V0_CONNECTOR_BELOW
+    if user_kv is None:
+        return
+    kind = user_kv.get("kv_connector")
+    if kind not in contract.LMCACHE_CONNECTORS:
+        raise _Skip(R_FOREIGN_CONNECTOR, f"container {name!r} already uses kv_connector "
+                                         f"{kind!r}; kvmesh does not replace another connector")
+    if kind == contract.CONNECTOR_V0 and mode == names.MODE_CONTROLLER:
+        raise _Deny(R_CONNECTOR_CONFLICT,
+                    f"container {name!r} uses the V0 {contract.CONNECTOR_V0}, which needs "
+                    f"LMCache < 0.3.0 (redis mode), but the mode is controller "
+                    f"({s.mode_reason}); set {names.ANN_MODE}: redis or use "
+                    f"{contract.CONNECTOR_V1}")
+    s.v0 = kind == contract.CONNECTOR_V0
+
+
+# --- ports: free ports for LMCache, avoiding every port the pod already uses -----------------
+
+def ports(s: _Pod) -> None:
+    pol = s.ctx.policy
+    vllm_port = _flag_int(s.flags.port, "--port", s.env_in, s.warnings) if s.flags.port else \
+        contract.VLLM_DEFAULT_PORT
+    used = _used_ports(s.spec, s.c, vllm_port)
+    s.dist = s.init = s.look = s.work = ()
+    if s.mode == names.MODE_REDIS:
+        s.dist = (_pick(pol.distributed_port, used),)
+        s.ports = [(names.PORT_NAME_DISTRIBUTED, s.dist[0])]
+        return
+    ranks = range(s.ranks)
+    # All init ports first, then lookup, then worker: the order decides who gets a taken port.
+    init = s.init = tuple([_pick(pol.p2p_init_port + r, used) for r in ranks])
+    look = s.look = tuple([_pick(pol.p2p_lookup_port + r, used) for r in ranks])
+    work = s.work = tuple([_pick(pol.worker_port + r, used) for r in ranks])
+    s.ports = [port for r in ranks for port in zip(_port_names(r), (init[r], look[r], work[r]))]
+
 
 def _used_ports(spec: dict, target: dict, vllm_port: int) -> set[int]:
     used = {vllm_port}
@@ -254,15 +391,24 @@ def _used_ports(spec: dict, target: dict, vllm_port: int) -> set[int]:
         for c in spec.get(key) or []:
             if not isinstance(c, dict):
                 continue
-            for p in c.get("ports") or []:
+            for p in c.get("ports") or ():
                 if not isinstance(p, dict):
                     continue
                 if c is target and str(p.get("name", "")).startswith(names.PORT_NAME_PREFIX):
                     continue  # kvmesh's own ports from an earlier injection are re-chosen
-                for k in ("containerPort", "hostPort"):
-                    if isinstance(p.get(k), int):
-                        used.add(p[k])
+                n = p.get("containerPort")
+                if isinstance(n, int):
+                    used.add(n)
+                n = p.get("hostPort")
+                if isinstance(n, int):
+                    used.add(n)
     return used
+
+
+@functools.lru_cache(maxsize=64)
+def _port_names(rank: int) -> tuple[str, str, str]:
+    return (names.PORT_NAME_INIT.format(rank=rank), names.PORT_NAME_LOOKUP.format(rank=rank),
+            names.PORT_NAME_WORKER.format(rank=rank))
 
 
 def _pick(start: int, used: set[int]) -> int:
@@ -273,22 +419,138 @@ def _pick(start: int, used: set[int]) -> int:
     return p
 
 
-# --- env -----------------------------------------------------------------------------------
+# --- env: the mode's variables merged into the container's env ------------------------------
 
-def _pod_ip_var(env: list[dict]) -> Optional[str]:
-    for e in env:
-        vf = e.get("valueFrom")
-        if (isinstance(vf, dict) and isinstance(vf.get("fieldRef"), dict)
-                and vf["fieldRef"].get("fieldPath") == contract.POD_IP_FIELD
-                and isinstance(e.get("name"), str)):
-            return e["name"]
-    return None
+def env(s: _Pod) -> None:
+    c, warnings = s.c, s.warnings
+    entries, index, user_ip_var, notes = _read_env(s.env_in, s.mode)
+    pod_ip_var = user_ip_var or names.POD_IP_VAR
+    reuse_names = _reuses_names(s.meta, s.ctx)
+    specs = contract.env_specs(_plan(s, pod_ip_var, reuse_names))
+    if c.get("envFrom"):
+        shadowed = [sp.name for sp in specs if sp.tuning and sp.name not in index]
+        if shadowed:
+            warnings.append(f"container {c['name']!r} has envFrom: kvmesh's values for "
+                            f"{', '.join(shadowed)} in env take precedence over envFrom; set "
+                            "them in env to choose your own")
+    warnings += notes
+    if user_ip_var is None:  # defined first: $(VAR) only sees variables defined earlier
+        entries.insert(0, {"name": pod_ip_var,
+                           "valueFrom": {"fieldRef": {"fieldPath": contract.POD_IP_FIELD}}})
+        index = {n: i + 1 for n, i in index.items()}
+        index.setdefault(pod_ip_var, 0)
+    instance_ok = (contract.INSTANCE_FROM_UID,) if reuse_names else \
+        (contract.INSTANCE_FROM_UID, contract.INSTANCE_FROM_NAME)
+    c["env"] = _merge_env(entries, index, specs, pod_ip_var, instance_ok, warnings)
+    _check_memory(c, warnings)
 
 
-def _entry(spec: contract.EnvSpec) -> dict:
-    if spec.field_path:
-        return {"name": spec.name, "valueFrom": {"fieldRef": {"fieldPath": spec.field_path}}}
-    return {"name": spec.name, "value": spec.value}
+def _plan(s: _Pod, pod_ip_var: str, reuse_names: bool) -> contract.Plan:
+    pol, ov = s.ctx.policy, s.ov
+    group = ov.group or pol.group
+    namespace = s.ctx.namespace or str(s.meta.get("namespace") or "default")
+    return contract.Plan(
+        mode=s.mode, pod_ip_var=pod_ip_var,
+        lookup_host=names.lookup_host(s.mode, group, namespace),
+        redis_address=pol.redis_address, distributed_port=s.dist[0] if s.dist else 0,
+        init_ports=s.init, lookup_ports=s.look, worker_ports=s.work, redis_port=pol.redis_port,
+        pull_port=pol.controller_pull_port, reply_port=pol.controller_reply_port,
+        cpu_cache_gb=ov.cpu_cache_gb or pol.cpu_cache_gb, chunk_size=pol.chunk_size,
+        hash_seed=pol.hash_seed, heartbeat_seconds=pol.heartbeat_seconds,
+        worker_timeout_seconds=pol.worker_timeout_seconds,
+        instance_field=contract.INSTANCE_FROM_UID if reuse_names
+        else contract.INSTANCE_FROM_NAME,
+        v0_connector=s.v0)
+
+
+# Per mode: the other generation's variables, ignored or harmful in this one.
+_FOREIGN = {mode: frozenset(contract.GENERATION_VARS[contract.other_mode(mode)])
+            - frozenset(contract.GENERATION_VARS[mode]) for mode in names.MODES}
+
+
+def _read_env(env_in: list[dict], mode: str
+              ) -> tuple[list[dict], dict[Any, int], Optional[str], list[str]]:
+    """The container's own env in one pass: its entries without duplicates (the later
+    definition wins, in the earlier one's place), where each name is, the user's pod IP
+    variable, and warnings about what the env holds."""
+    entries: list[dict] = []
+    index: dict[Any, int] = {}
+    pod_ip_var = None
+    foreign, notes, dups = _FOREIGN[mode], [], []
+    for e in env_in:
+        n = e.get("name")
+        if pod_ip_var is None and isinstance(n, str) and \
+                _field_path(e) == contract.POD_IP_FIELD:
+            pod_ip_var = n
+        if n in foreign:
+            notes.append(f"{n} belongs to the other LMCache generation and is ignored or "
+                         f"harmful in {mode} mode; remove it")
+        elif n in contract.BROKEN_ALIASES:
+            notes.append(f"{n} is a deprecated alias LMCache 0.5.x drops; remove it")
+        at = index.get(n)
+        if at is None:
+            index[n] = len(entries)
+            entries.append(e)
+        else:
+            entries[at] = e
+            dups.append(f"kvmesh removed a duplicate definition of {n} (the later one wins)")
+    return entries, index, pod_ip_var, notes + dups
+
+
+def _merge_env(env: list[Optional[dict]], index: dict[Any, int],
+               specs: tuple[contract.EnvSpec, ...], pod_ip_var: str,
+               instance_ok: tuple[str, ...], warnings: list[str]) -> list[dict]:
+    """`env` (the user's entries, edited in place) with every spec applied."""
+    ip_at = index[pod_ip_var]
+    ref = f"$({pod_ip_var})"
+    appended: list[dict] = []
+    for spec in specs:
+        at = index.get(spec.name)
+        if spec.field_path:
+            want = {"name": spec.name, "valueFrom": {"fieldRef": {"fieldPath": spec.field_path}}}
+        else:
+            want = {"name": spec.name, "value": spec.value}
+        if at is None:
+            appended.append(want)
+            continue
+        old = env[at]
+        want, problem = _reconcile(spec, old, want, instance_ok)
+        if want is old:
+            continue
+        warnings.append(_replace_message(spec, old, problem))
+        if ref in str(want.get("value", "")) and at < ip_at:
+            env[at] = None  # moved after the pod IP variable it refers to
+            appended.append(want)
+        else:
+            env[at] = want
+    return [e for e in env if e is not None] + appended
+
+
+def _reconcile(spec: contract.EnvSpec, old: dict, want: dict, instance_ok: tuple[str, ...]
+               ) -> tuple[dict, Optional[str]]:
+    """`old` when the user's entry stays, else the entry to write and what was wrong."""
+    if spec.name == "LMCACHE_LMCACHE_INSTANCE_ID":
+        if _field_path(old) in instance_ok and "value" not in old:
+            return old, None
+        return want, ("the id must come from the pod's identity "
+                      f"({' or '.join(instance_ok)}); " + spec.why)
+    if old == want:
+        return old, None
+    if not spec.tuning:
+        return want, None
+    if "valueFrom" in old and "value" not in old:
+        return old, None  # from a ConfigMap/Secret: the user's value, not checkable here
+    if not isinstance(old.get("value"), str):
+        return want, None
+    problem = spec.check(old["value"]) if spec.check else None
+    if problem is None:
+        return old, None
+    if spec.name == "LMCACHE_MAX_LOCAL_CPU_SIZE":
+        gb = contract.quantity_to_gb(old["value"])
+        if gb is not None:
+            want = {"name": spec.name, "value": contract.format_gb(gb)}
+            problem += f"; converted to {want['value']} GB"
+    return want, problem
 
 
 def _field_path(e: dict) -> Optional[str]:
@@ -326,268 +588,10 @@ def _replace_message(spec: contract.EnvSpec, old: dict, problem: Optional[str]) 
     return f"{base}: {spec.why}" if spec.why else base
 
 
-def _apply_env(c: dict, specs: list[contract.EnvSpec], pod_ip_var: str, create_ip_var: bool,
-               instance_ok: tuple[str, ...], warnings: list[str]) -> list[dict]:
-    env = [dict(e) for e in (c.get("env") or [])]
-    names_seen: dict[str, int] = {}
-    deduped = []
-    for e in env:  # no duplicate names, ever: keep the last (the one the kubelet would use)
-        n = e.get("name")
-        if n in names_seen:
-            deduped[names_seen[n]] = e
-            warnings.append(f"kvmesh removed a duplicate definition of {n} (the later one wins)")
-            continue
-        names_seen[n] = len(deduped)
-        deduped.append(e)
-    env = deduped
-    ref = f"$({pod_ip_var})"
-    if create_ip_var:
-        env.insert(0, {"name": pod_ip_var,
-                       "valueFrom": {"fieldRef": {"fieldPath": contract.POD_IP_FIELD}}})
-    index = {e.get("name"): i for i, e in enumerate(env)}
-    ip_at = index[pod_ip_var]
-    appended: list[dict] = []
-    for spec in specs:
-        want = _entry(spec)
-        idx = index.get(spec.name)
-        if idx is None:
-            appended.append(want)
-            continue
-        old = env[idx]
-        keep = False
-        problem = None
-        if spec.name == "LMCACHE_LMCACHE_INSTANCE_ID":
-            keep = _field_path(old) in instance_ok and "value" not in old
-            if not keep:
-                problem = ("the id must come from the pod's identity "
-                           f"({' or '.join(instance_ok)}); " + spec.why)
-        elif old == want:
-            keep = True
-        elif spec.tuning:
-            if "valueFrom" in old and "value" not in old:
-                keep = True  # from a ConfigMap/Secret: the user's value, not checkable here
-            elif isinstance(old.get("value"), str):
-                problem = spec.check(old["value"]) if spec.check else None
-                keep = problem is None
-                if not keep and spec.name == "LMCACHE_MAX_LOCAL_CPU_SIZE":
-                    gb = contract.quantity_to_gb(old["value"])
-                    if gb is not None:
-                        want = {"name": spec.name, "value": contract.format_gb(gb)}
-                        problem += f"; converted to {want['value']} GB"
-        if keep:
-            continue
-        warnings.append(_replace_message(spec, old, problem))
-        if ref in str(want.get("value", "")) and idx < ip_at:
-            # $(VAR) only sees variables defined earlier: move it after the pod IP variable.
-            env[idx] = None
-            appended.append(want)
-        else:
-            env[idx] = want
-    return [e for e in env if e is not None] + appended
-
-
-# --- the decision ---------------------------------------------------------------------------
-
-def _decide(pod: dict, ctx: Context, warnings: list[str]) -> Result:
-    # Copy on write: only the objects on the path to what changes are copied (metadata, its
-    # annotations and labels, spec, the containers list, the target container); everything
-    # else is shared with the input, which is never modified. Sharing also lets the patch
-    # diff skip unchanged subtrees by identity.
-    pod = dict(pod)
-    meta = pod["metadata"] = dict(_dict(pod, "metadata", ""))
-    annotations = meta["annotations"] = dict(_str_map(_dict(meta, "annotations", "metadata"),
-                                                      "metadata.annotations"))
-    labels = dict(_str_map(_dict(meta, "labels", "metadata", create=False), "metadata.labels"))
-    spec = pod.get("spec")
-    if not isinstance(spec, dict):
-        raise _Deny(R_MALFORMED, "spec must be an object")
-    spec = pod["spec"] = dict(spec)
-    containers = _containers(spec, "containers")
-    if not containers:
-        raise _Deny(R_MALFORMED, "spec.containers is empty")
-    _containers(spec, "initContainers")
-    try:
-        ov = overrides.parse(annotations, labels)
-    except overrides.InvalidOverride as e:
-        raise _Deny(R_INVALID_ANNOTATION, str(e)) from None
-
-    opt = labels.get(names.LABEL_INJECT)
-    if opt == names.INJECT_DISABLED:
-        raise _Skip(R_OPTED_OUT, f"label {names.LABEL_INJECT}={names.INJECT_DISABLED}")
-    if opt != names.INJECT_ENABLED and not ctx.selected:
-        raise _Skip(R_NOT_OPTED_IN, f"no label {names.LABEL_INJECT}={names.INJECT_ENABLED} and "
-                                    "neither the namespace nor a policy selects the pod")
-
-    idx, ln = _find_container(containers, ov)
-    containers = spec["containers"] = list(containers)
-    c = containers[idx] = dict(containers[idx])
-    image = str(c.get("image", ""))
-    mode, mode_reason, version = _mode(ov, ctx.policy, image)
-    res = Result(INJECT, R_INJECTED, "", pod, warnings, mode, mode_reason, c["name"])
-
-    def skip(reason: str, message: str) -> Result:
-        _set_status(annotations, {"injected": False, "reason": reason, "message": message,
-                                  "mode": mode, "modeReason": mode_reason,
-                                  "container": c["name"]})
-        res.action, res.reason, res.message = SKIP, reason, message
-        return res
-
-    if ln.script_error:
-        return skip(R_SCRIPT, f"container {c['name']!r}: cannot edit its shell script safely "
-                              f"({ln.script_error}); start vLLM with command/args, or add "
-                              f"{contract.KV_TRANSFER_FLAG} to the script yourself")
-
-    flags = launch.parse_flags(ln.words)
-    env_list = c.get("env") or []
-    if flags.has_config_file:
-        warnings.append("vLLM reads a --config file kvmesh cannot see: keep tensor/pipeline "
-                        "parallel 1 and no other kv-transfer-config there")
-    tp = _flag_int(flags.tp, "--tensor-parallel-size", env_list, warnings)
-    pp = _flag_int(flags.pp, "--pipeline-parallel-size", env_list, warnings)
-    dp = _flag_int(flags.dp, "--data-parallel-size", env_list, warnings)
-    if dp > 1:
-        return skip(R_DATA_PARALLEL, f"container {c['name']!r} runs --data-parallel-size {dp}: "
-                                     "several LMCache engines in one pod would share one "
-                                     "address (LMCache#919)")
-    ranks = tp * pp
-    if ranks > 1:
-        if not ov.allow_parallel:
-            return skip(R_PARALLEL, f"container {c['name']!r} runs tensor-parallel {tp} x "
-                                    f"pipeline-parallel {pp}; LMCache P2P is broken for more "
-                                    "than one rank (LMCache#2405, #1861); set "
-                                    f"{names.ANN_ALLOW_PARALLEL}: \"true\" to inject anyway")
-        warnings.append(f"{names.ANN_ALLOW_PARALLEL}: injecting for {ranks} ranks although "
-                        "upstream LMCache P2P does not work across ranks (LMCache#2405)")
-
-    # --- connector
-    user_kv: Optional[dict] = None
-    if flags.kv_transfer is not None:
-        try:
-            user_kv = json.loads(flags.kv_transfer)
-        except ValueError:
-            raise _Deny(R_BAD_KV_CONFIG, f"container {c['name']!r}: {contract.KV_TRANSFER_FLAG} "
-                                         f"{flags.kv_transfer!r} is not valid JSON") from None
-        if not isinstance(user_kv, dict):
-            raise _Deny(R_BAD_KV_CONFIG, f"container {c['name']!r}: {contract.KV_TRANSFER_FLAG} "
-                                         "must be a JSON object")
-    if flags.kv_transfer_dotted:
-        user_kv = {**(user_kv or {}), **flags.kv_transfer_dotted}
-    v0 = mode == names.MODE_REDIS and version is not None and version < contract.V0_CONNECTOR_BELOW
-    if user_kv is not None:
-        connector = user_kv.get("kv_connector")
-        if connector not in contract.LMCACHE_CONNECTORS:
-            return skip(R_FOREIGN_CONNECTOR,
-                        f"container {c['name']!r} already uses kv_connector {connector!r}; "
-                        "kvmesh does not replace another connector")
-        if connector == contract.CONNECTOR_V0 and mode == names.MODE_CONTROLLER:
-            raise _Deny(R_CONNECTOR_CONFLICT,
-                        f"container {c['name']!r} uses the V0 {contract.CONNECTOR_V0}, which needs "
-                        f"LMCache < 0.3.0 (redis mode), but the mode is controller ({mode_reason}); "
-                        f"set {names.ANN_MODE}: redis or use {contract.CONNECTOR_V1}")
-        v0 = connector == contract.CONNECTOR_V0
-
-    # --- ports
-    host_network = spec.get("hostNetwork") is True
-    vllm_port = _flag_int(flags.port, "--port", env_list, warnings) if flags.port else \
-        contract.VLLM_DEFAULT_PORT
-    used = _used_ports(spec, c, vllm_port)
-    pol = ctx.policy
-    ports: list[tuple[str, int]] = []
-    dist = init = look = work = ()
-    if mode == names.MODE_REDIS:
-        d = _pick(pol.distributed_port, used)
-        dist = (d,)
-        ports.append((names.PORT_NAME_DISTRIBUTED, d))
-    else:
-        init = tuple(_pick(pol.p2p_init_port + r, used) for r in range(ranks))
-        look = tuple(_pick(pol.p2p_lookup_port + r, used) for r in range(ranks))
-        work = tuple(_pick(pol.worker_port + r, used) for r in range(ranks))
-        for r in range(ranks):
-            ports += [(names.PORT_NAME_INIT.format(rank=r), init[r]),
-                      (names.PORT_NAME_LOOKUP.format(rank=r), look[r]),
-                      (names.PORT_NAME_WORKER.format(rank=r), work[r])]
-
-    # --- env
-    pod_ip_var = _pod_ip_var(env_list)
-    create_ip_var = pod_ip_var is None
-    pod_ip_var = pod_ip_var or names.POD_IP_VAR
-    reuse_names = _reuses_names(pod, ctx)
-    instance_field = contract.INSTANCE_FROM_UID if reuse_names else contract.INSTANCE_FROM_NAME
-    instance_ok = (contract.INSTANCE_FROM_UID,) if reuse_names else \
-        (contract.INSTANCE_FROM_UID, contract.INSTANCE_FROM_NAME)
-    group = ov.group or pol.group
-    namespace = ctx.namespace or str(meta.get("namespace") or "default")
-    plan = contract.Plan(
-        mode=mode, pod_ip_var=pod_ip_var,
-        lookup_host=names.lookup_host(mode, group, namespace),
-        redis_address=pol.redis_address, distributed_port=dist[0] if dist else 0,
-        init_ports=init, lookup_ports=look, worker_ports=work, redis_port=pol.redis_port,
-        pull_port=pol.controller_pull_port, reply_port=pol.controller_reply_port,
-        cpu_cache_gb=ov.cpu_cache_gb or pol.cpu_cache_gb, chunk_size=pol.chunk_size,
-        hash_seed=pol.hash_seed, heartbeat_seconds=pol.heartbeat_seconds,
-        worker_timeout_seconds=pol.worker_timeout_seconds, instance_field=instance_field,
-        v0_connector=v0)
-    specs = contract.env_specs(plan)
-    if c.get("envFrom"):
-        shadowed = [s.name for s in specs if s.tuning
-                    and not any(e.get("name") == s.name for e in env_list)]
-        if shadowed:
-            warnings.append(f"container {c['name']!r} has envFrom: kvmesh's values for "
-                            f"{', '.join(shadowed)} in env take precedence over envFrom; set "
-                            "them in env to choose your own")
-    theirs = set(contract.GENERATION_VARS[contract.other_mode(mode)]) - \
-        set(contract.GENERATION_VARS[mode])
-    for e in env_list:
-        n = e.get("name")
-        if n in theirs:
-            warnings.append(f"{n} belongs to the other LMCache generation and is ignored or "
-                            f"harmful in {mode} mode; remove it")
-        elif n in contract.BROKEN_ALIASES:
-            warnings.append(f"{n} is a deprecated alias LMCache 0.5.x drops; remove it")
-    c["env"] = _apply_env(c, specs, pod_ip_var, create_ip_var, instance_ok, warnings)
-    _check_memory(c, warnings)
-
-    # --- container ports
-    declared = [p for p in _list(c, "ports", "container")
-                if not str(p.get("name", "")).startswith(names.PORT_NAME_PREFIX)]
-    for name, number in ports:
-        entry = {"name": name, "containerPort": number, "protocol": "TCP"}
-        if host_network:
-            entry["hostPort"] = number  # lets the scheduler keep two replicas off one node
-        declared.append(entry)
-    c["ports"] = declared
-
-    # --- vLLM flag
-    if user_kv is None:
-        value = contract.kv_transfer_json(contract.CONNECTOR_V0 if v0 else contract.CONNECTOR_V1)
-        if ln.form in ("exec", "args-only"):
-            c["args"] = list(c.get("args") or []) + [contract.KV_TRANSFER_FLAG, value]
-        elif ln.form == "shell":
-            holder = c[ln.script_field] = list(c[ln.script_field])
-            holder[ln.script_index] = launch.insert_into_script(
-                holder[ln.script_index], ln.script, contract.KV_TRANSFER_FLAG, value)
-        else:
-            warnings.append(f"kvmesh found no vLLM command in container {c['name']!r}; add "
-                            f"{contract.KV_TRANSFER_FLAG} '{value}' to its vLLM command line")
-
-    # The controller watches injected pods by this label (one watch, no annotation scans).
-    meta["labels"] = labels
-    labels[names.LABEL_PEER_GROUP] = names.group_id(mode, group)
-    status = {"injected": True, "mode": mode, "modeReason": mode_reason,
-              "container": c["name"], "group": group, "version": __version__,
-              "hash": _hash(mode, c)}
-    if ctx.policy_name:
-        status["policy"] = ctx.policy_name
-    _set_status(annotations, status)
-    res.message = f"injected {mode} mode into container {c['name']!r} ({mode_reason})"
-    return res
-
-
-def _reuses_names(pod: dict, ctx: Context) -> bool:
+def _reuses_names(meta: dict, ctx: Context) -> bool:
     """True when a later pod may carry this pod's name (StatefulSets, fixed-name pods)."""
     if ctx.owner_kind is not None:
         return ctx.owner_kind in ("StatefulSet", "Pod")
-    meta = pod.get("metadata") or {}
     for o in meta.get("ownerReferences") or []:
         if isinstance(o, dict) and o.get("kind") == "StatefulSet":
             return True
@@ -595,20 +599,68 @@ def _reuses_names(pod: dict, ctx: Context) -> bool:
 
 
 def _check_memory(c: dict, warnings: list[str]) -> None:
+    limit = ((c.get("resources") or {}).get("limits") or {}).get("memory")
+    if not isinstance(limit, (str, int)):
+        return
     cache_gb = None
-    for e in c.get("env") or []:
+    for e in c["env"]:
         if e.get("name") == "LMCACHE_MAX_LOCAL_CPU_SIZE" and isinstance(e.get("value"), str):
             try:
                 cache_gb = float(e["value"])
             except ValueError:
                 return
-    limit = ((c.get("resources") or {}).get("limits") or {}).get("memory")
-    if cache_gb is None or not isinstance(limit, (str, int)):
-        return
     limit_gb = contract.quantity_to_gb(str(limit))
-    if limit_gb is not None and cache_gb >= limit_gb:
+    if cache_gb is not None and limit_gb is not None and cache_gb >= limit_gb:
         warnings.append(f"container {c['name']!r}: the LMCache CPU cache ({cache_gb} GB) does not "
                         f"fit in its memory limit ({limit}); the pod would be OOM-killed")
+
+
+# --- container_ports: declare LMCache's ports on the container --------------------------------
+
+def container_ports(s: _Pod) -> None:
+    c = s.c
+    declared = [p for p in c.get("ports") or []
+                if not str(p.get("name", "")).startswith(names.PORT_NAME_PREFIX)]
+    host_network = s.spec.get("hostNetwork") is True
+    for name, number in s.ports:
+        entry = {"name": name, "containerPort": number, "protocol": "TCP"}
+        if host_network:
+            entry["hostPort"] = number  # lets the scheduler keep two replicas off one node
+        declared.append(entry)
+    c["ports"] = declared
+
+
+# --- flag: --kv-transfer-config on the vLLM command line -------------------------------------
+
+def flag(s: _Pod) -> None:
+    if s.user_kv is not None:  # the user's LMCache connector stays as written
+        return
+    c, ln = s.c, s.launch
+    value = contract.kv_transfer_json(contract.CONNECTOR_V0 if s.v0 else contract.CONNECTOR_V1)
+    if ln.form in ("exec", "args-only"):
+        c["args"] = list(c.get("args") or []) + [contract.KV_TRANSFER_FLAG, value]
+    elif ln.form == "shell":
+        holder = c[ln.script_field] = list(c[ln.script_field])
+        holder[ln.script_index] = launch.insert_into_script(
+            holder[ln.script_index], ln.script, contract.KV_TRANSFER_FLAG, value)
+    else:
+        s.warnings.append(f"kvmesh found no vLLM command in container {c['name']!r}; add "
+                          f"{contract.KV_TRANSFER_FLAG} '{value}' to its vLLM command line")
+
+
+# --- stamp: the peer-group label and the status annotation -----------------------------------
+
+def stamp(s: _Pod) -> None:
+    group = s.ov.group or s.ctx.policy.group
+    # The controller watches injected pods by this label (one watch, no annotation scans).
+    s.meta["labels"] = s.labels
+    s.labels[names.LABEL_PEER_GROUP] = names.group_id(s.mode, group)
+    status = {"injected": True, "mode": s.mode, "modeReason": s.mode_reason,
+              "container": s.c["name"], "group": group, "version": __version__,
+              "hash": _hash(s.mode, s.c)}
+    if s.ctx.policy_name:
+        status["policy"] = s.ctx.policy_name
+    _set_status(s.annotations, status)
 
 
 def _set_status(annotations: dict, status: dict) -> None:
@@ -622,3 +674,7 @@ def _hash(mode: str, c: dict) -> str:
     material = (mode, c.get("env"), c.get("ports"), c.get("command"), c.get("args"))
     digest = hashlib.sha256(orjson.dumps(material)).hexdigest()
     return "sha256:" + digest[:16]
+
+
+PIPELINE = (prepare, opt_in, target, parallelism, connector, ports, env, container_ports, flag,
+            stamp)

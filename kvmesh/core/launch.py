@@ -7,6 +7,8 @@ Launch forms recognised:
   args-only: no command, a vLLM image (its entrypoint is the server), flags in args;
   shell:     `sh -c "<script>"` whose script runs one of the exec forms; the flag is inserted
              into that simple command of the script.
+`classify` tells a container's form; `parse_flags` reads what kvmesh needs from vLLM's
+arguments; `insert_into_script` edits a shell script.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 SHELLS = {"sh", "bash", "dash", "ash", "zsh", "ksh"}
 _PY = re.compile(r"^python(\d+(\.\d+)*)?$")
@@ -23,10 +25,10 @@ _CLI_MODULE = "vllm.entrypoints.cli.main"
 
 
 def _base(word: str) -> str:
-    return word.rsplit("/", 1)[-1]
+    return word[word.rfind("/") + 1:]
 
 
-def server_start(words: list[str]) -> Optional[int]:
+def server_start(words: Sequence[str]) -> Optional[int]:
     """Index of the first vLLM server flag/positional after the program, or None.
 
     `vllm serve MODEL --x` -> index of MODEL; `python3 -m vllm.entrypoints.openai.api_server --x`
@@ -58,12 +60,84 @@ def is_vllm_image(image: str) -> bool:
     return "vllm" in name and "router" not in name
 
 
+@dataclass(frozen=True, slots=True)
+class Launch:
+    """How a container starts the vLLM server, and where kvmesh's flag can go."""
+
+    form: str  # exec | args-only | shell | unknown
+    words: tuple[str, ...]  # vLLM's own arguments (after `vllm serve` / the module)
+    script_field: Optional[str] = None  # "command" | "args" for shell form
+    script_index: int = 0
+    script: Optional[ScriptLaunch] = None
+    script_error: Optional[str] = None  # shell form kvmesh cannot edit safely: why
+    flags: Flags = field(init=False, compare=False)  # parsed from words (read-only)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "flags", parse_flags(self.words))
+
+
+_CACHE_CHARS = 16 * 1024  # launch lines longer than this are classified anew each time
+
+
+def classify(command: Sequence[str], args: Sequence[str], image: str) -> Optional[Launch]:
+    """The container's launch form, or None when it does not run the vLLM server.
+
+    Cached by the exact strings (a pure function of them, and the answer is immutable): every
+    replica of a workload starts vLLM the same way, and a shell script costs a parse."""
+    command, args = tuple(command), tuple(args)
+    if sum(map(len, command)) + sum(map(len, args)) + len(image) > _CACHE_CHARS:
+        return _classify.__wrapped__(command, args, image)
+    return _classify(command, args, image)
+
+
+@functools.lru_cache(maxsize=1024)
+def _classify(command: tuple[str, ...], args: tuple[str, ...], image: str
+              ) -> Optional[Launch]:
+    argv = command + args
+    at = server_start(argv)
+    if at is not None:
+        return Launch("exec", argv[at:])
+    for i, w in enumerate(argv):
+        if _base(w) in SHELLS:  # only the first shell word can carry the script
+            at = _script_at(argv, i)
+            if at is not None:
+                return _shell_launch(argv[at], "command" if at < len(command) else "args",
+                                     at if at < len(command) else at - len(command))
+            break
+    if not command and is_vllm_image(image):
+        return Launch("args-only", args)
+    return None
+
+
+def _script_at(argv: Sequence[str], shell: int) -> Optional[int]:
+    """Index of the script in `sh [options] -c SCRIPT` (options before -c skipped)."""
+    j = shell + 1
+    while j < len(argv) and argv[j].startswith("-") and "c" not in argv[j][1:]:
+        j += 1
+    if j + 1 < len(argv) and argv[j].startswith("-") and "c" in argv[j][1:]:
+        return j + 1
+    return None
+
+
+def _shell_launch(script: str, where: str, index: int) -> Optional[Launch]:
+    try:
+        found = find_in_script(script)
+    except ScriptError as e:
+        # A script that mentions vLLM but cannot be edited is a skip with the reason; one
+        # that does not is not kvmesh's business.
+        return Launch("shell", (), where, index, None, str(e)) if "vllm" in script else None
+    if found is None:
+        return None
+    return Launch("shell", found.server_words, where, index, found)
+
+
 # --- flags -------------------------------------------------------------------------------
 
 
 @dataclass
 class Flags:
-    """What kvmesh needs to know from a vLLM command line."""
+    """What kvmesh needs to know from a vLLM command line (read-only once parsed: a cached
+    Launch shares it)."""
 
     tp: Optional[str] = None
     pp: Optional[str] = None
@@ -88,7 +162,7 @@ def _norm(flag: str) -> str:
     return "--" + flag[2:].replace("_", "-") if flag.startswith("--") else flag
 
 
-def parse_flags(words: list[str]) -> Flags:
+def parse_flags(words: Sequence[str]) -> Flags:
     f = Flags()
     i = 0
     while i < len(words):
@@ -113,6 +187,9 @@ def parse_flags(words: list[str]) -> Flags:
             setattr(f, _ALIASES[name], val)
         i += 1
     return f
+
+
+UNKNOWN = Launch("unknown", ())  # a named container whose launch kvmesh cannot read
 
 
 # --- shell scripts -----------------------------------------------------------------------
@@ -157,108 +234,117 @@ def split_script(script: str) -> list[list[Word]]:
         c = script[i]
         if c in " \t":
             i += 1
-            continue
-        if c == "\\" and i + 1 < n and script[i + 1] == "\n":
+        elif c == "\\" and i + 1 < n and script[i + 1] == "\n":  # line continuation
             i += 2
-            continue
-        if c == "#" :
-            while i < n and script[i] != "\n":
-                i += 1
-            continue
-        if _is_operator(script, i):
+        elif c == "#":  # a comment runs to the end of the line
+            j = script.find("\n", i)
+            i = n if j < 0 else j
+        elif _is_operator(script, i):
             if cmds[-1]:
                 cmds.append([])
             i += 1
-            continue
-        start = i
-        buf: list[str] = []
-        dynamic = False
-        while i < n and script[i] not in " \t" and not (i > start and _is_operator(script, i)):
-            m = _PLAIN.match(script, i)
-            if m:  # fast path: a run of characters with no shell meaning
-                buf.append(m.group())
-                i = m.end()
-                continue
-            c = script[i]
-            if c in "<>&":
-                # Redirection operators (2>&1, >|, >>, &>) stay inside the word so that `&`
-                # is not taken for a command separator.
-                buf.append(c)
-                i += 1
-                if i < n and script[i] in "&|>":
-                    buf.append(script[i])
-                    i += 1
-            elif c == "\\":
-                if i + 1 < n and script[i + 1] == "\n":
-                    i += 2
-                    continue
-                if i + 1 < n:
-                    buf.append(script[i + 1])
-                i += 2
-            elif c == "'":
-                j = script.find("'", i + 1)
-                if j < 0:
-                    raise ScriptError("the script has an unterminated single quote")
-                buf.append(script[i + 1:j])
-                i = j + 1
-            elif c == '"':
-                i += 1
-                while i < n and script[i] != '"':
-                    if script[i] == "\\" and i + 1 < n and script[i + 1] in '$`"\\\n':
-                        if script[i + 1] != "\n":
-                            buf.append(script[i + 1])
-                        i += 2
-                        continue
-                    if script[i] == "`":
-                        raise ScriptError("the script uses a backquote command substitution")
-                    if script[i] == "$":
-                        dynamic = True
-                    buf.append(script[i])
-                    i += 1
-                if i >= n:
-                    raise ScriptError("the script has an unterminated double quote")
-                i += 1
-            elif c == "`":
-                raise ScriptError("the script uses a backquote command substitution")
-            elif c == "$":
-                dynamic = True
-                if script.startswith("$(", i):
-                    # Keep $(...) as one opaque word: find its balanced end.
-                    depth, j = 0, i + 1
-                    while j < n:
-                        if script[j] == "(":
-                            depth += 1
-                        elif script[j] == ")":
-                            depth -= 1
-                            if depth == 0:
-                                break
-                        j += 1
-                    if j >= n:
-                        raise ScriptError("the script has an unbalanced $( ... )")
-                    buf.append(script[i:j + 1])
-                    i = j + 1
-                else:
-                    buf.append(c)
-                    i += 1
-            else:
-                buf.append(c)
-                i += 1
-        cmds[-1].append(Word("".join(buf), start, i, dynamic))
+        else:
+            word = _read_word(script, i)
+            cmds[-1].append(word)
+            i = word.end
     return [c for c in cmds if c]
+
+
+def _read_word(script: str, start: int) -> Word:
+    """The word starting at `start`, with its quotes removed."""
+    buf: list[str] = []
+    dynamic = False
+    i, n = start, len(script)
+    while i < n and script[i] not in " \t" and not (i > start and _is_operator(script, i)):
+        m = _PLAIN.match(script, i)
+        if m:  # fast path: a run of characters with no shell meaning
+            buf.append(m.group())
+            i = m.end()
+            continue
+        c = script[i]
+        if c in "<>&":
+            # Redirection operators (2>&1, >|, >>, &>) stay inside the word so that `&` is
+            # not taken for a command separator.
+            j = i + 2 if i + 1 < n and script[i + 1] in "&|>" else i + 1
+            buf.append(script[i:j])
+            i = j
+        elif c == "\\":
+            if i + 1 < n and script[i + 1] != "\n":  # an escaped newline is a continuation
+                buf.append(script[i + 1])
+            i += 2
+        elif c == "'":
+            j = script.find("'", i + 1)
+            if j < 0:
+                raise ScriptError("the script has an unterminated single quote")
+            buf.append(script[i + 1:j])
+            i = j + 1
+        elif c == '"':
+            i, dynamic = _double_quoted(script, i, buf, dynamic)
+        elif c == "`":
+            raise ScriptError("the script uses a backquote command substitution")
+        elif c == "$":
+            dynamic = True
+            j = _substitution_end(script, i) if script.startswith("$(", i) else i + 1
+            buf.append(script[i:j])
+            i = j
+        else:
+            buf.append(c)
+            i += 1
+    return Word("".join(buf), start, i, dynamic)
+
+
+def _double_quoted(script: str, i: int, buf: list[str], dynamic: bool) -> tuple[int, bool]:
+    """Read the double-quoted string opening at `i` into buf; the offset past its closing
+    quote, and whether the word now holds an expansion."""
+    i += 1
+    n = len(script)
+    while i < n and script[i] != '"':
+        c = script[i]
+        if c == "\\" and i + 1 < n and script[i + 1] in '$`"\\\n':
+            if script[i + 1] != "\n":
+                buf.append(script[i + 1])
+            i += 2
+            continue
+        if c == "`":
+            raise ScriptError("the script uses a backquote command substitution")
+        if c == "$":
+            dynamic = True
+        buf.append(c)
+        i += 1
+    if i >= n:
+        raise ScriptError("the script has an unterminated double quote")
+    return i + 1, dynamic
+
+
+def _substitution_end(script: str, i: int) -> int:
+    """Offset just past the `)` closing the `$(` at `i` (kept as one opaque piece)."""
+    depth = 0
+    for j in range(i + 1, len(script)):
+        if script[j] == "(":
+            depth += 1
+        elif script[j] == ")":
+            depth -= 1
+            if depth == 0:
+                return j + 1
+    raise ScriptError("the script has an unbalanced $( ... )")
 
 
 @dataclass
 class ScriptLaunch:
     words: list[Word]  # the vLLM simple command's words
     server_at: int  # index in words where vLLM's own arguments start
+    # Derived once (classify caches the object): vLLM's arguments as text, and the offset
+    # where insert_into_script puts the flag.
+    server_words: tuple[str, ...] = field(init=False)
+    insert_at: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.server_words = tuple(w.text for w in self.words[self.server_at:])
+        self.insert_at = _insert_offset(self.words)
 
 
-@functools.lru_cache(maxsize=512)
 def find_in_script(script: str) -> Optional[ScriptLaunch]:
-    """The one vLLM invocation of a script; None when there is none; ScriptError if unsafe.
-
-    Cached: every replica of a workload carries the same script (callers treat the result as
-    read-only; errors are not cached and are recomputed, which is rare)."""
+    """The one vLLM invocation of a script; None when there is none; ScriptError if unsafe."""
     found = []
     for cmd in split_script(script):
         texts = [w.text for w in cmd]
@@ -282,9 +368,15 @@ def insert_into_script(script: str, launch: ScriptLaunch, flag: str, value: str)
     trailing redirections such as `2>&1`, so the script still reads naturally)."""
     if "'" in value:
         raise ScriptError("the value to insert contains a single quote")
+    end = launch.insert_at
+    return script[:end] + f" {flag} '{value}'" + script[end:]
+
+
+def _insert_offset(words: list[Word]) -> int:
+    """Offset just past the command's last argument, redirections and their targets aside."""
     last = None
     skip_target = False
-    for w in launch.words:
+    for w in words:
         if skip_target:
             skip_target = False
             continue
@@ -293,5 +385,4 @@ def insert_into_script(script: str, launch: ScriptLaunch, flag: str, value: str)
             skip_target = m.group(2) == ""  # `> file`: the next word is the target
             continue
         last = w
-    end = (last or launch.words[-1]).end
-    return script[:end] + f" {flag} '{value}'" + script[end:]
+    return (last or words[-1]).end

@@ -2,7 +2,7 @@
 
 Every key under kvmesh.dev/ is validated: an unknown key or a bad value is an error naming the
 key, the value and what is accepted, because a typo silently ignored is a pod silently not
-sharing (Linkerd's weakness, research webhook-anchors §1).
+sharing.
 """
 
 from __future__ import annotations
@@ -78,12 +78,14 @@ _PASSIVE = {names.ANN_STATUS, names.ANN_INJECT}
 _INJECT_VALUES = (names.INJECT_ENABLED, names.INJECT_DISABLED)
 
 
+_NONE = Overrides()
+
+
 def parse(annotations: dict, labels: dict) -> Overrides:
     """Validate every kvmesh.dev/* annotation and the opt-in label; raise InvalidOverride."""
     values: dict[str, object] = {}
-    for key in sorted(annotations or {}):
-        if not key.startswith(names.PREFIX):
-            continue
+    # Sorted, so that of several bad keys the same one is always reported.
+    for key in sorted([k for k in annotations or () if k.startswith(names.PREFIX)]):
         raw = annotations[key]
         if key in _PASSIVE:
             if key == names.ANN_INJECT:
@@ -101,7 +103,7 @@ def parse(annotations: dict, labels: dict) -> Overrides:
                 f"annotation {key} has value {raw!r}; accepted: {e}") from None
     if names.LABEL_INJECT in (labels or {}):
         _check_inject(names.LABEL_INJECT, labels[names.LABEL_INJECT], "label")
-    return Overrides(**values)
+    return Overrides(**values) if values else _NONE
 
 
 def _check_inject(key: str, raw: object, what: str) -> None:

@@ -66,7 +66,8 @@ class PolicyDefaults(BaseModel):
         if v is None:
             return v
         m = _HOSTPORT.match(v)
-        # LMCache splits the URL on ':' and has no scheme, auth or IPv6 support (contract §1.2).
+        # LMCache splits the URL on ':' and has no scheme, auth or IPv6 support
+        # (docs/lmcache-contract.md, redis mode).
         if not m or not 1 <= int(m.group(2)) <= 65535:
             raise ValueError(
                 f"redisAddress {v!r} must be host:port without scheme (LMCache splits on ':')"
