@@ -52,6 +52,7 @@ import time
 from pathlib import Path
 
 from kvmesh.local.devcluster import SERVICE_CIDR, DevCluster, DevClusterError, _PKI, _valid_bin_dir
+from kvmesh.local.net import free_ports
 
 __all__ = ["RealNodeCluster", "node_bin_dir", "prerequisites", "GLOBAL_SYSCTLS", "cleanup_stale"]
 
@@ -328,26 +329,35 @@ def _processes_in_netns(ns_inode: int) -> list[int]:
     return pids
 
 
-def _clean_run(data: dict) -> list[str]:
-    """Remove what one (dead) run left: its processes (by its network namespace, which the
-    /run/netns bind mount keeps alive, so the inode is still its own), its containers and
-    cgroups (by its cgroup root) and the namespace itself."""
-    problems = []
-    ns_file = Path("/run/netns") / data["netns"]
-    for attempt in range(20):
-        pids = _processes_in_netns(os.stat(ns_file).st_ino) if ns_file.exists() else []
-        pids = [p for p in pids if p != os.getpid()]
+def _kill_until_gone(list_pids, cgroup_root: str, tries: int = 20) -> list[int]:
+    """SIGKILL what ``list_pids()`` finds (never ourselves) and everything in our cgroup root,
+    until nothing is left or ``tries`` rounds (0.25 s apart) pass; returns what is left."""
+    pids: list[int] = []
+    for _ in range(tries):
         for mount in _cgroup_mounts():
-            _kill_cgroup_procs(mount / data["cgroup_root"].lstrip("/"))
+            _kill_cgroup_procs(mount / cgroup_root.lstrip("/"))
+        pids = [p for p in list_pids() if p != os.getpid()]
         if not pids:
-            break
+            return []
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         time.sleep(0.25)
-    else:
+    return pids
+
+
+def _clean_run(data: dict) -> list[str]:
+    """Remove what one (dead) run left: its processes (by its network namespace, which the
+    /run/netns bind mount keeps alive, so the inode is still its own), its containers and
+    cgroups (by its cgroup root) and the namespace itself."""
+    problems = []
+    ns_file = Path("/run/netns") / data["netns"]
+    pids = _kill_until_gone(
+        lambda: _processes_in_netns(os.stat(ns_file).st_ino) if ns_file.exists() else [],
+        data["cgroup_root"])
+    if pids:
         problems.append(f"processes left in {data['netns']}: {pids}")
     for mount in _cgroup_mounts():
         problems += _remove_cgroup_tree(mount / data["cgroup_root"].lstrip("/"))
@@ -544,7 +554,7 @@ class RealNodeCluster(DevCluster):
         from kvmesh.local import devcluster as dc
 
         w = self.workdir
-        p_etcd, p_peer, p_api, p_kcm, p_sched = dc._free_ports(5)  # free here, so free on both sides
+        p_etcd, p_peer, p_api, p_kcm, p_sched = free_ports(5)  # free here, so free on both sides
         for p in (p_etcd, p_api, p_kcm, p_sched):
             self._forward(p)
         self.server = f"https://127.0.0.1:{p_api}"
@@ -553,18 +563,17 @@ class RealNodeCluster(DevCluster):
         self.pki = pki
         self.ca_file = str(pki.ca_cert)
         svc_ip = str(next(ipaddress.ip_network(SERVICE_CIDR).hosts()))
-        api_crt, api_key = pki.issue(
-            "apiserver", "kube-apiserver", ips=["127.0.0.1", svc_ip, NODE_IP],
-            dns=["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
-                 f"kubernetes.default.svc.{CLUSTER_DNS_DOMAIN}"], server=True)
+        api_crt, api_key = pki.serving(
+            "apiserver", ["127.0.0.1", svc_ip, NODE_IP, "localhost", "kubernetes", "kubernetes.default",
+                          "kubernetes.default.svc", f"kubernetes.default.svc.{CLUSTER_DNS_DOMAIN}"])
         sa_pub, sa_key = pki.sa_keypair()
-        admin = pki.issue("admin", "kvmesh-admin", orgs=("system:masters",))
-        kcm = pki.issue("kube-controller-manager", "system:kube-controller-manager")
-        sched = pki.issue("kube-scheduler", "system:kube-scheduler")
-        kwok = pki.issue("kwok", "kwok-controller", orgs=("system:masters",))
-        proxy_crt, proxy_key = pki.issue("front-proxy-client", "front-proxy-client")
-        kl_crt, kl_key = pki.issue("apiserver-kubelet-client", "kube-apiserver-kubelet-client",
-                                   orgs=("kubeadm:cluster-admins",))
+        admin = pki.client("admin", "kvmesh-admin", ("system:masters",))
+        kcm = pki.client("kube-controller-manager", "system:kube-controller-manager")
+        sched = pki.client("kube-scheduler", "system:kube-scheduler")
+        kwok = pki.client("kwok", "kwok-controller", ("system:masters",))
+        proxy_crt, proxy_key = pki.client("front-proxy-client", "front-proxy-client")
+        kl_crt, kl_key = pki.client("apiserver-kubelet-client", "kube-apiserver-kubelet-client",
+                                   ("kubeadm:cluster-admins",))
         self.kubeconfig = str(self._write_kubeconfig(w / "admin.kubeconfig", *admin))
         kcm_kc = self._write_kubeconfig(w / "kube-controller-manager.kubeconfig", *kcm)
         sched_kc = self._write_kubeconfig(w / "kube-scheduler.kubeconfig", *sched)
@@ -689,12 +698,11 @@ class RealNodeCluster(DevCluster):
 
         # Credentials: the kubelet as system:node:<name>, kube-proxy as system:kube-proxy,
         # CoreDNS as a read-only user.
-        node_kc = self._write_kubeconfig(w / "kubelet.kubeconfig", *pki.issue(
-            "kubelet-client", f"system:node:{self.node_name}", orgs=("system:nodes",)))
-        serve_crt, serve_key = pki.issue("kubelet-serving", self.node_name, ips=[NODE_IP, "127.0.0.1"],
-                                         dns=[self.node_name], server=True)
-        proxy_kc = self._write_kubeconfig(w / "kube-proxy.kubeconfig", *pki.issue("kube-proxy", "system:kube-proxy"))
-        dns_kc = self._write_kubeconfig(w / "coredns.kubeconfig", *pki.issue("coredns", "kvmesh-dev:coredns"))
+        node_kc = self._write_kubeconfig(w / "kubelet.kubeconfig", *pki.client(
+            "kubelet-client", f"system:node:{self.node_name}", ("system:nodes",)))
+        serve_crt, serve_key = pki.serving("kubelet-serving", [NODE_IP, "127.0.0.1", self.node_name])
+        proxy_kc = self._write_kubeconfig(w / "kube-proxy.kubeconfig", *pki.client("kube-proxy", "system:kube-proxy"))
+        dns_kc = self._write_kubeconfig(w / "coredns.kubeconfig", *pki.client("coredns", "kvmesh-dev:coredns"))
         self.api("POST", "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings", {
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
             "metadata": {"name": "kvmesh-dev:coredns"},
@@ -809,19 +817,9 @@ class RealNodeCluster(DevCluster):
         if self._mntns is not None:
             # Anything left in the mount namespace is ours (shims, the holder), and so is
             # anything in our cgroup root (containers a killed shim would leave running).
-            for attempt in range(20):
-                for mount in _cgroup_mounts():
-                    _kill_cgroup_procs(mount / self.cgroup_root.lstrip("/"))
-                pids = [p for p in _processes_in_mntns(self._mntns) if p != os.getpid()]
-                if not pids:
-                    break
-                for pid in pids:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                time.sleep(0.25)
-            else:
+            mntns = self._mntns
+            pids = _kill_until_gone(lambda: _processes_in_mntns(mntns), self.cgroup_root)
+            if pids:
                 problems.append(f"processes left in the node's mount namespace: {pids}")
         if self._holder is not None:
             try:
