@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 from asyncio import sslproto
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
@@ -66,6 +67,11 @@ class Limits:
     max_connections: int = 1000
     # SIGTERM to exit, whatever the API server or the clients do meanwhile.
     shutdown_timeout: float = 10.0
+    # Bodies above this are read under one of `heavy_slots` and decided on a worker thread,
+    # one at a time: the event loop keeps answering ordinary pods (a few KiB) meanwhile, and
+    # at most that many large bodies are in memory. Ordinary pods are far smaller.
+    heavy_body: int = 64 * 1024
+    heavy_slots: int = 2
 LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.01,
                    0.025, 0.05, 0.1, 0.25, 1.0)
 
@@ -243,6 +249,8 @@ class State:
     limits: Limits = field(default_factory=Limits)
     limited: Limited = field(default_factory=lambda: Limited(log))
     edge: Optional["Edge"] = None  # the admission listener (absent in in-process tests)
+    heavy: Optional[asyncio.Semaphore] = None
+    worker: Optional[Any] = None  # the thread that decides large reviews
 
 
 STATE = web.AppKey("state", State)
@@ -326,49 +334,35 @@ async def _mutate(request: web.Request) -> web.Response:
             return _bad(state, 413, "too-large", f"body of {request.content_length} bytes is "
                                                  f"larger than {limits.max_body} bytes",
                         close=True)
-        try:
-            raw = await asyncio.wait_for(request.read(), limits.body_timeout)
-        except web.HTTPRequestEntityTooLarge:
-            return _bad(state, 413, "too-large", f"body larger than {limits.max_body} bytes",
-                        close=True)
-        except asyncio.TimeoutError:
-            return _bad(state, 408, "body-timeout", f"body not received within "
-                                                    f"{limits.body_timeout:g} s", close=True)
-        except (ConnectionError, aiohttp.ClientError, aiohttp.http_exceptions.HttpProcessingError
-                ) as e:
-            # The client went away mid-upload: nobody to answer; one line, no traceback.
-            return _bad(state, 400, "aborted-upload", f"body not completed: "
-                                                      f"{type(e).__name__}: {e}", close=True)
-        try:
-            body = orjson.loads(raw)
-            # orjson refuses to write more than 254 levels; no Kubernetes object comes near,
-            # and everything downstream (memo key, diff, messages) may then recurse safely.
-            if isinstance(body, (dict, list)):
-                orjson.dumps(body)
-        except orjson.JSONEncodeError:
-            return _bad(state, 400, "too-deep", "body is nested deeper than 254 levels")
-        except ValueError as e:  # orjson.JSONDecodeError, invalid UTF-8 included
-            return _bad(state, 400, "not-json", f"body is not valid JSON: {e}")
-        try:
-            selected = bool(request.match_info.get("selected"))
-            resp, out = admission.review(body, state.policy, selected=selected, memo=state.memo)
-        except admission.BadReview as e:
-            return _bad(state, 400, "not-a-review", str(e))
-        except Exception as e:
-            # A kvmesh bug must not block the workload: admit un-injected, loudly (the stack
-            # once a minute, so a request that triggers it cannot flood the log).
-            state.metrics.errors.labels("internal").inc()
-            state.metrics.requests.labels("error").inc()
-            uid = body["request"]["uid"]  # review() validated this before deciding
-            state.limited.log(logging.ERROR, f"internal:{type(e).__name__}",
-                              "internal error deciding request %s; admitting without "
-                              "injection: %s: %s", uid, type(e).__name__, str(e)[:200],
-                              )
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("internal error detail", exc_info=True)
-            return _json(admission._response(
-                uid, True, warnings=["internal error; pod admitted without LMCache P2P "
-                                     "injection (see kvmesh webhook logs)"]))
+        heavy = request.content_length is None or request.content_length > limits.heavy_body
+        if not heavy:
+            raw = await _read(state, request)
+            if isinstance(raw, web.Response):
+                return raw
+            answer = _decide(state, raw, request.match_info.get("selected"), memo=state.memo)
+        else:
+            if state.heavy is None:
+                state.heavy = asyncio.Semaphore(limits.heavy_slots)
+            try:
+                await asyncio.wait_for(state.heavy.acquire(), limits.body_timeout)
+            except asyncio.TimeoutError:
+                return _bad(state, 429, "busy", f"{limits.heavy_slots} large reviews (over "
+                                                f"{limits.heavy_body} bytes) already in "
+                                                "progress; retry", close=True)
+            try:
+                raw = await _read(state, request)
+                if isinstance(raw, web.Response):
+                    return raw
+                if state.worker is None:
+                    state.worker = ThreadPoolExecutor(1, thread_name_prefix="kvmesh-large")
+                answer = await asyncio.get_running_loop().run_in_executor(
+                    state.worker, _decide, state, raw, request.match_info.get("selected"),
+                    None)
+            finally:
+                state.heavy.release()
+        if isinstance(answer, web.Response):
+            return answer
+        resp, out = answer
         state.metrics.count(out)
         # Every decision is on the pod itself (kvmesh.dev/status) and in the metrics, so the
         # routine ones log at DEBUG: a line per admission at INFO costs a third of the
@@ -381,6 +375,58 @@ async def _mutate(request: web.Request) -> web.Response:
         return _json(resp)
     finally:
         state.metrics.latency.observe(time.perf_counter() - t0)
+
+
+async def _read(state: State, request: web.Request) -> Union[bytes, web.Response]:
+    limits = state.limits
+    try:
+        return await asyncio.wait_for(request.read(), limits.body_timeout)
+    except web.HTTPRequestEntityTooLarge:
+        return _bad(state, 413, "too-large", f"body larger than {limits.max_body} bytes",
+                    close=True)
+    except asyncio.TimeoutError:
+        return _bad(state, 408, "body-timeout", f"body not received within "
+                                                f"{limits.body_timeout:g} s", close=True)
+    except (ConnectionError, aiohttp.ClientError, aiohttp.http_exceptions.HttpProcessingError
+            ) as e:
+        # The client went away mid-upload: nobody to answer; one line, no traceback.
+        return _bad(state, 400, "aborted-upload", f"body not completed: "
+                                                  f"{type(e).__name__}: {e}", close=True)
+
+
+def _decide(state: State, raw: bytes, selected: Optional[str], memo: Optional[admission.Memo]
+            ) -> Union[tuple[dict, admission.Outcome], web.Response]:
+    """Parse and decide (pure CPU; runs on the loop for ordinary bodies, on the worker thread
+    for large ones, which therefore get no memo: it is not thread-safe, and they are never
+    remembered anyway)."""
+    try:
+        body = orjson.loads(raw)
+        # orjson refuses to write more than 254 levels; no Kubernetes object comes near,
+        # and everything downstream (memo key, diff, messages) may then recurse safely.
+        if isinstance(body, (dict, list)):
+            orjson.dumps(body)
+    except orjson.JSONEncodeError:
+        return _bad(state, 400, "too-deep", "body is nested deeper than 254 levels")
+    except ValueError as e:  # orjson.JSONDecodeError, invalid UTF-8 included
+        return _bad(state, 400, "not-json", f"body is not valid JSON: {e}")
+    try:
+        return admission.review(body, state.policy, selected=bool(selected), memo=memo)
+    except admission.BadReview as e:
+        return _bad(state, 400, "not-a-review", str(e))
+    except Exception as e:
+        # A kvmesh bug must not block the workload: admit un-injected, loudly (the stack
+        # once a minute, so a request that triggers it cannot flood the log).
+        state.metrics.errors.labels("internal").inc()
+        state.metrics.requests.labels("error").inc()
+        uid = body["request"]["uid"]  # review() validated this before deciding
+        state.limited.log(logging.ERROR, f"internal:{type(e).__name__}",
+                          "internal error deciding request %s; admitting without injection: "
+                          "%s: %s", uid, type(e).__name__, str(e)[:200])
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("internal error detail", exc_info=True)
+        return _json(admission._response(
+            uid, True, warnings=["internal error; pod admitted without LMCache P2P "
+                                 "injection (see kvmesh webhook logs)"]))
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -616,6 +662,9 @@ async def serve(host: str, port: int, cert: str, key: str,
     loop = asyncio.get_running_loop()
     if stopping is None:
         stopping = install_stop_signals(limits.shutdown_timeout)
+    # A large review decided on the worker thread hands the GIL back to the loop within 1 ms
+    # (the default 5 ms would be the stall every other admission sees).
+    sys.setswitchinterval(0.001)
     metrics = Metrics()
     limited = Limited(log)
     loop.set_exception_handler(_loop_errors(limited))
@@ -670,6 +719,8 @@ async def serve(host: str, port: int, cert: str, key: str,
             log.warning("shutdown did not finish cleanly within %g s (%s); exiting", budget,
                         type(e).__name__)
         edge.abort_all()
+        if state.worker is not None:
+            state.worker.shutdown(wait=False, cancel_futures=True)
 
 
 def install_stop_signals(bound: float) -> asyncio.Event:
