@@ -18,7 +18,7 @@ import orjson
 from kvmesh import __version__
 
 from kvmesh.core import names
-from kvmesh.core import contract, launch, overrides
+from kvmesh.core import contract, launch, limits, overrides
 from kvmesh.core.policy import PolicyDefaults
 
 INJECT, SKIP, DENY = "inject", "skip", "deny"
@@ -32,6 +32,7 @@ R_PARALLEL = "parallelism-unsupported"
 R_DATA_PARALLEL = "data-parallel-unsupported"
 R_FOREIGN_CONNECTOR = "foreign-connector"
 R_SCRIPT = "script-not-editable"
+R_LIMIT = "limit-exceeded"  # the pod is larger than kvmesh configures (kvmesh.core.limits)
 # Denial reasons.
 R_INVALID_ANNOTATION = "invalid-annotation"
 R_AMBIGUOUS = "ambiguous-container"
@@ -41,7 +42,7 @@ R_BAD_KV_CONFIG = "invalid-kv-transfer-config"
 R_MALFORMED = "malformed-pod"
 
 SKIP_REASONS = (R_NOT_OPTED_IN, R_OPTED_OUT, R_NO_VLLM, R_PARALLEL, R_DATA_PARALLEL,
-                R_FOREIGN_CONNECTOR, R_SCRIPT)
+                R_FOREIGN_CONNECTOR, R_SCRIPT, R_LIMIT)
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,9 @@ class _Launch:
     script_error: Optional[str] = None
 
 
-def _classify(c: dict) -> Optional[_Launch]:
+def _classify(c: dict, budget: Optional[list[int]] = None) -> Optional[_Launch]:
+    """How container `c` starts vLLM, if it does. `budget` ([bytes]) is what is left of the
+    pod's script-parsing allowance (limits.MAX_SCRIPT_BYTES_PER_POD); parsing spends it."""
     command = c.get("command") or []
     args = c.get("args") or []
     argv = command + args
@@ -172,6 +175,12 @@ def _classify(c: dict) -> Optional[_Launch]:
                 where = "command" if j + 1 < len(command) else "args"
                 idx = j + 1 if where == "command" else j + 1 - len(command)
                 script = argv[j + 1]
+                budget = budget if budget is not None else [limits.MAX_SCRIPT_BYTES_PER_POD]
+                over = _script_over_limit(len(script), budget[0])
+                if over:
+                    return _Launch("shell", [], where, idx, None, over) \
+                        if "vllm" in script else None
+                budget[0] -= len(script)
                 try:
                     found = launch.find_in_script(script)
                 except launch.ScriptError as e:
@@ -188,16 +197,27 @@ def _classify(c: dict) -> Optional[_Launch]:
     return None
 
 
+def _script_over_limit(size: int, left: int) -> Optional[str]:
+    if size > limits.MAX_SCRIPT_BYTES:
+        return (f"the script is {size:,} bytes; kvmesh parses scripts of at most "
+                f"{limits.kib(limits.MAX_SCRIPT_BYTES)}")
+    if size > left:
+        return (f"the pod's scripts are over {limits.kib(limits.MAX_SCRIPT_BYTES_PER_POD)} "
+                "together, the most kvmesh parses per pod")
+    return None
+
+
 def _find_container(spec_containers: list[dict], ov: overrides.Overrides
                     ) -> tuple[int, _Launch]:
+    budget = [limits.MAX_SCRIPT_BYTES_PER_POD]
     if ov.container:
         for i, c in enumerate(spec_containers):
             if c["name"] == ov.container:
-                return i, _classify(c) or _Launch("unknown", [])
+                return i, _classify(c, budget) or _Launch("unknown", [])
         raise _Deny(R_CONTAINER_NOT_FOUND,
                     f"annotation {names.ANN_CONTAINER}={ov.container!r} names no container of "
                     f"this pod; containers: {', '.join(c['name'] for c in spec_containers)}")
-    found = [(i, l) for i, c in enumerate(spec_containers) if (l := _classify(c))]
+    found = [(i, l) for i, c in enumerate(spec_containers) if (l := _classify(c, budget))]
     if not found:
         raise _Skip(R_NO_VLLM, "no container runs the vLLM OpenAI server (vllm serve, "
                                "python -m vllm.entrypoints.openai.api_server, or a vLLM image); "
@@ -248,7 +268,7 @@ def _flag_int(raw: Optional[str], flag: str, env: list[dict], warnings: list[str
 
 # --- ports -----------------------------------------------------------------------------------
 
-def _used_ports(spec: dict, target: dict, vllm_port: int) -> set[int]:
+def _used_ports(spec: dict, target: dict, vllm_port: int) -> limits.PortSet:
     used = {vllm_port}
     for key in ("containers", "initContainers", "ephemeralContainers"):
         for c in spec.get(key) or []:
@@ -262,15 +282,14 @@ def _used_ports(spec: dict, target: dict, vllm_port: int) -> set[int]:
                 for k in ("containerPort", "hostPort"):
                     if isinstance(p.get(k), int):
                         used.add(p[k])
-    return used
+    return limits.PortSet(used)
 
 
-def _pick(start: int, used: set[int]) -> int:
-    p = start
-    while p in used and p < 65535:
-        p += 1
-    used.add(p)
-    return p
+def _pick(start: int, used: limits.PortSet) -> int:
+    try:
+        return used.pick(start)
+    except limits.NoFreePort as e:
+        raise _Deny(R_MALFORMED, f"cannot place kvmesh's ports: {e}") from None
 
 
 # --- env -----------------------------------------------------------------------------------
@@ -439,6 +458,9 @@ def _decide(pod: dict, ctx: Context, warnings: list[str]) -> Result:
 
     flags = launch.parse_flags(ln.words)
     env_list = c.get("env") or []
+    if len(env_list) > limits.MAX_ENV_ENTRIES:
+        return skip(R_LIMIT, f"container {c['name']!r} has {len(env_list):,} env entries; "
+                             f"kvmesh edits containers with at most {limits.MAX_ENV_ENTRIES:,}")
     if flags.has_config_file:
         warnings.append("vLLM reads a --config file kvmesh cannot see: keep tensor/pipeline "
                         "parallel 1 and no other kv-transfer-config there")
@@ -456,6 +478,10 @@ def _decide(pod: dict, ctx: Context, warnings: list[str]) -> Result:
                                     f"pipeline-parallel {pp}; LMCache P2P is broken for more "
                                     "than one rank (LMCache#2405, #1861); set "
                                     f"{names.ANN_ALLOW_PARALLEL}: \"true\" to inject anyway")
+        if ranks > limits.MAX_RANKS:
+            return skip(R_LIMIT, f"container {c['name']!r} runs tensor-parallel {tp} x "
+                                 f"pipeline-parallel {pp} = {ranks:,} ranks; kvmesh configures "
+                                 f"at most {limits.MAX_RANKS} ranks (three ports each) per pod")
         warnings.append(f"{names.ANN_ALLOW_PARALLEL}: injecting for {ranks} ranks although "
                         "upstream LMCache P2P does not work across ranks (LMCache#2405)")
 

@@ -11,10 +11,11 @@ Launch forms recognised:
 
 from __future__ import annotations
 
-import functools
 import re
 from dataclasses import dataclass, field
 from typing import Optional
+
+from kvmesh.core import limits
 
 SHELLS = {"sh", "bash", "dash", "ash", "zsh", "ksh"}
 _PY = re.compile(r"^python(\d+(\.\d+)*)?$")
@@ -253,12 +254,18 @@ class ScriptLaunch:
     server_at: int  # index in words where vLLM's own arguments start
 
 
-@functools.lru_cache(maxsize=512)
+def _script_cost(script: str, found: Optional[ScriptLaunch]) -> int:
+    # The key's text, plus each remembered Word (object, dict, text): an overestimate.
+    return len(script) + 100 + (len(found.words) * 400 if found else 0)
+
+
+@limits.cached(limits.ByteLRU(limits.SCRIPT_CACHE_BYTES), _script_cost)
 def find_in_script(script: str) -> Optional[ScriptLaunch]:
     """The one vLLM invocation of a script; None when there is none; ScriptError if unsafe.
 
-    Cached: every replica of a workload carries the same script (callers treat the result as
-    read-only; errors are not cached and are recomputed, which is rare)."""
+    Cached, bounded in bytes: every replica of a workload carries the same script (callers
+    treat the result as read-only; errors are not cached and are recomputed, which is rare).
+    Callers keep scripts under limits.MAX_SCRIPT_BYTES."""
     found = []
     for cmd in split_script(script):
         texts = [w.text for w in cmd]
