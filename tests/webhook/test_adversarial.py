@@ -309,3 +309,36 @@ def test_exits_within_bound_after_sigterm_while_the_api_server_hangs(tmp_path: P
         A.close_all(socks + [slow])
     finally:
         hole.close()
+
+
+def test_exits_within_bound_after_sigterm_while_still_starting(tmp_path: Path):
+    # --cert-source self signs its first leaf through the API before listening: with the API
+    # server hung, SIGTERM must still end the process.
+    import signal
+    import subprocess
+    import sys
+    hole = _BlackHole()
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{hole.port}"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+        "users": [{"name": "u", "user": {"token": "x"}}]}))
+    with open(tmp_path / "log", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kvmesh.cli", "webhook", "--host", "127.0.0.1", "--port",
+             str(free_port()), "--metrics-port", str(free_port()), "--metrics-host",
+             "127.0.0.1", "--cert-source", "self", "--cert-dir", str(tmp_path / "certs"),
+             "--san", "127.0.0.1", "--kubeconfig", str(kubeconfig)],
+            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+    try:
+        wait_for("the webhook to reach the (hung) API server", lambda: hole.conns, timeout=30)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        assert time.monotonic() - t0 < 10.5
+        assert "Traceback" not in (tmp_path / "log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        hole.close()
