@@ -37,6 +37,7 @@ bench: setup cluster system-packages
 	$(VENV)/bin/python bench/mutate.py
 	$(VENV)/bin/python bench/purge.py
 	$(VENV)/bin/python bench/membership.py
+	$(VENV)/bin/python bench/adversarial.py
 
 clean:
 	rm -rf $(VENV)

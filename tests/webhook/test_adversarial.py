@@ -116,10 +116,17 @@ def test_many_distinct_scripts_do_not_grow_memory(target):
 
 def test_env_list_over_the_limit_is_refused(target):
     with A.Prober(target) as p:
-        resp = response(target.review(A.env_pod(50_000), timeout=30))
+        resp = response(target.review(A.env_pod(5_000), timeout=30))
     healthy(target, p)
     st = status_of(resp)
     assert st["reason"] == "limit-exceeded" and "env" in st["message"]
+
+
+def test_body_with_too_many_json_nodes_is_not_parsed(target):
+    with A.Prober(target) as p:
+        code, body, took = target.review(A.env_pod(50_000), timeout=30)
+    healthy(target, p)
+    assert code == 413 and b"JSON objects and arrays" in body and took < BUDGET_S
 
 
 @pytest.mark.parametrize("value", ["inf", "Infinity", "nan", "1e400", "-1"])
