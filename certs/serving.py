@@ -15,9 +15,9 @@ import os
 from pathlib import Path
 from typing import Callable, Optional
 
-from kubernetes_asyncio import client
-
 from kvmesh.certs import authority, store
+from kvmesh.core import names
+from kvmesh.kube.api import Kube
 
 log = logging.getLogger("kvmesh.certs")
 
@@ -30,11 +30,10 @@ def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
 
 
 class SelfSigned:
-    def __init__(self, api: client.ApiClient, cert_dir: Path, hosts: list[str],
+    def __init__(self, kube: Kube, cert_dir: Path, hosts: list[str],
                  on_change: Callable[[], object], interval: float = 5.0,
                  validity: dt.timedelta = authority.LEAF_VALIDITY):
-        self.core = client.CoreV1Api(api)
-        self.adm = client.AdmissionregistrationV1Api(api)
+        self.kube = kube
         self.cert_dir, self.hosts, self.on_change = cert_dir, hosts, on_change
         self.interval, self.validity = interval, validity
         self.trusted = False
@@ -53,10 +52,10 @@ class SelfSigned:
 
     async def step(self, now: Optional[dt.datetime] = None) -> None:
         now = now or dt.datetime.now(dt.timezone.utc)
-        state, _ = await store.read_ca(self.core)
+        state, _ = await store.read_ca(self.kube)
         if state is None:
             log.warning("CA Secret %s not found yet; waiting for the kvmesh controller to "
-                        "create it (is the controller running?)", store.names.CA_SECRET)
+                        "create it (is the controller running?)", names.CA_SECRET)
             self.trusted = False
             return
         leaf_pem = self.cert_file.read_bytes() if self.cert_file.exists() else None
@@ -68,7 +67,7 @@ class SelfSigned:
             log.info("issued serving certificate for %s (expires %s)", ", ".join(self.hosts),
                      leaf.cert.not_valid_after_utc.isoformat())
             self.on_change()
-        bundle, consistent = await store.live_bundle(self.adm)
+        bundle, consistent = await store.live_bundle(self.kube)
         trusted = consistent and authority.leaf_trusted(leaf_pem, bundle, now)
         if trusted != self.trusted:
             log.info("serving certificate %s by the live webhook configuration",

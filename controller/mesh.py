@@ -17,18 +17,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from kubernetes_asyncio import client
-
-from kvmesh.core import names
-from kvmesh.core import groups, lookup
-from kvmesh.kube import apply as kapply
-from kvmesh.kube.informer import Informer
+from kvmesh.core import groups, lookup, names
+from kvmesh.core.groups import PeerGroupId
 from kvmesh.core.policy import PolicyDefaults
+from kvmesh.kube.facade import MeshClient
 
 log = logging.getLogger("kvmesh.mesh")
 
 RECONCILE_SECONDS = 300.0
 SWEPT_MAX = 10_000
+PEER_GROUP_API = f"{names.API_GROUP}/{names.API_VERSION}"
+
+GroupKey = tuple[str, PeerGroupId]  # (namespace, group)
 
 
 def _now() -> str:
@@ -47,22 +47,19 @@ class PurgeRecord:
 
 
 class Mesh:
-    def __init__(self, api: client.ApiClient, policy: PolicyDefaults, metrics=None,
+    def __init__(self, api: MeshClient, policy: PolicyDefaults, metrics=None,
                  grace_seconds: float = 300.0, resync_seconds: float = 15.0,
                  manage_lookup: bool = True, policies: Optional[dict] = None,
                  peer_policy: bool = True):
         self.api, self.policy, self.metrics = api, policy, metrics
-        # name -> webhook.policy.Policy, kept current by the policy loop
+        # name -> core.policy.Policy, kept current by the policy loop
         self.policies: dict = policies if policies is not None else {}
         self.grace, self.resync_seconds = grace_seconds, resync_seconds
         self.manage_lookup = manage_lookup
         # Off where the network plugin lacks NetworkPolicy endPort (it would apply only `port`
         # and cut the pods' other ports): see reconcile_peer_policy.
         self.peer_policy = peer_policy
-        self.core = client.CoreV1Api(api)
-        self.pods = Informer(self.core.list_pod_for_all_namespaces,
-                             label_selector=names.LABEL_PEER_GROUP, name="kvmesh peer pods",
-                             handlers=[self._on_pod])
+        self.pods = api.peer_pods(self._on_pod)
         self.members: dict[tuple[str, str], groups.Member] = {}
         self.owners: dict[tuple[str, str], list] = {}  # ownerReferences, kept past deletion
         # Incarnations already purged (uid, ip, restarts): "terminating" then "deleted" is one
@@ -70,16 +67,16 @@ class Mesh:
         self.purged: set[tuple[str, Optional[str], int]] = set()
         self.pending: dict[tuple[str, str], groups.Departure] = {}  # purges to retry
         self.redis: dict[str, object] = {}  # "host:port" -> purge.AddressIndex
-        self.last_purge: dict[tuple[str, str], PurgeRecord] = {}
+        self.last_purge: dict[GroupKey, PurgeRecord] = {}
         # Keys of dead addresses a Redis reconcile removed before the departure's own purge
         # got there (it runs when an index (re)connects): credited to that purge's record.
         self.swept: dict[str, int] = {}
-        self.empty_since: dict[tuple[str, str], float] = {}
+        self.empty_since: dict[GroupKey, float] = {}
         # Per group: does a user's NetworkPolicy select its pods (last applied answer), and
         # which members none selects then (they lose every port but P2P from peers).
-        self.user_isolated: dict[tuple[str, str], bool] = {}
-        self.unselected: dict[tuple[str, str], list[str]] = {}
-        self.dirty: set[tuple[str, str]] = set()
+        self.user_isolated: dict[GroupKey, bool] = {}
+        self.unselected: dict[GroupKey, list[str]] = {}
+        self.dirty: set[GroupKey] = set()
         self._wake = asyncio.Event()
 
     # --- membership ---------------------------------------------------------------------------
@@ -97,7 +94,7 @@ class Mesh:
             self.members[key] = new_m
         for m in (old_m, new_m):
             if m is not None:
-                self.dirty.add((m.namespace, m.group_id))
+                self.dirty.add(m.group_key)
         if d is not None:
             inc = (d.member.uid, d.member.ip, d.member.restarts)
             if inc not in self.purged and await self.purge(d):
@@ -131,7 +128,7 @@ class Mesh:
 
     # --- lookup endpoints -------------------------------------------------------------------
 
-    async def endpoints(self, namespace: str, mode: str, group: str, *port_names: str,
+    async def endpoints(self, namespace: str, gid: PeerGroupId, *port_names: str,
                         defaults: Optional[PolicyDefaults] = None
                         ) -> Optional[list[tuple[str, int]]]:
         """(pod IP, port) for each named port of one ready pod of the group's lookup service,
@@ -142,26 +139,27 @@ class Mesh:
         where EndpointSlices cannot list the address (the local control plane's loopback
         pod IPs)."""
         defaults = defaults or self.policy
-        if mode == names.MODE_REDIS and defaults.redis_address:
+        if gid.mode == names.MODE_REDIS and defaults.redis_address:
             host, port = defaults.redis_address.rsplit(":", 1)
             return [(host, int(port))]
-        gid = names.group_id(mode, group)
-        found = await self.core.list_namespaced_pod(
-            namespace, label_selector=f"{names.LABEL_LOOKUP_FOR}={gid}")
-        for pod in found.items:
-            ready = any(c.type == "Ready" and c.status == "True"
-                        for c in (pod.status.conditions or []))
-            if not (ready and pod.status.pod_ip and not pod.metadata.deletion_timestamp):
+        for pod in await self.api.lookup_pods(namespace, gid.label):
+            status = pod.get("status") or {}
+            ready = any(c.get("type") == "Ready" and c.get("status") == "True"
+                        for c in status.get("conditions") or [])
+            ip = status.get("podIP")
+            if not (ready and ip and not pod["metadata"].get("deletionTimestamp")):
                 continue
-            ports = {p.name: p.container_port for c in pod.spec.containers for p in c.ports or []}
+            ports = {p.get("name"): p.get("containerPort")
+                     for c in (pod.get("spec") or {}).get("containers") or []
+                     for p in c.get("ports") or []}
             if all(n in ports for n in port_names):
-                return [(pod.status.pod_ip, ports[n]) for n in port_names]
+                return [(ip, ports[n]) for n in port_names]
         return None
 
     async def redis_index(self, namespace: str, group: str,
                           defaults: Optional[PolicyDefaults] = None):
         from kvmesh.backends import redis_index as purge
-        eps = await self.endpoints(namespace, names.MODE_REDIS, group, "redis",
+        eps = await self.endpoints(namespace, PeerGroupId(names.MODE_REDIS, group), "redis",
                                    defaults=defaults)
         ep = eps[0] if eps else None
         if ep is None:
@@ -208,7 +206,7 @@ class Mesh:
         m = d.member
         if quiet_if_empty and m.mode != names.MODE_REDIS:
             return True
-        gkey = (m.namespace, m.group_id)
+        gkey = m.group_key
         t0 = time.perf_counter()
         try:
             if m.mode == names.MODE_REDIS:
@@ -221,7 +219,7 @@ class Mesh:
                 removed = res.deleted + (0 if quiet_if_empty else swept)
             else:
                 from kvmesh.backends import lmcache_controller as lmcache_ctrl
-                eps = await self.endpoints(m.namespace, m.mode, m.group, "pull", "http")
+                eps = await self.endpoints(m.namespace, m.peer_group, "pull", "http")
                 if eps is None:
                     raise LookupError(f"no ready pod of the lookup service {m.namespace}/"
                                       f"{names.lookup_service_name(m.mode, m.group)}")
@@ -275,12 +273,12 @@ class Mesh:
             return None
         if ref.get("kind") == "ReplicaSet":
             try:
-                rs = await client.AppsV1Api(self.api).read_namespaced_replica_set(
-                    ref["name"], m.namespace)
-                up = next((o for o in rs.metadata.owner_references or [] if o.controller), None)
+                rs = await self.api.replica_set(m.namespace, ref["name"])
+                up = next((o for o in ((rs or {}).get("metadata") or {})
+                           .get("ownerReferences") or [] if o.get("controller")), None)
                 if up is not None:
-                    return {"apiVersion": up.api_version, "kind": up.kind, "name": up.name,
-                            "uid": up.uid, "namespace": m.namespace}
+                    return {"apiVersion": up["apiVersion"], "kind": up["kind"],
+                            "name": up["name"], "uid": up["uid"], "namespace": m.namespace}
             except Exception:
                 pass
         return {"apiVersion": ref.get("apiVersion"), "kind": ref.get("kind"),
@@ -291,21 +289,19 @@ class Mesh:
         target = await self._workload_of(m) or {
             "apiVersion": "v1", "kind": "Pod", "name": m.name, "uid": m.uid,
             "namespace": m.namespace}
-        await kapply.event(self.api, target, reason, message, type_)
+        await self.api.event(target, reason, message, type_)
 
     # --- groups -------------------------------------------------------------------------------
 
-    def group_view(self) -> dict[tuple[str, str], groups.Group]:
+    def group_view(self) -> dict[GroupKey, groups.Group]:
         return groups.groups_of(list(self.members.values()))
 
-    async def reconcile_group(self, gkey: tuple[str, str], g: Optional[groups.Group]) -> None:
+    async def reconcile_group(self, gkey: GroupKey, g: Optional[groups.Group]) -> None:
         ns, gid = gkey
-        mode, _, group = gid.partition("-")
         if g is None or not g.members:
             since = self.empty_since.setdefault(gkey, time.monotonic())
             if time.monotonic() - since >= self.grace:
-                if await kapply.delete(self.api, f"{names.API_GROUP}/{names.API_VERSION}",
-                                       names.PEER_GROUP_KIND, ns, gid):
+                if await self.api.delete(PEER_GROUP_API, names.PEER_GROUP_KIND, ns, gid.label):
                     log.info("peer group %s/%s empty for %.0fs: lookup service removed",
                              ns, gid, self.grace)
                 self.empty_since.pop(gkey, None)
@@ -315,22 +311,22 @@ class Mesh:
                 return
         else:
             self.empty_since.pop(gkey, None)
-        cr = await kapply.apply(self.api, lookup.peer_group(ns, mode, group))
+        cr = await self.api.apply(lookup.peer_group(ns, gid))
         defaults = self.group_defaults(g)
         if g is not None and g.members and self.manage_lookup:
             image = sorted(m.image for m in g.members.values())[0]
             for obj in lookup.desired(cr, defaults, image):
-                await kapply.apply(self.api, obj)
+                await self.api.apply(obj)
             await self.reconcile_peer_policy(gkey, g, lookup.owner_ref(cr))
         peers = g.peers if g else []
         # name=token of every peer: a leader taking over compares it with what it sees, to
         # purge peers that died while nobody watched.
         status = {"members": len(g.members) if g else 0, "readyPeers": len(peers),
                   "peers": sorted(f"{m.name}={m.token}" for m in peers if m.token)}
-        if mode == names.MODE_REDIS and g is not None and g.members:
+        if gid.mode == names.MODE_REDIS and g is not None and g.members:
             # Index the group's Redis before anyone dies, so a purge is one index drain.
             try:
-                idx = await self.redis_index(ns, group, defaults)
+                idx = await self.redis_index(ns, gid.group, defaults)
                 status["lookupAddress"] = f"{idx.host}:{idx.port}"
             except Exception as e:
                 log.debug("lookup Redis of %s/%s not reachable yet: %s", ns, gid, e)
@@ -339,34 +335,33 @@ class Mesh:
         rec = self.last_purge.get(gkey)
         if rec:
             status["lastPurge"] = {k: v for k, v in rec.__dict__.items() if k != "mode"}
-        await kapply.apply(self.api, {**lookup.peer_group(ns, mode, group), "status": status},
-                           subresource="status")
+        await self.api.apply({**lookup.peer_group(ns, gid), "status": status},
+                             subresource="status")
 
-    async def reconcile_peer_policy(self, gkey: tuple[str, str], g: groups.Group,
+    async def reconcile_peer_policy(self, gkey: GroupKey, g: groups.Group,
                                     owner: dict) -> None:
         """Apply `kvmesh-peers-<gid>` (see lookup.peer_network_policy), or delete it when the
         group declares no P2P ports or peer policies are switched off."""
         ns, gid = gkey
         ports = sorted({p for m in g.members.values() for p in m.p2p_ports})
         if not ports or not self.peer_policy:
-            await kapply.delete(self.api, lookup.NETWORK_POLICY_API, "NetworkPolicy", ns,
-                                names.PEER_POLICY_PREFIX + gid)
+            await self.api.delete(lookup.NETWORK_POLICY_API, "NetworkPolicy", ns,
+                                  names.PEER_POLICY_PREFIX + gid.label)
             self.user_isolated.pop(gkey, None)
             self.unselected.pop(gkey, None)
             return
         try:
-            found = await client.NetworkingV1Api(self.api).list_namespaced_network_policy(ns)
+            policies = await self.api.network_policies(ns)
         except Exception as e:
             # Without the answer either rule set could be wrong: keep what is applied.
             log.warning("cannot list NetworkPolicies in %s, leaving NetworkPolicy %s%s as it "
                         "is this round: %s", ns, names.PEER_POLICY_PREFIX, gid, e)
             return
-        policies = [self.api.sanitize_for_serialization(p) for p in found.items]
         isolating = lookup.isolating_policies(policies,
                                               [dict(m.labels) for m in g.members.values()])
         ctrl_ports = sorted({p for m in g.members.values() if m.mode == names.MODE_CONTROLLER
                              for p in m.worker_ports})
-        await kapply.apply(self.api, lookup.peer_network_policy(
+        await self.api.apply(lookup.peer_network_policy(
             ns, gid, owner, ports, bool(isolating), ctrl_ports))
         policy = f"{ns}/{names.PEER_POLICY_PREFIX}{gid}"
         unselected = sorted(m.name for m in g.members.values() if isolating
@@ -393,20 +388,16 @@ class Mesh:
 
     async def recover(self) -> None:
         """After taking over: purge peers the previous leader recorded that are gone now."""
-        custom = client.CustomObjectsApi(self.api)
         try:
-            found = await custom.list_cluster_custom_object(names.API_GROUP, names.API_VERSION,
-                                                            "kvmeshpeergroups")
+            found = await self.api.peer_groups()
         except Exception as e:
             log.error("cannot read KVMeshPeerGroups to recover departures: %s", e)
             return
         view = self.group_view()
-        for cr in found.get("items", []):
-            ns = cr["metadata"]["namespace"]
-            mode, group = cr["spec"]["mode"], cr["spec"]["group"]
+        for cr in found:
+            ns, gid = cr["metadata"]["namespace"], lookup.group_of(cr)
             gone = groups.departed_during_gap((cr.get("status") or {}).get("peers") or [],
-                                              view.get((ns, cr["metadata"]["name"])),
-                                              mode, ns, group)
+                                              view.get((ns, gid)), gid, ns)
             for d in gone:
                 log.info("peer %s/%s (%s) left while no controller was leading; purging",
                          ns, d.member.name, d.member.token)

@@ -11,18 +11,16 @@ server's conflict answer is the backstop) and the loop logs it once.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Optional
 
-from kubernetes_asyncio import client
-from kubernetes_asyncio.client.exceptions import ApiException
-
 from kvmesh.core import names
+from kvmesh.kube.api import ApiError, Kube
 
 log = logging.getLogger("kvmesh.optin")
 
 FIELD_MANAGER = names.FIELD_MANAGER_OPTIN
-KINDS = {"Deployment": "deployments", "StatefulSet": "statefulsets"}
 USER_OWNED = "conflict-user-owned"
 
 
@@ -61,10 +59,6 @@ def state(workload: dict) -> str:
     return "apply"
 
 
-def needs_apply(workload: dict) -> bool:
-    return state(workload) == "apply"
-
-
 def apply_body(workload: dict) -> dict:
     meta = workload["metadata"]
     body = {"apiVersion": workload.get("apiVersion", "apps/v1"), "kind": workload["kind"],
@@ -75,19 +69,81 @@ def apply_body(workload: dict) -> dict:
     return body
 
 
-async def reconcile(apps: client.AppsV1Api, workload: dict) -> str:
+async def reconcile(kube: Kube, workload: dict) -> str:
     """Apply the template label if needed. Returns what happened (for metrics and logs)."""
     st = state(workload)
     if st != "apply":
         return st
     body = apply_body(workload)
-    meta = workload["metadata"]
-    patch = getattr(apps, f"patch_namespaced_{workload['kind'].lower().replace('statefulset', 'stateful_set')}")
     try:
-        await patch(meta["name"], meta["namespace"], body, field_manager=FIELD_MANAGER,
-                    _content_type="application/apply-patch+yaml")
-    except ApiException as e:
+        await kube.apply(body, manager=FIELD_MANAGER, force=False)
+    except ApiError as e:
         if e.status == 409:  # the user set it between our read and this apply
             return USER_OWNED
         raise
     return "labelled" if "spec" in body else "released"
+
+
+async def run(kube: Kube, metrics) -> None:
+    """Opt-in for every Deployment and StatefulSet, on each change."""
+    user_owned: set[str] = set()  # uids already reported, so a rollout's updates stay quiet
+
+    def handler(kind):
+        async def on(type_, obj, old):
+            meta = obj["metadata"]
+            if type_ == "DELETED":
+                user_owned.discard(meta.get("uid"))
+                return
+            obj.setdefault("kind", kind)
+            obj.setdefault("apiVersion", "apps/v1")
+            try:
+                did = await reconcile(kube, obj)
+            except Exception as e:
+                metrics.errors.labels("optin").inc()
+                log.error("opt-in of %s %s/%s failed: %s", kind, meta.get("namespace"),
+                          meta.get("name"), e)
+                return
+            if did == USER_OWNED:
+                if meta.get("uid") not in user_owned:
+                    user_owned.add(meta.get("uid"))
+                    metrics.optin.labels(did).inc()
+                    log.warning("%s %s/%s: the user set the pod template's %s label "
+                                "themselves; kvmesh leaves it as it is", kind,
+                                meta["namespace"], meta["name"], names.LABEL_INJECT)
+                return
+            user_owned.discard(meta.get("uid"))
+            if did != "in-sync":
+                metrics.optin.labels(did).inc()
+                log.info("opt-in: %s %s/%s %s", kind, meta["namespace"], meta["name"], did)
+        return on
+
+    infs = [kube.informer("apps/v1", "Deployment", handlers=[handler("Deployment")],
+                          name="deployments"),
+            kube.informer("apps/v1", "StatefulSet", handlers=[handler("StatefulSet")],
+                          name="statefulsets")]
+    await asyncio.gather(*(i.run() for i in infs))
+
+
+async def watch_uninjected(kube: Kube, metrics) -> None:
+    """Opted-in pods that were admitted without kvmesh's status annotation: the webhook was
+    unreachable under failurePolicy Ignore. Made visible as a metric and an Event."""
+
+    async def on(type_, obj, old):
+        # The informer reports ADDED once per pod (relists only report what changed).
+        meta = obj.get("metadata") or {}
+        if type_ != "ADDED" or names.ANN_STATUS in (meta.get("annotations") or {}):
+            return
+        metrics.uninjected.inc()
+        log.warning("pod %s/%s is opted in but was admitted without LMCache P2P injection "
+                    "(was the kvmesh webhook down?); recreate it to inject",
+                    meta.get("namespace"), meta.get("name"))
+        await kube.event(
+            {"apiVersion": "v1", "kind": "Pod", "name": meta["name"],
+             "namespace": meta["namespace"], "uid": meta.get("uid")},
+            "NotInjected", "opted in to kvmesh but admitted without LMCache P2P injection "
+            "(the webhook was unreachable and failurePolicy is Ignore); delete the pod to "
+            "have it recreated with injection", "Warning")
+
+    await kube.informer("v1", "Pod",
+                        label_selector=f"{names.LABEL_INJECT}={names.INJECT_ENABLED}",
+                        handlers=[on], name="opted-in pods").run()

@@ -10,16 +10,17 @@ Pods carrying the kvmesh.dev/inject label go through the label entry instead (ne
 
 from __future__ import annotations
 
-import base64
+import asyncio
 import datetime as dt
 import logging
 from typing import Optional
 
-from kubernetes_asyncio import client
 from pydantic import ValidationError
 
 from kvmesh.core import names
 from kvmesh.core.policy import Policy, describe, policy_from_object
+from kvmesh.kube.api import ADMISSION_API, CRD_API, Kube
+from kvmesh.kube.facade import policy_informer
 
 log = logging.getLogger("kvmesh.policies")
 
@@ -94,29 +95,78 @@ def status_changed(obj: dict, status: dict) -> bool:
     return any(have.get(k) != v for k, v in status.items())
 
 
-async def apply_entries(api: client.ApiClient, policies: list[Policy],
-                        url_base: Optional[str]) -> None:
-    adm = client.AdmissionregistrationV1Api(api)
-    mwc = await adm.read_mutating_webhook_configuration(names.WEBHOOK_CONFIGURATION)
-    bundle = next((w.client_config.ca_bundle for w in mwc.webhooks or []
-                   if w.client_config.ca_bundle), "") or ""
-    if isinstance(bundle, bytes):
-        bundle = base64.b64encode(bundle).decode()
-    body = {"apiVersion": "admissionregistration.k8s.io/v1",
-            "kind": "MutatingWebhookConfiguration",
-            "metadata": {"name": names.WEBHOOK_CONFIGURATION},
-            "webhooks": [entry(p, url_base, bundle) for p in sorted(policies,
-                                                                     key=lambda p: p.name)]}
-    await adm.patch_mutating_webhook_configuration(
-        names.WEBHOOK_CONFIGURATION, body, field_manager=names.FIELD_MANAGER_POLICIES,
-        force=True, _content_type="application/apply-patch+yaml")
+def status(obj: dict, invalid: dict[str, str], members) -> dict:
+    """The status a policy should have (pure): Ready or InvalidSpec, and its pods among the
+    mesh's members (groups.Member)."""
+    name = obj["metadata"]["name"]
+    gen = obj["metadata"].get("generation")
+    current = (obj.get("status") or {}).get("conditions")
+    if name in invalid:
+        cond = condition(False, "InvalidSpec", invalid[name], gen, current)
+    else:
+        cond = condition(True, "EntryWritten",
+                         f"webhook entry {entry_name(name)} selects this policy's pods", gen,
+                         current)
+    pods = [m for m in members if m.policy == name]
+    return {"conditions": [cond], "observedGeneration": gen, "injectedPods": len(pods),
+            "readyPeers": sum(1 for m in pods if m.is_peer)}
 
 
-async def write_status(api: client.ApiClient, obj: dict, status: dict) -> None:
-    custom = client.CustomObjectsApi(api)
-    await custom.patch_cluster_custom_object_status(
-        names.API_GROUP, names.API_VERSION, "kvmeshpolicies", obj["metadata"]["name"],
-        {"apiVersion": f"{names.API_GROUP}/{names.API_VERSION}", "kind": "KVMeshPolicy",
-         "metadata": {"name": obj["metadata"]["name"]}, "status": status},
-        field_manager=names.FIELD_MANAGER_POLICIES, force=True,
-        _content_type="application/apply-patch+yaml")
+async def apply_entries(kube: Kube, policies: list[Policy], url_base: Optional[str]) -> None:
+    mwc = await kube.get(ADMISSION_API, "MutatingWebhookConfiguration",
+                         names.WEBHOOK_CONFIGURATION)
+    if mwc is None:
+        raise LookupError(f"MutatingWebhookConfiguration {names.WEBHOOK_CONFIGURATION} "
+                          "not found")
+    bundle = next((w["clientConfig"]["caBundle"] for w in mwc.get("webhooks") or []
+                   if (w.get("clientConfig") or {}).get("caBundle")), "")
+    await kube.apply({
+        "apiVersion": ADMISSION_API, "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": names.WEBHOOK_CONFIGURATION},
+        "webhooks": [entry(p, url_base, bundle) for p in sorted(policies, key=lambda p: p.name)]},
+        manager=names.FIELD_MANAGER_POLICIES)
+
+
+async def write_status(kube: Kube, obj: dict, status: dict) -> None:
+    await kube.apply({"apiVersion": CRD_API, "kind": "KVMeshPolicy",
+                      "metadata": {"name": obj["metadata"]["name"]}, "status": status},
+                     manager=names.FIELD_MANAGER_POLICIES, subresource="status")
+
+
+async def reconcile(kube: Kube, objs: list[dict], mesh, webhook_url: Optional[str]) -> None:
+    """One pass: the webhook entries of the valid policies, `mesh.policies`, and every
+    policy's status."""
+    valid, invalid = parse_all(objs)
+    await apply_entries(kube, valid, webhook_url)
+    mesh.policies.clear()
+    mesh.policies.update({p.name: p for p in valid})
+    members = list(mesh.members.values())
+    for o in objs:
+        want = status(o, invalid, members)
+        if status_changed(o, want):
+            await write_status(kube, o, want)
+
+
+async def run(kube: Kube, mesh, webhook_url: Optional[str], on_error=lambda: None,
+              resync_seconds: float = 15.0) -> None:
+    """KVMeshPolicies -> webhook entries + status, on every change and every resync_seconds;
+    keeps mesh.policies current."""
+    wake = asyncio.Event()
+    inf = policy_informer(kube, [lambda t, o, old: wake.set()])
+    runner = asyncio.create_task(inf.run())
+    try:
+        await inf.has_synced.wait()
+        while True:
+            try:
+                await reconcile(kube, inf.items(), mesh, webhook_url)
+            except Exception as e:
+                on_error()
+                log.error("reconciling KVMeshPolicies failed: %s; retrying", e)
+            wake.clear()
+            try:
+                await asyncio.wait_for(wake.wait(), resync_seconds)
+            except asyncio.TimeoutError:
+                pass
+    finally:
+        runner.cancel()
+        inf.stop()

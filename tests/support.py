@@ -3,6 +3,7 @@ patch application with an independent JSON-patch implementation (jsonpatch)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -35,6 +36,18 @@ def wait_for(what: str, probe, timeout: float = 60, interval: float = 0.25):
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
 
+
+
+async def wait_until(pred, timeout: float = 5.0, interval: float = 0.05):
+    """Await ``pred()`` until it returns something truthy (returned) or ``timeout`` s pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = await pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s (last: {v!r})")
+        await asyncio.sleep(interval)
 
 def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(KVMESH + list(args), input=stdin, capture_output=True, text=True,
@@ -206,3 +219,18 @@ def metric_sum(text: str, name: str, **labels: str) -> float:
         if all(have.get(k) == v for k, v in labels.items()):
             total += float(m.group(2))
     return total
+
+
+def injected_pod(case="01-deployment-vllm-serve", name="p-1", uid="u-1", ip="127.64.0.9"):
+    """A Running, Ready pod as the webhook injects it from golden case `case` (a peer)."""
+    import yaml
+    from kvmesh.core import workloads
+    from kvmesh.core.inject import Context, decide
+    doc = yaml.safe_load((REPO / "tests" / "golden" / "cases" / f"{case}.yaml").read_text())
+    pod = decide(workloads.pod_for(doc), Context(doc["metadata"]["namespace"])).pod
+    pod["metadata"].update(name=name, uid=uid)
+    cname = pod["spec"]["containers"][0]["name"]
+    pod["status"] = {"phase": "Running", "podIP": ip,
+                     "conditions": [{"type": "Ready", "status": "True"}],
+                     "containerStatuses": [{"name": cname, "restartCount": 0}]}
+    return pod

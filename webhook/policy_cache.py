@@ -8,33 +8,27 @@ reports it on the policy's status.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from typing import Optional
 
-from kubernetes_asyncio import client
 from pydantic import ValidationError
 
-from kvmesh.core import names
-from kvmesh.kube.informer import Informer
 from kvmesh.core.policy import (Policy, PolicyDefaults, describe, policy_from_object,
-                                   select_policy)
+                                select_policy)
+from kvmesh.kube.api import Kube
+from kvmesh.kube.facade import policy_informer
 
 log = logging.getLogger("kvmesh.policy")
 
 
 class PolicyCache:
-    def __init__(self, api: client.ApiClient, fallback: PolicyDefaults):
+    def __init__(self, kube: Kube, fallback: PolicyDefaults):
         self.fallback = fallback
         self.policies: dict[str, Policy] = {}
         self.namespace_labels: dict[str, dict] = {}
-        custom = client.CustomObjectsApi(api)
-        self._policies = Informer(
-            functools.partial(custom.list_cluster_custom_object, names.API_GROUP,
-                              names.API_VERSION, "kvmeshpolicies"),
-            handlers=[self._on_policy], name="kvmeshpolicies")
-        self._namespaces = Informer(client.CoreV1Api(api).list_namespace,
-                                    handlers=[self._on_namespace], name="namespaces")
+        self._policies = policy_informer(kube, [self._on_policy])
+        self._namespaces = kube.informer("v1", "Namespace", handlers=[self._on_namespace],
+                                         name="namespaces")
 
     def _on_policy(self, type_: str, obj: dict, old: Optional[dict]) -> None:
         name = obj["metadata"]["name"]

@@ -309,31 +309,31 @@ class Coordinator:
 
     # ---------------------------------------------------------------------------------------
 
-    async def healthy(self, *, timeout: Optional[float] = None) -> None:
-        """``GET /healthz`` answered ``{"status": "healthy"}`` (``health_api.py:13-20``);
-        raises ``CoordinatorUnreachable`` / ``CoordinatorReplyError`` otherwise."""
-        what = f"lmcache coordinator {self.base}: GET /healthz"
-        status, body = await self._request("GET", f"{self.base}/healthz", what=what,
+    async def _get_json(self, path: str, hint: str, timeout: Optional[float]):
+        """GET ``path``, insist on 200, return the parsed JSON; ``hint`` ends the error."""
+        what = f"lmcache coordinator {self.base}: GET {path}"
+        status, body = await self._request("GET", f"{self.base}{path}", what=what,
                                            timeout=timeout)
         if status != 200:
             raise CoordinatorReplyError(
-                f"{what} answered HTTP {status} (expected 200): {_snippet(body)}; is "
-                f"{self.base} an lmcache coordinator >= 0.5.0?")
-        got = self._json(body, what)
+                f"{what} answered HTTP {status} (expected 200): {_snippet(body)}; {hint}")
+        return what, body, self._json(body, what)
+
+    async def healthy(self, *, timeout: Optional[float] = None) -> None:
+        """``GET /healthz`` answered ``{"status": "healthy"}`` (``health_api.py:13-20``);
+        raises ``CoordinatorUnreachable`` / ``CoordinatorReplyError`` otherwise."""
+        what, body, got = await self._get_json(
+            "/healthz", f"is {self.base} an lmcache coordinator >= 0.5.0?", timeout)
         if not isinstance(got, dict) or got.get("status") != "healthy":
             raise CoordinatorReplyError(f"{what} answered {_snippet(body)}, expected "
                                         f"{{\"status\": \"healthy\"}}")
 
     async def instances(self, *, timeout: Optional[float] = None) -> list[Instance]:
         """Every registration, fresh from the registry (no cache: ``instances_api.py:130-141``)."""
-        what = f"lmcache coordinator {self.base}: GET /instances"
-        status, body = await self._request("GET", f"{self.base}/instances", what=what,
-                                           timeout=timeout)
-        if status != 200:
-            raise CoordinatorReplyError(
-                f"{what} answered HTTP {status} (expected 200): {_snippet(body)}; is "
-                f"{self.base} an lmcache coordinator >= 0.5.0 (not lmcache_controller)?")
-        return parse_instances(self._json(body, what), what)
+        what, _, got = await self._get_json(
+            "/instances", f"is {self.base} an lmcache coordinator >= 0.5.0 (not "
+            "lmcache_controller)?", timeout)
+        return parse_instances(got, what)
 
     async def deregister(self, instance_id: str, *, timeout: Optional[float] = None) -> None:
         """``DELETE /instances/{id}``: 204 whether or not it was registered

@@ -9,11 +9,31 @@ lookup state must go: its Redis keys (redis mode) or its LMCache controller regi
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
 from kvmesh.core import names
 from kvmesh.core import contract
+
+# A peer group's name (policy defaults and the pod annotation): it ends up in object names.
+GROUP_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
+
+
+@dataclass(frozen=True, order=True)
+class PeerGroupId:
+    """Which peer group: its lookup mode and its name. Its `label` ("<mode>-<group>") is the
+    pods' peer-group label value and the name of its KVMeshPeerGroup and lookup objects."""
+
+    mode: str
+    group: str
+
+    @property
+    def label(self) -> str:
+        return names.group_id(self.mode, self.group)
+
+    def __str__(self) -> str:
+        return self.label
 
 
 @dataclass(frozen=True)
@@ -21,9 +41,7 @@ class Member:
     namespace: str
     name: str
     uid: str
-    group_id: str  # "<mode>-<group>"
-    mode: str
-    group: str
+    peer_group: PeerGroupId
     ip: Optional[str]
     ready: bool
     terminating: bool
@@ -42,6 +60,18 @@ class Member:
     @property
     def key(self) -> tuple[str, str]:
         return self.namespace, self.name
+
+    @property
+    def mode(self) -> str:
+        return self.peer_group.mode
+
+    @property
+    def group(self) -> str:
+        return self.peer_group.group
+
+    @property
+    def group_key(self) -> tuple[str, PeerGroupId]:
+        return self.namespace, self.peer_group
 
     @property
     def is_peer(self) -> bool:
@@ -72,12 +102,12 @@ def _env(container: dict) -> dict[str, dict]:
 def member_from_pod(pod: dict) -> Optional[Member]:
     """The member view of an injected pod, or None if kvmesh did not inject it."""
     meta = pod.get("metadata") or {}
-    gid = (meta.get("labels") or {}).get(names.LABEL_PEER_GROUP)
+    labelled = (meta.get("labels") or {}).get(names.LABEL_PEER_GROUP)
     try:
         status = json.loads((meta.get("annotations") or {}).get(names.ANN_STATUS, "{}"))
     except ValueError:
         return None
-    if not gid or not status.get("injected"):
+    if not labelled or not status.get("injected"):
         return None
     mode, group = status.get("mode"), status.get("group", names.DEFAULT_GROUP)
     container = next((c for c in (pod.get("spec") or {}).get("containers") or []
@@ -109,7 +139,7 @@ def member_from_pod(pod: dict) -> Optional[Member]:
                   if isinstance(p, dict) and isinstance(p.get("containerPort"), int)
                   and str(p.get("name", "")).startswith(names.PORT_NAME_PREFIX)})
     return Member(namespace=meta.get("namespace", ""), name=meta.get("name", ""),
-                  uid=meta.get("uid", ""), group_id=gid, mode=mode, group=group, ip=ip,
+                  uid=meta.get("uid", ""), peer_group=PeerGroupId(mode, group), ip=ip,
                   ready=ready, terminating=bool(meta.get("deletionTimestamp")),
                   restarts=restarts, address=address, instance_id=instance,
                   worker_ports=ports, image=str(container.get("image", "")),
@@ -142,9 +172,7 @@ def departure(old: Optional[Member], new: Optional[Member]) -> Optional[Departur
 @dataclass
 class Group:
     namespace: str
-    group_id: str
-    mode: str
-    group: str
+    peer_group: PeerGroupId
     members: dict[str, Member] = field(default_factory=dict)  # by pod name
 
     @property
@@ -152,12 +180,11 @@ class Group:
         return [m for m in self.members.values() if m.is_peer]
 
 
-def groups_of(members: list[Member]) -> dict[tuple[str, str], Group]:
-    """Members by (namespace, group id)."""
-    out: dict[tuple[str, str], Group] = {}
+def groups_of(members: list[Member]) -> dict[tuple[str, PeerGroupId], Group]:
+    """Members by (namespace, group)."""
+    out: dict[tuple[str, PeerGroupId], Group] = {}
     for m in members:
-        g = out.setdefault((m.namespace, m.group_id),
-                           Group(m.namespace, m.group_id, m.mode, m.group))
+        g = out.setdefault(m.group_key, Group(m.namespace, m.peer_group))
         g.members[m.name] = m
     return out
 
@@ -173,8 +200,8 @@ def arrival(old: Optional[Member], new: Optional[Member]) -> Optional[Departure]
     return Departure(new, "address-reused")
 
 
-def departed_during_gap(peers_status: list[str], group: "Group", mode: str, namespace: str,
-                        group_name: str) -> list[Departure]:
+def departed_during_gap(peers_status: list[str], group: Optional[Group], gid: PeerGroupId,
+                        namespace: str) -> list[Departure]:
     """Peers a previous leader recorded (`name=token`) that are gone now, or whose token now
     belongs to another pod: they died while no controller watched (leader failover)."""
     current = {m.name: m.token for m in (group.members.values() if group else [])}
@@ -183,11 +210,11 @@ def departed_during_gap(peers_status: list[str], group: "Group", mode: str, name
         name, _, token = entry.partition("=")
         if not token or current.get(name) == token:
             continue
-        ip = token.rsplit(":", 1)[0] if mode == names.MODE_REDIS else None
-        m = Member(namespace=namespace, name=name, uid="", group_id=f"{mode}-{group_name}",
-                   mode=mode, group=group_name, ip=ip, ready=True, terminating=False,
-                   restarts=0, address=token if mode == names.MODE_REDIS else None,
-                   instance_id=None if mode == names.MODE_REDIS else token)
+        redis = gid.mode == names.MODE_REDIS
+        m = Member(namespace=namespace, name=name, uid="", peer_group=gid,
+                   ip=token.rsplit(":", 1)[0] if redis else None, ready=True,
+                   terminating=False, restarts=0, address=token if redis else None,
+                   instance_id=None if redis else token)
         out.append(Departure(m, "departed-while-unwatched"))
     return out
 

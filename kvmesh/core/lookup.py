@@ -32,6 +32,7 @@ from typing import Iterable, Optional
 from pydantic import ValidationError
 
 from kvmesh.core import names
+from kvmesh.core.groups import PeerGroupId
 from kvmesh.core.policy import LabelSelector, PolicyDefaults
 
 REDIS_IMAGE = "redis:7.2-alpine"
@@ -59,12 +60,12 @@ def owner_ref(group_obj: dict) -> dict:
             "blockOwnerDeletion": True}
 
 
-def _meta(name: str, namespace: str, gid: str, owner: dict, component: str) -> dict:
+def _meta(name: str, namespace: str, gid: PeerGroupId, owner: dict, component: str) -> dict:
     return {"name": name, "namespace": namespace,
             "labels": {"app.kubernetes.io/part-of": "kvmesh",
                        "app.kubernetes.io/component": component,
                        MANAGED_BY_LABEL: MANAGED_BY,
-                       names.LABEL_LOOKUP_FOR: gid},
+                       names.LABEL_LOOKUP_FOR: gid.label},
             "ownerReferences": [owner]}
 
 
@@ -73,59 +74,76 @@ def _restricted() -> dict:
             "runAsNonRoot": True, "runAsUser": 65532, "seccompProfile": {"type": "RuntimeDefault"}}
 
 
-def peer_group(namespace: str, mode: str, group: str) -> dict:
+def peer_group(namespace: str, gid: PeerGroupId) -> dict:
     return {"apiVersion": f"{names.API_GROUP}/{names.API_VERSION}",
             "kind": names.PEER_GROUP_KIND,
-            "metadata": {"name": names.group_id(mode, group), "namespace": namespace,
+            "metadata": {"name": gid.label, "namespace": namespace,
                          "labels": {"app.kubernetes.io/part-of": "kvmesh"}},
-            "spec": {"mode": mode, "group": group}}
+            "spec": {"mode": gid.mode, "group": gid.group}}
+
+
+def group_of(group_obj: dict) -> PeerGroupId:
+    """The peer group a KVMeshPeerGroup object stands for."""
+    return PeerGroupId(group_obj["spec"]["mode"], group_obj["spec"]["group"])
 
 
 def desired(group_obj: dict, policy: PolicyDefaults, image: str) -> list[dict]:
+    """The lookup service of the group `group_obj` (its KVMeshPeerGroup) stands for."""
     ns = group_obj["metadata"]["namespace"]
-    mode, group = group_obj["spec"]["mode"], group_obj["spec"]["group"]
-    gid = names.group_id(mode, group)
+    gid = group_of(group_obj)
     owner = owner_ref(group_obj)
-    svc = names.lookup_service_name(mode, group)
-    selector = {names.LABEL_LOOKUP_FOR: gid}
-    objs: list[dict] = []
-    if mode == names.MODE_REDIS:
+    if gid.mode == names.MODE_REDIS:
         if policy.redis_address:
             return [network_policy(ns, gid, owner, lookup_ports=[])]  # external Redis
-        port = policy.redis_port
-        objs.append({
-            "apiVersion": "apps/v1", "kind": "Deployment",
-            "metadata": _meta(svc, ns, gid, owner, "lookup-redis"),
-            "spec": {"replicas": 1, "selector": {"matchLabels": selector},
-                     "template": {"metadata": {"labels": {**selector,
-                                                          "app.kubernetes.io/part-of": "kvmesh"}},
-                                  "spec": {"containers": [{
-                                      "name": "redis", "image": REDIS_IMAGE,
-                                      "args": ["--port", str(port), "--save", "",
-                                               "--appendonly", "no",
-                                               "--maxmemory", f"{REDIS_MAXMEMORY_MB}mb",
-                                               "--maxmemory-policy", "allkeys-lru",
-                                               "--notify-keyspace-events", REDIS_NOTIFY,
-                                               "--client-output-buffer-limit",
-                                               REDIS_PUBSUB_BUFFER],
-                                      "ports": [{"name": "redis", "containerPort": port}],
-                                      "readinessProbe": {"tcpSocket": {"port": "redis"},
-                                                         "periodSeconds": 5},
-                                      "livenessProbe": {"exec": {"command": [
-                                          "redis-cli", "-p", str(port), "ping"]},
-                                          "periodSeconds": 10},
-                                      "resources": {"requests": {"cpu": "100m",
-                                                                 "memory": "256Mi"},
-                                                    "limits": {"memory":
-                                                               f"{REDIS_MAXMEMORY_MB + 256}Mi"}},
-                                      "securityContext": _restricted()}]}}}})
-        objs.append({"apiVersion": "v1", "kind": "Service",
-                     "metadata": _meta(svc, ns, gid, owner, "lookup-redis"),
-                     "spec": {"selector": selector,
-                              "ports": [{"name": "redis", "port": port,
-                                         "targetPort": "redis"}]}})
-        objs.append(network_policy(ns, gid, owner, lookup_ports=[port]))
-        return objs
+        return _redis(ns, gid, owner, policy)
+    return _lmcache_controller(ns, gid, owner, policy, image)
+
+
+def _redis(ns: str, gid: PeerGroupId, owner: dict, policy: PolicyDefaults) -> list[dict]:
+    svc = names.lookup_service_name(gid.mode, gid.group)
+    selector = {names.LABEL_LOOKUP_FOR: gid.label}
+    objs: list[dict] = []
+    port = policy.redis_port
+    objs.append({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": _meta(svc, ns, gid, owner, "lookup-redis"),
+        "spec": {"replicas": 1, "selector": {"matchLabels": selector},
+                 "template": {"metadata": {"labels": {**selector,
+                                                      "app.kubernetes.io/part-of": "kvmesh"}},
+                              "spec": {"containers": [{
+                                  "name": "redis", "image": REDIS_IMAGE,
+                                  "args": ["--port", str(port), "--save", "",
+                                           "--appendonly", "no",
+                                           "--maxmemory", f"{REDIS_MAXMEMORY_MB}mb",
+                                           "--maxmemory-policy", "allkeys-lru",
+                                           "--notify-keyspace-events", REDIS_NOTIFY,
+                                           "--client-output-buffer-limit",
+                                           REDIS_PUBSUB_BUFFER],
+                                  "ports": [{"name": "redis", "containerPort": port}],
+                                  "readinessProbe": {"tcpSocket": {"port": "redis"},
+                                                     "periodSeconds": 5},
+                                  "livenessProbe": {"exec": {"command": [
+                                      "redis-cli", "-p", str(port), "ping"]},
+                                      "periodSeconds": 10},
+                                  "resources": {"requests": {"cpu": "100m",
+                                                             "memory": "256Mi"},
+                                                "limits": {"memory":
+                                                           f"{REDIS_MAXMEMORY_MB + 256}Mi"}},
+                                  "securityContext": _restricted()}]}}}})
+    objs.append({"apiVersion": "v1", "kind": "Service",
+                 "metadata": _meta(svc, ns, gid, owner, "lookup-redis"),
+                 "spec": {"selector": selector,
+                          "ports": [{"name": "redis", "port": port,
+                                     "targetPort": "redis"}]}})
+    objs.append(network_policy(ns, gid, owner, lookup_ports=[port]))
+    return objs
+
+
+def _lmcache_controller(ns: str, gid: PeerGroupId, owner: dict, policy: PolicyDefaults,
+                        image: str) -> list[dict]:
+    svc = names.lookup_service_name(gid.mode, gid.group)
+    selector = {names.LABEL_LOOKUP_FOR: gid.label}
+    objs: list[dict] = []
     headless = f"{svc}-hl"
     monitor = ('{"pull":%d,"reply":%d,"heartbeat":%d}'
                % (policy.controller_pull_port, policy.controller_reply_port,
@@ -179,15 +197,15 @@ def desired(group_obj: dict, policy: PolicyDefaults, image: str) -> list[dict]:
     return objs
 
 
-def network_policy(ns: str, gid: str, owner: dict, lookup_ports: list[int]) -> dict:
+def network_policy(ns: str, gid: PeerGroupId, owner: dict, lookup_ports: list[int]) -> dict:
     """Only the group's pods (and kvmesh's controller) reach the lookup service."""
-    peers = {"podSelector": {"matchLabels": {names.LABEL_PEER_GROUP: gid}}}
+    peers = {"podSelector": {"matchLabels": {names.LABEL_PEER_GROUP: gid.label}}}
     kvmesh = {"namespaceSelector": {"matchLabels": {
         "kubernetes.io/metadata.name": names.SYSTEM_NAMESPACE}}}
     return {"apiVersion": NETWORK_POLICY_API, "kind": "NetworkPolicy",
-            "metadata": _meta(names.LOOKUP_POLICY_PREFIX + gid, ns, gid, owner,
+            "metadata": _meta(names.LOOKUP_POLICY_PREFIX + gid.label, ns, gid, owner,
                               "lookup-policy"),
-            "spec": {"podSelector": {"matchLabels": {names.LABEL_LOOKUP_FOR: gid}},
+            "spec": {"podSelector": {"matchLabels": {names.LABEL_LOOKUP_FOR: gid.label}},
                      "policyTypes": ["Ingress"],
                      "ingress": [{"from": [peers, kvmesh],
                                   "ports": [{"port": p, "protocol": "TCP"}
@@ -213,7 +231,7 @@ def _tcp(ports: Iterable[int]) -> list[dict]:
     return [{"protocol": "TCP", "port": p} for p in sorted(set(ports))]
 
 
-def peer_network_policy(ns: str, gid: str, owner: dict, p2p_ports: Iterable[int],
+def peer_network_policy(ns: str, gid: PeerGroupId, owner: dict, p2p_ports: Iterable[int],
                         user_isolated: bool, controller_ports: Iterable[int] = ()
                         ) -> Optional[dict]:
     """The group's vLLM pods accept P2P connections only from the group's pods.
@@ -227,9 +245,9 @@ def peer_network_policy(ns: str, gid: str, owner: dict, p2p_ports: Iterable[int]
     ports = sorted(set(p2p_ports))
     if not ports:
         return None
-    ingress = [{"from": [{"podSelector": {"matchLabels": {names.LABEL_PEER_GROUP: gid}}}],
+    ingress = [{"from": [{"podSelector": {"matchLabels": {names.LABEL_PEER_GROUP: gid.label}}}],
                 "ports": _tcp(ports)}]
-    lookup_pods = {"podSelector": {"matchLabels": {names.LABEL_LOOKUP_FOR: gid}}}
+    lookup_pods = {"podSelector": {"matchLabels": {names.LABEL_LOOKUP_FOR: gid.label}}}
     ctrl = sorted(set(controller_ports))
     if ctrl:
         ingress.append({"from": [lookup_pods], "ports": _tcp(ctrl)})
@@ -239,8 +257,9 @@ def peer_network_policy(ns: str, gid: str, owner: dict, p2p_ports: Iterable[int]
                 for a, b in ports_outside(ports)]
         ingress.append({"ports": rest + [{"protocol": "UDP"}, {"protocol": "SCTP"}]})
     return {"apiVersion": NETWORK_POLICY_API, "kind": "NetworkPolicy",
-            "metadata": _meta(names.PEER_POLICY_PREFIX + gid, ns, gid, owner, "peer-policy"),
-            "spec": {"podSelector": {"matchLabels": {names.LABEL_PEER_GROUP: gid}},
+            "metadata": _meta(names.PEER_POLICY_PREFIX + gid.label, ns, gid, owner,
+                              "peer-policy"),
+            "spec": {"podSelector": {"matchLabels": {names.LABEL_PEER_GROUP: gid.label}},
                      "policyTypes": ["Ingress"], "ingress": ingress}}
 
 

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from kvmesh.core import names
+from kvmesh.core import groups, names
 from kvmesh.core import contract
 
 
@@ -29,7 +29,7 @@ class Overrides:
 
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_GROUP = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
+_GROUP = groups.GROUP_NAME
 
 
 def _choice(*allowed: str) -> Callable[[str], str]:

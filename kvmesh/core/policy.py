@@ -12,10 +12,10 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from kvmesh.core import names
+from kvmesh.core import groups, names
 
 _HOSTPORT = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?:([0-9]{1,5})$")
-_GROUP = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
+_GROUP = groups.GROUP_NAME
 
 
 class PolicyDefaults(BaseModel):

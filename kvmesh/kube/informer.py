@@ -1,7 +1,6 @@
 """A list-then-watch cache of one Kubernetes resource type (client-go's reflector + informer, small).
 
-    core = client.CoreV1Api(api)
-    pods = Informer(core.list_namespaced_pod, namespace="llm", label_selector="app=vllm")
+    pods = kube.informer("v1", "Pod", namespace="llm", label_selector="app=vllm")
     pods.add_handler(on_pod)          # async def on_pod(type, obj, old_obj): ...
     task = asyncio.create_task(pods.run())
     await pods.has_synced.wait()
@@ -204,7 +203,7 @@ def _describe(list_fn: Callable, namespace: Optional[str], label_selector: Optio
     return f"{name}({', '.join(args)})"
 
 
-async def _api_error(resp) -> ApiException:
+async def api_error(resp) -> ApiException:
     """An ApiException for a non-2xx response of a _preload_content=False call."""
     try:
         body = (await resp.read()).decode("utf-8", "replace")
@@ -225,8 +224,8 @@ async def _api_error(resp) -> ApiException:
 class Informer:
     """A cache of one resource type kept true by LIST + WATCH; see the module docstring.
 
-    `list_fn` is a kubernetes-asyncio list method (or a functools.partial of one), called with
-    keyword arguments only: `namespace` (when given), the selectors, `limit`/`_continue` or
+    `list_fn` (normally built by `Kube.informer`) returns the unread response of a list or
+    watch request; it is called with keyword arguments only: `namespace` (when given), the selectors, `limit`/`_continue` or
     `watch`/`resource_version`/`allow_watch_bookmarks`/`timeout_seconds`, and
     `_preload_content=False`/`_request_timeout`.
 
@@ -433,7 +432,7 @@ class Informer:
         resp = await self._list_fn(**kw)
         try:
             if not 200 <= resp.status < 300:
-                raise await _api_error(resp)
+                raise await api_error(resp)
             body = json.loads(await resp.read())
         finally:
             resp.release()
@@ -460,7 +459,7 @@ class Informer:
         resp = await self._list_fn(**kw)
         try:
             if not 200 <= resp.status < 300:
-                err = await _api_error(resp)
+                err = await api_error(resp)
                 raise Gone(f"HTTP 410 {err.reason}") if err.status == 410 else err
             buf = bytearray()
             while True:

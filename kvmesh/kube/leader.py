@@ -13,32 +13,43 @@ import datetime as dt
 import logging
 from typing import Awaitable, Callable, Optional
 
-from kubernetes_asyncio import client
-from kubernetes_asyncio.client.exceptions import ApiException
+from kvmesh.kube.api import ApiError, Kube
 
 log = logging.getLogger("kvmesh.leader")
+
+LEASE_API = "coordination.k8s.io/v1"
 
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def lease_free(spec: Optional[client.V1LeaseSpec], identity: str, now: dt.datetime) -> bool:
-    """Pure: may `identity` take (or keep) this lease now?"""
-    if spec is None or not spec.holder_identity or spec.holder_identity == identity:
+def _micro_time(t: dt.datetime) -> str:
+    return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse_time(value: Optional[str]) -> Optional[dt.datetime]:
+    if not value:
+        return None
+    t = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+
+
+def lease_free(spec: Optional[dict], identity: str, now: dt.datetime) -> bool:
+    """Pure: may `identity` take (or keep) this lease (its spec, as the API returns it) now?"""
+    holder = (spec or {}).get("holderIdentity")
+    if not holder or holder == identity:
         return True
-    renewed = spec.renew_time or spec.acquire_time
+    renewed = _parse_time(spec.get("renewTime") or spec.get("acquireTime"))
     if renewed is None:
         return True
-    if renewed.tzinfo is None:
-        renewed = renewed.replace(tzinfo=dt.timezone.utc)
-    return now > renewed + dt.timedelta(seconds=spec.lease_duration_seconds or 15)
+    return now > renewed + dt.timedelta(seconds=spec.get("leaseDurationSeconds") or 15)
 
 
 class LeaderElector:
-    def __init__(self, api: client.ApiClient, namespace: str, name: str, identity: str,
+    def __init__(self, kube: Kube, namespace: str, name: str, identity: str,
                  lease_seconds: int = 15, renew_seconds: float = 5.0, retry_seconds: float = 2.0):
-        self.coord = client.CoordinationV1Api(api)
+        self.kube = kube
         self.namespace, self.name, self.identity = namespace, name, identity
         self.lease_seconds, self.renew_seconds, self.retry_seconds = \
             lease_seconds, renew_seconds, retry_seconds
@@ -46,31 +57,31 @@ class LeaderElector:
         self.transitions = 0
         self.on_change: Callable[[bool], None] = lambda leading: None
 
+    async def _read(self) -> Optional[dict]:
+        return await self.kube.get(LEASE_API, "Lease", self.name, self.namespace)
+
     async def try_acquire_or_renew(self) -> bool:
         now = _now()
-        try:
-            lease = await self.coord.read_namespaced_lease(self.name, self.namespace)
-        except ApiException as e:
-            if e.status != 404:
-                raise
-            lease = None
-        if lease is not None and not lease_free(lease.spec, self.identity, now):
+        lease = await self._read()
+        prev = (lease or {}).get("spec") or {}
+        if lease is not None and not lease_free(prev, self.identity, now):
             return False
-        prev = lease.spec if lease is not None else None
-        held = prev is not None and prev.holder_identity == self.identity
-        spec = client.V1LeaseSpec(
-            holder_identity=self.identity, lease_duration_seconds=self.lease_seconds,
-            renew_time=now, acquire_time=prev.acquire_time if held else now,
-            lease_transitions=((prev.lease_transitions or 0) if prev else 0) + (0 if held else 1))
+        held = prev.get("holderIdentity") == self.identity
+        spec = {"holderIdentity": self.identity, "leaseDurationSeconds": self.lease_seconds,
+                "renewTime": _micro_time(now),
+                "acquireTime": prev.get("acquireTime") if held else _micro_time(now),
+                "leaseTransitions": (prev.get("leaseTransitions") or 0) + (0 if held else 1)}
         try:
             if lease is None:
-                await self.coord.create_namespaced_lease(self.namespace, client.V1Lease(
-                    metadata=client.V1ObjectMeta(name=self.name, namespace=self.namespace),
-                    spec=spec))
+                await self.kube.create({
+                    "apiVersion": LEASE_API, "kind": "Lease",
+                    "metadata": {"name": self.name, "namespace": self.namespace},
+                    "spec": spec})
             else:
-                lease.spec = spec
-                await self.coord.replace_namespaced_lease(self.name, self.namespace, lease)
-        except ApiException as e:
+                # replace carries the resourceVersion read above: a concurrent writer wins.
+                await self.kube.replace({**lease, "apiVersion": LEASE_API, "kind": "Lease",
+                                         "spec": spec})
+        except ApiError as e:
             if e.status in (409, 422):  # someone else wrote first
                 return False
             raise
@@ -81,11 +92,13 @@ class LeaderElector:
         if not self.is_leader:
             return
         try:
-            lease = await self.coord.read_namespaced_lease(self.name, self.namespace)
-            if lease.spec and lease.spec.holder_identity == self.identity:
-                lease.spec.holder_identity = None
-                lease.spec.renew_time = None
-                await self.coord.replace_namespaced_lease(self.name, self.namespace, lease)
+            lease = await self._read()
+            spec = (lease or {}).get("spec") or {}
+            if spec.get("holderIdentity") == self.identity:
+                spec = {k: v for k, v in spec.items() if k not in ("holderIdentity",
+                                                                    "renewTime")}
+                await self.kube.replace({**lease, "apiVersion": LEASE_API, "kind": "Lease",
+                                         "spec": spec})
         except Exception as e:
             log.warning("could not release lease %s/%s: %s", self.namespace, self.name, e)
         self._set(False)

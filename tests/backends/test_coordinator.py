@@ -23,7 +23,7 @@ import pytest
 
 from kvmesh.backends import coordinator as C
 from lmcache_mp import ENV, Coordinator, Registrant, consumers
-from support import free_port
+from support import free_port, wait_until
 
 HB = 0.5  # registrants' heartbeat (s)
 
@@ -70,15 +70,6 @@ def uid(name: str) -> str:
     return f"kvm-{name}-{uuid.uuid4().hex[:8]}"
 
 
-async def wait_until(pred, timeout: float, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = await pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s (last: {v!r})")
-        await asyncio.sleep(interval)
 
 
 # --------------------------------------------------------------------------------------------

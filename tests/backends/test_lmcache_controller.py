@@ -20,7 +20,7 @@ import pytest
 from kvmesh.backends import lmcache_controller as L
 from lmc_worker_sim import WorkerSim
 from lmcache_controller import ENV, LMCacheController, child_env, consumers
-from support import free_port
+from support import free_port, wait_until
 
 LOC = "LocalCPUBackend"
 
@@ -56,15 +56,6 @@ def hashes(n: int) -> list[int]:
     return [random.getrandbits(62) for _ in range(n)]
 
 
-async def wait_for(pred, timeout=5.0, interval=0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = await pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s (last: {v!r})")
-        await asyncio.sleep(interval)
 
 
 # Per-rank lists, the same in every pod (docs/lmcache-contract.md, "controller mode").
@@ -129,7 +120,7 @@ async def test_deregister_dead_pod_leaves_the_other(lmc):
 
     async def gone():
         return await L.workers(ctl.http_url, a) == []
-    await wait_for(gone, timeout=5)
+    await wait_until(gone, timeout=5)
     took = time.monotonic() - t0
     assert took < 2.0, took
     assert sorted(w["worker_id"] for w in await L.workers(ctl.http_url, b)) == [0, 1]
@@ -149,7 +140,7 @@ async def test_p2p_lookup_forgets_dead_pod(lmc):
         ka = {w["worker_id"]: w["key_count"] for w in await L.workers(ctl.http_url, a)}
         kb = {w["worker_id"]: w["key_count"] for w in await L.workers(ctl.http_url, b)}
         return ka.get(0) == 3 and kb.get(0) == 1
-    await wait_for(indexed)
+    await wait_until(indexed)
 
     # requester c (rank 0): the first other instance holding hs[0] is a, with 3 consecutive hits
     assert sim.lookup(c, 0, hs) == [[a, LOC, 3, f"127.0.0.21:{INIT[0]}"]]

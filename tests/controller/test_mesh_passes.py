@@ -1,16 +1,15 @@
 """Mesh.resync_once: a pod event's pass reconciles only the groups that changed; the periodic
 pass covers every group (drift repair)."""
 
-from kubernetes_asyncio import client
-
+from fake_api import FakeMeshClient
 from kvmesh.core import groups
 from kvmesh.controller.mesh import Mesh
 from kvmesh.core.policy import PolicyDefaults
-from test_groups import injected_pod
+from support import injected_pod
 
 
 async def test_event_pass_touches_only_dirty_groups(monkeypatch):
-    m = Mesh(client.ApiClient(), PolicyDefaults())
+    m = Mesh(FakeMeshClient(), PolicyDefaults())
     for ns in ("a", "b"):
         pod = injected_pod(name=f"p-{ns}", uid=f"u-{ns}")
         pod["metadata"]["namespace"] = ns
@@ -21,7 +20,7 @@ async def test_event_pass_touches_only_dirty_groups(monkeypatch):
     async def reconcile_group(gkey, g):
         seen.append(gkey[0])
     monkeypatch.setattr(m, "reconcile_group", reconcile_group)
-    m.dirty.add(("a", m.members[("a", "p-a")].group_id))
+    m.dirty.add(m.members[("a", "p-a")].group_key)
     await m.resync_once(full=False)
     assert seen == ["a"] and not m.dirty
     seen.clear()

@@ -3,19 +3,18 @@ and that a failed NetworkPolicy listing changes nothing."""
 
 import dataclasses
 import logging
-from types import SimpleNamespace
 
 import pytest
-from kubernetes_asyncio import client
 
+from fake_api import FakeMeshClient
 from kvmesh.core import names
 from kvmesh.core import groups
-from kvmesh.kube import apply as kapply
 from kvmesh.controller.mesh import Mesh
 from kvmesh.core.policy import PolicyDefaults
-from test_groups import injected_pod
+from kvmesh.kube.api import ApiError
+from support import injected_pod
 
-GKEY = ("team-a", "controller-default")
+GKEY = ("team-a", groups.PeerGroupId("controller", "default"))
 OWNER = {"apiVersion": "kvmesh.dev/v1alpha1", "kind": "KVMeshPeerGroup",
          "name": "controller-default", "uid": "u-g", "controller": True}
 
@@ -26,27 +25,10 @@ def user_policy(name, match_labels):
 
 
 @pytest.fixture
-def api(monkeypatch):
-    """The namespace's NetworkPolicies (`listed`, or an exception) and what kvmesh wrote."""
-    state = SimpleNamespace(listed=[], applied=[], deleted=[])
-
-    async def list_policies(self, ns):
-        if isinstance(state.listed, Exception):
-            raise state.listed
-        return SimpleNamespace(items=list(state.listed))
-
-    async def apply(api, obj, **kw):
-        state.applied.append(obj)
-        return obj
-
-    async def delete(api, api_version, kind, ns, name):
-        state.deleted.append((kind, ns, name))
-        return True
-    monkeypatch.setattr(client.NetworkingV1Api, "list_namespaced_network_policy",
-                        list_policies)
-    monkeypatch.setattr(kapply, "apply", apply)
-    monkeypatch.setattr(kapply, "delete", delete)
-    return state
+def api():
+    """The namespace's NetworkPolicies (`network_policies_listed`, or an exception) and what
+    kvmesh wrote."""
+    return FakeMeshClient()
 
 
 def group(canary_b=False) -> groups.Group:
@@ -62,7 +44,7 @@ def froms(obj):
 
 
 async def test_flips_between_open_and_additive_logging_each_change_once(api, caplog):
-    mesh = Mesh(client.ApiClient(), PolicyDefaults())
+    mesh = Mesh(api, PolicyDefaults())
     g = group()
     caplog.set_level(logging.INFO, "kvmesh.mesh")
     await mesh.reconcile_peer_policy(GKEY, g, OWNER)
@@ -73,7 +55,7 @@ async def test_flips_between_open_and_additive_logging_each_change_once(api, cap
     assert "no other NetworkPolicy selects its pods" in caplog.text
 
     caplog.clear()
-    api.listed = [user_policy("mine", {"app": "qwen"})]
+    api.network_policies_listed = [user_policy("mine", {"app": "qwen"})]
     await mesh.reconcile_peer_policy(GKEY, g, OWNER)
     assert froms(api.applied[-1]) == [True, True]
     assert [r.levelname for r in caplog.records] == ["INFO"]
@@ -81,8 +63,8 @@ async def test_flips_between_open_and_additive_logging_each_change_once(api, cap
 
 
 async def test_a_user_policy_selecting_some_members_is_warned_about(api, caplog):
-    mesh = Mesh(client.ApiClient(), PolicyDefaults())
-    api.listed = [user_policy("canary", {"tier": "canary"})]
+    mesh = Mesh(api, PolicyDefaults())
+    api.network_policies_listed = [user_policy("canary", {"tier": "canary"})]
     caplog.set_level(logging.INFO, "kvmesh.mesh")
     await mesh.reconcile_peer_policy(GKEY, group(canary_b=True), OWNER)
     assert froms(api.applied[-1]) == [True, True]
@@ -91,10 +73,10 @@ async def test_a_user_policy_selecting_some_members_is_warned_about(api, caplog)
 
 
 async def test_a_failed_listing_changes_nothing(api, caplog):
-    mesh = Mesh(client.ApiClient(), PolicyDefaults())
+    mesh = Mesh(api, PolicyDefaults())
     g = group()
     await mesh.reconcile_peer_policy(GKEY, g, OWNER)
-    api.listed = client.exceptions.ApiException(status=403, reason="Forbidden")
+    api.network_policies_listed = ApiError(status=403, reason="Forbidden")
     caplog.set_level(logging.INFO, "kvmesh.mesh")
     await mesh.reconcile_peer_policy(GKEY, g, OWNER)  # does not raise
     assert len(api.applied) == 1 and mesh.user_isolated[GKEY] is False
@@ -102,7 +84,7 @@ async def test_a_failed_listing_changes_nothing(api, caplog):
 
 
 async def test_no_p2p_ports_deletes_the_policy(api):
-    mesh = Mesh(client.ApiClient(), PolicyDefaults())
+    mesh = Mesh(api, PolicyDefaults())
     g = group()
     g.members = {k: dataclasses.replace(m, p2p_ports=()) for k, m in g.members.items()}
     await mesh.reconcile_peer_policy(GKEY, g, OWNER)
@@ -113,7 +95,7 @@ async def test_no_p2p_ports_deletes_the_policy(api):
 async def test_switched_off_deletes_the_policy_even_with_p2p_ports(api):
     # --peer-network-policy=off: for network plugins without endPort, which would apply only
     # `port` and cut the pods' other ports.
-    mesh = Mesh(client.ApiClient(), PolicyDefaults(), peer_policy=False)
+    mesh = Mesh(api, PolicyDefaults(), peer_policy=False)
     await mesh.reconcile_peer_policy(GKEY, group(), OWNER)
     assert api.applied == [] and api.deleted == [
         ("NetworkPolicy", "team-a", names.PEER_POLICY_PREFIX + "controller-default")]

@@ -51,13 +51,20 @@ def test_ready_condition_keeps_its_transition_time_until_it_flips():
     assert policies.status_changed(obj, {"conditions": [again], "injectedPods": 3})
 
 
+class NoWatches:
+    """A Kube whose informers are never run: the test feeds the handlers itself."""
+
+    def informer(self, api_version, kind, *, handlers=(), name=None, **kw):
+        from kvmesh.kube.informer import Informer
+        return Informer(lambda **kw: None, handlers=handlers, name=name)
+
+
 async def test_policy_cache_keeps_a_policy_across_status_updates():
     # Same spec: the same Policy object, so admission answers remembered under its defaults
     # stay valid; a spec change parses anew.
-    from kubernetes_asyncio import client
     from kvmesh.core.policy import PolicyDefaults
     from kvmesh.webhook.policy_cache import PolicyCache
-    cache = PolicyCache(client.ApiClient(), PolicyDefaults())
+    cache = PolicyCache(NoWatches(), PolicyDefaults())
     obj = {"metadata": {"name": "p"}, "spec": {"defaults": {"cpuCacheGb": 8}}}
     cache._on_policy("ADDED", obj, None)
     parsed = cache.policies["p"]
@@ -100,10 +107,10 @@ def _deploy(annotation=None, label=None, owned=False):
 
 
 def test_optin_decisions():
-    assert optin.needs_apply(_deploy("enabled"))
-    assert not optin.needs_apply(_deploy("enabled", "enabled", owned=True))
-    assert optin.needs_apply(_deploy(None, "enabled", owned=True))  # release
-    assert not optin.needs_apply(_deploy(None, "enabled", owned=False))  # the user's label
+    assert optin.state(_deploy("enabled")) == "apply"
+    assert optin.state(_deploy("enabled", "enabled", owned=True)) == "in-sync"
+    assert optin.state(_deploy(None, "enabled", owned=True)) == "apply"  # release
+    assert optin.state(_deploy(None, "enabled", owned=False)) == "in-sync"  # the user's label
     # The user's own, different value wins without an API call; the same value is co-owned.
     assert optin.state(_deploy("enabled", "disabled", owned=False)) == optin.USER_OWNED
     assert optin.state(_deploy("enabled", "enabled", owned=False)) == "apply"

@@ -1,32 +1,16 @@
 """Membership rules (pure): who is a peer and which changes end a peer's life."""
 
 import copy
-from pathlib import Path
 
 import pytest
-import yaml
 
-from kvmesh.core import names, workloads
-from kvmesh.core import groups
-from kvmesh.core.inject import Context, decide
-
-CASES = Path(__file__).resolve().parents[1] / "golden" / "cases"
-
-
-def injected_pod(case="01-deployment-vllm-serve", name="p-1", uid="u-1", ip="127.64.0.9"):
-    doc = yaml.safe_load((CASES / f"{case}.yaml").read_text())
-    pod = decide(workloads.pod_for(doc), Context(doc["metadata"]["namespace"])).pod
-    pod["metadata"].update(name=name, uid=uid)
-    cname = pod["spec"]["containers"][0]["name"]
-    pod["status"] = {"phase": "Running", "podIP": ip,
-                     "conditions": [{"type": "Ready", "status": "True"}],
-                     "containerStatuses": [{"name": cname, "restartCount": 0}]}
-    return pod
+from kvmesh.core import groups, names
+from support import injected_pod
 
 
 def test_member_from_injected_pods_of_both_modes():
     c = groups.member_from_pod(injected_pod())
-    assert c.mode == "controller" and c.group_id == "controller-default" and c.is_peer
+    assert c.mode == "controller" and c.peer_group.label == "controller-default" and c.is_peer
     assert c.instance_id == "p-1" and c.worker_ports == (8500,)
     r = groups.member_from_pod(injected_pod("02-api-server-redis"))
     assert r.mode == "redis" and r.address == "127.64.0.9:8200"
@@ -94,8 +78,9 @@ def test_live_addresses_only_counts_ready_redis_peers():
     c = groups.member_from_pod(injected_pod())
     assert groups.live_addresses([a, b, c]) == {"127.64.0.1:8200"}
     gs = groups.groups_of([a, b, c])
-    assert set(gs) == {("team-b", "redis-default"), ("team-a", "controller-default")}
-    assert [m.name for m in gs[("team-b", "redis-default")].peers] == ["a"]
+    assert set(gs) == {("team-b", groups.PeerGroupId("redis", "default")),
+                       ("team-a", groups.PeerGroupId("controller", "default"))}
+    assert [m.name for m in gs[("team-b", groups.PeerGroupId("redis", "default"))].peers] == ["a"]
 
 
 def test_arrival_of_a_starting_pod_at_an_address_purges_what_predates_it():
@@ -112,10 +97,18 @@ def test_arrival_of_a_starting_pod_at_an_address_purges_what_predates_it():
 def test_departures_while_unwatched_from_recorded_peers():
     alive = groups.member_from_pod(injected_pod("02-api-server-redis", "a", "ua", "127.64.0.1"))
     reused = groups.member_from_pod(injected_pod("02-api-server-redis", "c", "uc", "127.64.0.2"))
-    g = groups.groups_of([alive, reused])[("team-b", "redis-default")]
+    gid = groups.PeerGroupId("redis", "default")
+    g = groups.groups_of([alive, reused])[("team-b", gid)]
     recorded = ["a=127.64.0.1:8200", "b=127.64.0.2:8200", "d=127.64.0.3:8200"]
-    gone = groups.departed_during_gap(recorded, g, "redis", "team-b", "default")
+    gone = groups.departed_during_gap(recorded, g, gid, "team-b")
     assert sorted(d.member.address for d in gone) == ["127.64.0.2:8200", "127.64.0.3:8200"]
     assert all(d.reason == "departed-while-unwatched" for d in gone)
-    assert groups.departed_during_gap(recorded, None, "redis", "team-b", "default")[0] \
+    assert groups.departed_during_gap(recorded, None, gid, "team-b")[0] \
         .member.name == "a"
+
+
+def test_a_peer_group_is_one_value_with_one_label_form():
+    gid = groups.PeerGroupId("redis", "team-x")
+    assert gid.label == str(gid) == "redis-team-x" == names.group_id("redis", "team-x")
+    assert {gid: 1}[groups.PeerGroupId("redis", "team-x")] == 1  # a dict key, by value
+    assert groups.GROUP_NAME.match("team-x") and not groups.GROUP_NAME.match("-x")

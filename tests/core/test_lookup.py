@@ -7,13 +7,14 @@ from hypothesis import strategies as st
 
 from kvmesh.core import names
 from kvmesh.core import lookup
+from kvmesh.core.groups import PeerGroupId
 
-GID = "controller-default"
-OWNER = {"apiVersion": "kvmesh.dev/v1alpha1", "kind": "KVMeshPeerGroup", "name": GID,
+GID = PeerGroupId("controller", "default")
+OWNER = {"apiVersion": "kvmesh.dev/v1alpha1", "kind": "KVMeshPeerGroup", "name": GID.label,
          "uid": "u-g", "controller": True, "blockOwnerDeletion": True}
 P2P = [8500, 8200, 8210]  # kvm-work-0, kvm-init-0, kvm-look-0 (unsorted on purpose)
-PEER = {names.LABEL_PEER_GROUP: GID, "app": "qwen"}
-LOOKUP = {names.LABEL_LOOKUP_FOR: GID}
+PEER = {names.LABEL_PEER_GROUP: GID.label, "app": "qwen"}
+LOOKUP = {names.LABEL_LOOKUP_FOR: GID.label}
 OTHER = {"app": "client"}
 
 
@@ -66,14 +67,14 @@ def test_policy_object_selects_the_groups_pods_and_is_owned_by_the_group():
     assert meta["labels"]["app.kubernetes.io/component"] == "peer-policy"
     assert meta["labels"]["app.kubernetes.io/managed-by"] == "kvmesh-controller"
     assert meta["ownerReferences"] == [OWNER]
-    assert p["spec"]["podSelector"] == {"matchLabels": {names.LABEL_PEER_GROUP: GID}}
+    assert p["spec"]["podSelector"] == {"matchLabels": {names.LABEL_PEER_GROUP: GID.label}}
     assert p["spec"]["policyTypes"] == ["Ingress"]
 
 
-PEER_RULE = {"from": [{"podSelector": {"matchLabels": {names.LABEL_PEER_GROUP: GID}}}],
+PEER_RULE = {"from": [{"podSelector": {"matchLabels": {names.LABEL_PEER_GROUP: GID.label}}}],
              "ports": [{"protocol": "TCP", "port": 8200}, {"protocol": "TCP", "port": 8210},
                        {"protocol": "TCP", "port": 8500}]}
-LOOKUP_RULE = {"from": [{"podSelector": {"matchLabels": {names.LABEL_LOOKUP_FOR: GID}}}],
+LOOKUP_RULE = {"from": [{"podSelector": {"matchLabels": {names.LABEL_LOOKUP_FOR: GID.label}}}],
                "ports": [{"protocol": "TCP", "port": 8500}]}
 
 
@@ -91,7 +92,8 @@ def test_rules_when_a_user_policy_selects_the_pods_only_add_the_p2p_allowances()
 
 
 def test_redis_mode_has_no_lookup_rule_and_a_single_port_gap_needs_no_end_port():
-    rules = lookup.peer_network_policy("team-b", "redis-default", OWNER, [8200, 8202],
+    rules = lookup.peer_network_policy("team-b", PeerGroupId("redis", "default"), OWNER,
+                                       [8200, 8202],
                                        False)["spec"]["ingress"]
     assert [r.get("from") is None for r in rules] == [False, True]
     assert rules[1]["ports"][:3] == [{"protocol": "TCP", "port": 1, "endPort": 8199},
@@ -161,7 +163,7 @@ def netpol(name, selector, types=None, managed=False):
     return {"metadata": meta, "spec": spec}
 
 
-MEMBERS = [PEER, {names.LABEL_PEER_GROUP: GID, "app": "qwen", "tier": "canary"}]
+MEMBERS = [PEER, {names.LABEL_PEER_GROUP: GID.label, "app": "qwen", "tier": "canary"}]
 
 
 def test_isolating_policies():

@@ -280,9 +280,10 @@ async def test_repeated_410_relists_but_does_not_spin():
 
 
 @pytest.fixture
-async def core(devcluster):
+async def pods(devcluster):
+    """The pod list/watch request of Kube.informer, against the API server."""
     api = await kube.api_client(devcluster.kubeconfig)
-    yield client.CoreV1Api(api)
+    yield api.lister("v1", "Pod")
     await close(api)
 
 
@@ -320,10 +321,10 @@ def cache_state(inf: Informer) -> dict[str, str]:
     return {p["metadata"]["name"]: p["metadata"]["resourceVersion"] for p in inf.items()}
 
 
-async def test_list_then_watch_delivers_adds_updates_deletes(devcluster, namespace, core):
+async def test_list_then_watch_delivers_adds_updates_deletes(devcluster, namespace, pods):
     for i in range(3):
         await create(devcluster, namespace, f"p{i}")
-    tap = Tap(core.list_namespaced_pod)
+    tap = Tap(pods)
     inf = Informer(tap, namespace=namespace, page_size=1, watch_timeout=30)
     rec = Recorder(inf)
     inf.add_handler(rec)
@@ -364,7 +365,7 @@ async def test_list_then_watch_delivers_adds_updates_deletes(devcluster, namespa
 
 
 @pytest.mark.parametrize("how", ["error-event", "http-410"])
-async def test_410_relists_and_delivers_the_gap(devcluster, namespace, core, how):
+async def test_410_relists_and_delivers_the_gap(devcluster, namespace, pods, how):
     for name in ("a", "b"):
         await create(devcluster, namespace, name)
     gate = asyncio.Event()
@@ -375,7 +376,7 @@ async def test_410_relists_and_delivers_the_gap(devcluster, namespace, core, how
             return FakeResponse.events({"type": "ERROR", "object": EXPIRED})
         return FakeResponse.json(EXPIRED, status=410)
 
-    tap = Tap(core.list_namespaced_pod)
+    tap = Tap(pods)
     tap.inject.append(expired)
     inf = Informer(tap, namespace=namespace, watch_timeout=30)
     rec = Recorder(inf)
@@ -406,8 +407,8 @@ async def test_410_relists_and_delivers_the_gap(devcluster, namespace, core, how
     assert inf.synthetic_deletes == 1 and inf.errors == 0 and inf.handler_errors == 0 and rec.problems == []
 
 
-async def test_bookmarks_advance_resource_version(devcluster, namespace, core):
-    tap = Tap(core.list_namespaced_pod)
+async def test_bookmarks_advance_resource_version(devcluster, namespace, pods):
+    tap = Tap(pods)
     inf = Informer(tap, namespace=namespace, label_selector="app=watched", watch_timeout=3)
     rec = Recorder(inf)
     inf.add_handler(rec)
@@ -425,7 +426,7 @@ async def test_bookmarks_advance_resource_version(devcluster, namespace, core):
     assert rec.events == [] and inf.relists == 0 and inf.errors == 0
 
 
-async def test_handler_exception_does_not_stop_delivery(devcluster, namespace, core, caplog):
+async def test_handler_exception_does_not_stop_delivery(devcluster, namespace, pods, caplog):
     await create(devcluster, namespace, "x")
     calls = []
 
@@ -433,7 +434,7 @@ async def test_handler_exception_does_not_stop_delivery(devcluster, namespace, c
         calls.append(etype)
         raise RuntimeError("handler bug")
 
-    inf = Informer(core.list_namespaced_pod, namespace=namespace, watch_timeout=30)
+    inf = Informer(pods, namespace=namespace, watch_timeout=30)
     rec = Recorder(inf)
     inf.add_handler(broken)
     inf.add_handler(rec)
@@ -525,12 +526,12 @@ async def test_outage_backs_off_and_recovers(devcluster, namespace, caplog):
     proxy = TcpProxy(host, int(port))
     await proxy.start()
     api = await kube.api_client(devcluster.kubeconfig)
-    api.configuration.host = proxy.url
+    api.api.configuration.host = proxy.url
     try:
         for name in ("a", "b"):
             await create(devcluster, namespace, name)
         backoff = Recording(initial=0.05, maximum=0.4)
-        inf = Informer(client.CoreV1Api(api).list_namespaced_pod, namespace=namespace, watch_timeout=30,
+        inf = Informer(api.lister("v1", "Pod"), namespace=namespace, watch_timeout=30,
                        backoff=backoff)
         rec = Recorder(inf)
         inf.add_handler(rec)
