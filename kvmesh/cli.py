@@ -117,6 +117,9 @@ def cmd_webhook(args: argparse.Namespace) -> int:
         raise UsageError("--cert-source files needs --cert and --key")
     if args.cert_source == "self" and not (args.cert_dir and args.san):
         raise UsageError("--cert-source self needs --cert-dir and at least one --san")
+    if args.max_connections < 1 or args.header_timeout_seconds <= 0 or \
+            args.idle_timeout_seconds <= 0:
+        raise UsageError("--max-connections must be at least 1 and the timeouts above 0")
     self_signed = args.cert_source == "self"
     from kvmesh.webhook.server import Limits
     limits = Limits(max_connections=args.max_connections,
@@ -128,7 +131,8 @@ def cmd_webhook(args: argparse.Namespace) -> int:
                             kubeconfig=args.kubeconfig,
                             cert_check_seconds=args.cert_check_seconds,
                             leaf_validity=dt.timedelta(seconds=args.leaf_validity_seconds),
-                            metrics_host=args.metrics_host, metrics_port=args.metrics_port,
+                            metrics_host=args.metrics_host or args.host,
+                            metrics_port=args.metrics_port,
                             limits=limits))
     return 0
 
@@ -192,7 +196,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("webhook", help="run the admission webhook (HTTPS)")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8443, help="admission port (HTTPS, /mutate)")
-    p.add_argument("--metrics-host", default="0.0.0.0")
+    p.add_argument("--metrics-host", help="address of the ops port (default: --host)")
     p.add_argument("--metrics-port", type=int, default=9090,
                    help="ops port (HTTP): /healthz, /readyz, /metrics")
     p.add_argument("--max-connections", type=int, default=1000,
