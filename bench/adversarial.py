@@ -146,11 +146,15 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        if args.before:
-            t = A.start_webhook(Path(tmp) / "before", root=args.before, separate_metrics=False)
-            results["before"] = measure(t, args.quick)
-        t = A.start_webhook(Path(tmp) / "after")
-        results["this tree"] = measure(t, args.quick)
+        runs = [("before", args.before, False)] if args.before else []
+        for name, root, separate in runs + [("this tree", REPO, True)]:
+            t = A.start_webhook(Path(tmp) / name.replace(" ", "-"), root=root,
+                                separate_metrics=separate)
+            try:
+                results[name] = measure(t, args.quick)
+            finally:
+                if t.proc.poll() is None:  # an attack that raised: never leave it running
+                    t.stop()
     cols = list(results)
     width = max(len(k) for k in results[cols[-1]])
     for k in results[cols[-1]]:
