@@ -37,6 +37,7 @@ bench: setup cluster system-packages
 	$(VENV)/bin/python bench/mutate.py
 	$(VENV)/bin/python bench/purge.py
 	$(VENV)/bin/python bench/membership.py
+	$(VENV)/bin/python bench/adversarial.py
 
 # The kvmesh image as one tarball (OCI layout + docker archive) under $(KVMESH_CACHE)/images,
 # built without a daemon or registry (root, mmdebstrap); `docker build .` builds the same from

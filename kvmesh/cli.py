@@ -117,12 +117,23 @@ def cmd_webhook(args: argparse.Namespace) -> int:
         raise UsageError("--cert-source files needs --cert and --key")
     if args.cert_source == "self" and not (args.cert_dir and args.san):
         raise UsageError("--cert-source self needs --cert-dir and at least one --san")
+    if args.max_connections < 1 or args.header_timeout_seconds <= 0 or \
+            args.idle_timeout_seconds <= 0:
+        raise UsageError("--max-connections must be at least 1 and the timeouts above 0")
     self_signed = args.cert_source == "self"
+    from kvmesh.webhook.server import Limits
+    limits = Limits(max_connections=args.max_connections,
+                    header_timeout=args.header_timeout_seconds,
+                    body_timeout=args.header_timeout_seconds,
+                    idle_timeout=args.idle_timeout_seconds)
     asyncio.run(webhook.run(args.host, args.port, _policy(args), cert=args.cert, key=args.key,
                             cert_dir=args.cert_dir if self_signed else None, sans=args.san,
                             kubeconfig=args.kubeconfig,
                             cert_check_seconds=args.cert_check_seconds,
-                            leaf_validity=dt.timedelta(seconds=args.leaf_validity_seconds)))
+                            leaf_validity=dt.timedelta(seconds=args.leaf_validity_seconds),
+                            metrics_host=args.metrics_host or args.host,
+                            metrics_port=args.metrics_port,
+                            limits=limits))
     return 0
 
 
@@ -184,7 +195,18 @@ def parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
     p = sub.add_parser("webhook", help="run the admission webhook (HTTPS)")
     p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=8443)
+    p.add_argument("--port", type=int, default=8443, help="admission port (HTTPS, /mutate)")
+    p.add_argument("--metrics-host", help="address of the ops port (default: --host)")
+    p.add_argument("--metrics-port", type=int, default=9090,
+                   help="ops port (HTTP): /healthz, /readyz, /metrics")
+    p.add_argument("--max-connections", type=int, default=1000,
+                   help="open connections on the admission port (kept below the open-file "
+                        "limit); more are refused")
+    p.add_argument("--header-timeout-seconds", type=float, default=10.0,
+                   help="time for a request head, and again for its body")
+    p.add_argument("--idle-timeout-seconds", type=float, default=120.0,
+                   help="close keep-alive connections idle this long (keep it above the API "
+                        "server's 90 s)")
     p.add_argument("--cert-source", choices=("files", "self"), default="files",
                    help="files: --cert/--key managed outside (cert-manager); self: sign a leaf "
                         "from the kvmesh CA Secret into --cert-dir")

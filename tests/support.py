@@ -81,10 +81,13 @@ class Webhook:
         r = run_cli("certs", "--out", str(tmp), "--host", "127.0.0.1", "--days", "1")
         assert r.returncode == 0, r.stderr
         self.port = free_port()
+        self.metrics_port = free_port()
         self.url = f"https://127.0.0.1:{self.port}"
+        self.ops_url = f"http://127.0.0.1:{self.metrics_port}"  # probes and /metrics
         self.log = open(tmp / "webhook.log", "w")
         self.proc = subprocess.Popen(
             KVMESH + ["webhook", "--host", "127.0.0.1", "--port", str(self.port),
+                      "--metrics-host", "127.0.0.1", "--metrics-port", str(self.metrics_port),
                       "--cert", str(tmp / "tls.crt"), "--key", str(tmp / "tls.key"),
                       *extra_args],
             stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO,
@@ -113,7 +116,12 @@ class Webhook:
             return e.code, e.read()
 
     def get(self, path: str) -> tuple[int, bytes]:
-        return self.request(path, None, method="GET", headers={})
+        """GET from the ops port (/healthz, /readyz, /metrics)."""
+        try:
+            with urllib.request.urlopen(self.ops_url + path, timeout=10) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
 
     def review(self, pod: dict, dry_run: bool = False, query: str = "") -> dict:
         status, body = self.request("/mutate" + query,

@@ -60,11 +60,18 @@ class _Answer:
 class Memo:
     """Bounded LRU of answers, keyed by the pod object's serialized bytes, namespace,
     selection, policy name and the identity of the defaults object (a changed policy is a new
-    object, hence a miss). Objects larger than max_key_bytes are not remembered."""
+    object, hence a miss). Objects larger than max_key_bytes are not remembered, and the
+    entries together hold at most max_bytes (key and patch bytes, plus a fixed overhead)."""
 
-    def __init__(self, max_entries: int = 256, max_key_bytes: int = 64 * 1024):
-        self.max_entries, self.max_key_bytes = max_entries, max_key_bytes
+    OVERHEAD = 2048  # the rest of an entry: tuple, outcome, response dict, warnings
+
+    def __init__(self, max_entries: int = 256, max_key_bytes: int = 64 * 1024,
+                 max_bytes: int = 16 * 1024 * 1024):
+        self.max_entries, self.max_key_bytes, self.max_bytes = \
+            max_entries, max_key_bytes, max_bytes
         self._data: OrderedDict[tuple, _Answer] = OrderedDict()
+        self._cost: dict[tuple, int] = {}
+        self.bytes = 0
         self.hits = self.misses = 0
 
     def __len__(self) -> int:
@@ -90,10 +97,17 @@ class Memo:
         return a
 
     def put(self, key: tuple, answer: _Answer) -> None:
+        cost = len(key[0]) + len(answer.response.get("patch", "")) + self.OVERHEAD + \
+            sum(len(w) for w in answer.response.get("warnings", ()))
+        if key in self._data:
+            self.bytes -= self._cost.pop(key)
         self._data[key] = answer
         self._data.move_to_end(key)
-        while len(self._data) > self.max_entries:
-            self._data.popitem(last=False)
+        self._cost[key] = cost
+        self.bytes += cost
+        while len(self._data) > self.max_entries or self.bytes > self.max_bytes:
+            old, _ = self._data.popitem(last=False)
+            self.bytes -= self._cost.pop(old)
 
 
 def review(body: Any, policy: Union[PolicyDefaults, Resolver], selected: bool = True,

@@ -9,6 +9,7 @@ every pod.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import os
 from pathlib import Path
@@ -26,11 +27,17 @@ async def run(host: str, port: int, policy: PolicyDefaults, *,
               cert: Optional[str] = None, key: Optional[str] = None,
               cert_dir: Optional[str] = None, sans: Sequence[str] = (),
               kubeconfig: Optional[str] = None, cert_check_seconds: float = 5.0,
-              leaf_validity: dt.timedelta = authority.LEAF_VALIDITY) -> None:
+              leaf_validity: dt.timedelta = authority.LEAF_VALIDITY,
+              metrics_host: str = "0.0.0.0", metrics_port: int = 9090,
+              limits: server.Limits = server.Limits()) -> None:
     """Serve until SIGTERM/SIGINT: from cert/key files, or (cert_dir set) a self-signed leaf
-    for `sans`."""
+    for `sans`. Exits within limits.shutdown_timeout of the signal whatever the API server
+    does (an unreachable or hung API server included)."""
+    stopping = server.install_stop_signals(limits.shutdown_timeout)
+    opts = dict(metrics_host=metrics_host, metrics_port=metrics_port, limits=limits,
+                stopping=stopping)
     if cert_dir is None and not (kubeconfig or os.environ.get("KUBERNETES_SERVICE_HOST")):
-        await server.serve(host, port, cert, key, policy)
+        await server.serve(host, port, cert, key, policy, **opts)
         return
     api = await connect.api_client(kubeconfig)
     try:
@@ -41,6 +48,9 @@ async def run(host: str, port: int, policy: PolicyDefaults, *,
             cert, key = str(source.cert_file), str(source.key_file)
         cache = PolicyCache(api, policy)
         await server.serve(host, port, cert, key, cache.resolve, cert_source=source,
-                           policy_cache=cache)
+                           policy_cache=cache, **opts)
     finally:
-        await api.close()
+        try:  # closing the client must not hold the exit when the API server is gone
+            await asyncio.wait_for(api.close(), 2.0)
+        except (asyncio.TimeoutError, Exception):
+            pass

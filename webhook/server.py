@@ -1,22 +1,39 @@
 """The webhook's HTTPS edge: aiohttp, TLS with hot reload, probes, Prometheus metrics.
 
 All decisions happen in admission.review (pure); this module only moves bytes, measures and
-logs. It never answers 500: a request it cannot understand gets a 400 naming the problem, and
+logs. It never answers 500: a request it cannot understand gets a 4xx naming the problem, and
 an internal error admits the pod un-injected with a warning (and counts it), so a kvmesh bug
 can never block a workload.
+
+Two listeners: the admission port (TLS, POST /mutate only: what the API server calls, and the
+only port the NetworkPolicy admits) and the ops port (plain HTTP: /healthz, /readyz, /metrics
+for the kubelet and Prometheus). Anyone who can reach the admission port can send anything,
+so every request and connection is bounded (Limits): body size, no decompression, a
+handshake/header/body/idle timeout per connection, a cap on open connections below the
+open-file limit, AEAD-only TLS. Bad input is counted and logged once per class per minute.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import gc
+import ctypes.util
 import logging
 import os
+import resource
 import signal
 import ssl
+import sys
+import threading
 import time
-from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from asyncio import sslproto
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Union
 
+import aiohttp
+import aiohttp.http_exceptions
 import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -29,6 +46,38 @@ from kvmesh.core.policy import PolicyDefaults
 log = logging.getLogger("kvmesh.webhook")
 
 MAX_BODY = 3 * 1024 * 1024  # etcd caps objects at 1.5 MiB; an AdmissionReview holds one
+# TLS 1.2 offers only ECDHE with AEAD ciphers (no CBC, no static RSA); TLS 1.3 suites are all
+# AEAD. The API server (Go) and every supported kubelet speak these.
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-connection and per-request bounds of the admission port (README "Webhook")."""
+
+    max_body: int = MAX_BODY
+    handshake_timeout: float = 5.0
+    # From accept (first request) or the first byte of a later request until its head is in.
+    header_timeout: float = 10.0
+    body_timeout: float = 10.0
+    # Longer than the API server's idle timeout (90 s), so the client closes an idle
+    # connection first and never sends a review on one the webhook is closing.
+    idle_timeout: float = 120.0
+    # Open connections (handshakes included). The API server needs a few dozen; the real
+    # bound is memory (~60 KiB each) and the open-file limit, which the cap stays below.
+    max_connections: int = 1000
+    # SIGTERM to exit, whatever the API server or the clients do meanwhile.
+    shutdown_timeout: float = 10.0
+    # Bodies above this are read under one of `heavy_slots` and decided on a worker thread,
+    # one at a time: the event loop keeps answering ordinary pods (a few KiB) meanwhile, and
+    # at most that many large bodies are in memory. Ordinary pods are far smaller.
+    heavy_body: int = 64 * 1024
+    heavy_slots: int = 2
+    # JSON objects and arrays in one body (counted as '{' and '[' bytes, strings included:
+    # an overestimate). Parsing holds the GIL for the whole body, ~0.3 us per node warm and
+    # far more cold, so this bounds what a large review can take from the loop. The largest
+    # real pod in tests/golden holds 210.
+    max_json_nodes: int = 10_000
 LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.01,
                    0.025, 0.05, 0.1, 0.25, 1.0)
 
@@ -53,6 +102,20 @@ class Metrics:
                                     "Serving certificate reloads", ["result"], registry=r)
         self.cert_expiry = Gauge("kvmesh_webhook_cert_expiry_timestamp_seconds",
                                  "notAfter of the serving certificate (unix time)", registry=r)
+        self.connections = Gauge("kvmesh_webhook_connections",
+                                 "Open connections on the admission port", registry=r)
+        self.connections_closed = Counter(
+            "kvmesh_webhook_connections_closed_total", "Connections the webhook closed or "
+            "refused, by reason (over-capacity, header-timeout, idle-timeout, "
+            "request-timeout)", ["reason"], registry=r)
+        self.bad_input = Counter("kvmesh_webhook_bad_input_total", "Requests refused before "
+                                 "admission, by class", ["kind"], registry=r)
+        self.loop_lag = Histogram("kvmesh_webhook_event_loop_lag_seconds",
+                                  "How late the event loop ran a 50 ms timer (a stall delays "
+                                  "every admission)", buckets=LATENCY_BUCKETS + (5.0,),
+                                  registry=r)
+        self.loop_lag_max = Gauge("kvmesh_webhook_event_loop_lag_max_seconds",
+                                  "Worst event-loop lag since start", registry=r)
         self._children: dict[tuple[int, str], object] = {}
 
     def _child(self, family, label: str):
@@ -91,6 +154,15 @@ class _MemoCollector:
                                 "Answers held in the decision memo", value=len(self.memo))
 
 
+def server_context() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(TLS12_CIPHERS)
+    # Client-initiated renegotiation costs the server a handshake per request: refuse it.
+    ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    return ctx
+
+
 class CertReloader:
     """Serves from one SSLContext and reloads cert+key into it when the files change.
 
@@ -101,8 +173,7 @@ class CertReloader:
 
     def __init__(self, cert: str, key: str, metrics: Metrics, interval: float = 1.0):
         self.cert, self.key, self.metrics, self.interval = cert, key, metrics, interval
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
+        self.context = server_context()
         self._stamp: Optional[tuple] = None
         self._failed: Optional[tuple] = None  # a bad pair is reported once, not every tick
         self.loaded = False
@@ -153,30 +224,71 @@ class CertReloader:
             self.reload()
 
 
+class Limited:
+    """One log line per class of event per `interval` seconds, with how many were folded in:
+    hostile clients must not be able to fill the disk or hide other lines."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 60.0):
+        self.logger, self.interval = logger, interval
+        self._last: dict[str, float] = {}
+        self._folded: dict[str, int] = {}
+
+    def log(self, level: int, kind: str, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        last = self._last.get(kind)
+        if last is not None and now - last < self.interval:
+            self._folded[kind] = self._folded.get(kind, 0) + 1
+            return
+        self._last[kind] = now
+        folded = self._folded.pop(kind, 0)
+        if folded:
+            msg += f" ({folded} more like this in the last {now - last:.0f} s not logged)"
+        self.logger.log(level, msg, *args)
+
+
 @dataclass
 class State:
     policy: Union[PolicyDefaults, admission.Resolver]
     metrics: Metrics
     ready: Callable[[], bool]
     memo: admission.Memo
+    limits: Limits = field(default_factory=Limits)
+    limited: Limited = field(default_factory=lambda: Limited(log))
+    edge: Optional["Edge"] = None  # the admission listener (absent in in-process tests)
+    heavy: Optional[asyncio.Semaphore] = None
+    worker: Optional[Any] = None  # the thread that decides large reviews
 
 
 STATE = web.AppKey("state", State)
 _LOG_LEVEL = {"deny": logging.INFO, "ignore": logging.WARNING}
 
 
+def _state(policy: Union[PolicyDefaults, admission.Resolver], metrics: Optional[Metrics],
+           ready: Callable[[], bool], limits: Limits) -> State:
+    metrics = metrics or Metrics()
+    state = State(policy, metrics, ready, admission.Memo(), limits)
+    metrics.registry.register(_MemoCollector(state.memo))
+    return state
+
+
 def make_app(policy: Union[PolicyDefaults, admission.Resolver],
              metrics: Optional[Metrics] = None,
-             ready: Callable[[], bool] = lambda: True) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY)
-    metrics = metrics or Metrics()
-    state = State(policy, metrics, ready, admission.Memo())
-    metrics.registry.register(_MemoCollector(state.memo))
-    app[STATE] = state
+             ready: Callable[[], bool] = lambda: True,
+             limits: Limits = Limits(), state: Optional[State] = None) -> web.Application:
+    """The admission app: POST /mutate only (everything else is on the ops app)."""
+    app = web.Application(client_max_size=limits.max_body, middlewares=[_track])
+    app[STATE] = state or _state(policy, metrics, ready, limits)
     app.router.add_post("/mutate", _mutate)
     # Entries that select by namespace or policy call /mutate/<why>: the pod is opted in
     # without its own label.
     app.router.add_post("/mutate/{selected}", _mutate)
+    return app
+
+
+def make_ops_app(state: State) -> web.Application:
+    """Probes and metrics, for the kubelet and Prometheus (plain HTTP, its own port)."""
+    app = web.Application(client_max_size=1024)
+    app[STATE] = state
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
@@ -187,43 +299,76 @@ def _json(obj: dict, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(obj), status=status, content_type="application/json")
 
 
-def _bad(state: State, status: int, message: str) -> web.Response:
+def _bad(state: State, status: int, kind: str, message: str, close: bool = False
+         ) -> web.Response:
+    """A 4xx naming the problem; counted by class, logged once per class per minute."""
     state.metrics.errors.labels("bad_request").inc()
     state.metrics.requests.labels("bad_request").inc()
-    log.warning("rejected /mutate request: %s", message)
-    return _json({"error": message}, status=status)
+    state.metrics._child(state.metrics.bad_input, kind).inc()
+    state.limited.log(logging.WARNING, kind, "rejected /mutate request (%s): %s", kind, message)
+    resp = _json({"error": message}, status=status)
+    if close:  # the rest of the body is not read: do not keep the connection
+        resp.force_close()
+    return resp
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """A short description of untrusted JSON for error messages (no deep repr)."""
+    if isinstance(value, (dict, list)):
+        return f"a JSON {'object' if isinstance(value, dict) else 'array'}"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 async def _mutate(request: web.Request) -> web.Response:
     state: State = request.app[STATE]
+    limits = state.limits
     t0 = time.perf_counter()
     try:
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("identity", ""):
+            # Never decompressed (a few KiB can unpack to GiBs); the API server never
+            # compresses admission requests.
+            return _bad(state, 415, "content-encoding",
+                        f"Content-Encoding {_show(encoding)} is not accepted; send the "
+                        "AdmissionReview uncompressed", close=True)
         if request.content_type not in ("application/json", ""):
-            return _bad(state, 415, f"Content-Type must be application/json, "
-                                    f"not {request.content_type}")
-        try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            return _bad(state, 413, f"body larger than {MAX_BODY} bytes")
-        try:
-            body = orjson.loads(raw)
-        except ValueError as e:  # orjson.JSONDecodeError, invalid UTF-8 included
-            return _bad(state, 400, f"body is not valid JSON: {e}")
-        try:
-            selected = bool(request.match_info.get("selected"))
-            resp, out = admission.review(body, state.policy, selected=selected, memo=state.memo)
-        except admission.BadReview as e:
-            return _bad(state, 400, str(e))
-        except Exception:
-            # A kvmesh bug must not block the workload: admit un-injected, loudly.
-            state.metrics.errors.labels("internal").inc()
-            state.metrics.requests.labels("error").inc()
-            uid = body["request"]["uid"]  # review() validated this before deciding
-            log.exception("internal error deciding request %s; admitting without injection",
-                          uid)
-            return _json(admission._response(
-                uid, True, warnings=["internal error; pod admitted without LMCache P2P "
-                                     "injection (see kvmesh webhook logs)"]))
+            return _bad(state, 415, "content-type", f"Content-Type must be application/json, "
+                                                    f"not {_show(request.content_type)}",
+                        close=True)
+        if request.content_length is not None and request.content_length > limits.max_body:
+            return _bad(state, 413, "too-large", f"body of {request.content_length} bytes is "
+                                                 f"larger than {limits.max_body} bytes",
+                        close=True)
+        heavy = request.content_length is None or request.content_length > limits.heavy_body
+        if not heavy:
+            raw = await _read(state, request)
+            if isinstance(raw, web.Response):
+                return raw
+            answer = _decide(state, raw, request.match_info.get("selected"), memo=state.memo)
+        else:
+            if state.heavy is None:
+                state.heavy = asyncio.Semaphore(limits.heavy_slots)
+            try:
+                await asyncio.wait_for(state.heavy.acquire(), limits.body_timeout)
+            except asyncio.TimeoutError:
+                return _bad(state, 429, "busy", f"{limits.heavy_slots} large reviews (over "
+                                                f"{limits.heavy_body} bytes) already in "
+                                                "progress; retry", close=True)
+            try:
+                raw = await _read(state, request)
+                if isinstance(raw, web.Response):
+                    return raw
+                if state.worker is None:
+                    state.worker = ThreadPoolExecutor(1, thread_name_prefix="kvmesh-large")
+                answer = await asyncio.get_running_loop().run_in_executor(
+                    state.worker, _decide, state, raw, request.match_info.get("selected"),
+                    None)
+            finally:
+                state.heavy.release()
+        if isinstance(answer, web.Response):
+            return answer
+        resp, out = answer
         state.metrics.count(out)
         # Every decision is on the pod itself (kvmesh.dev/status) and in the metrics, so the
         # routine ones log at DEBUG: a line per admission at INFO costs a third of the
@@ -236,6 +381,63 @@ async def _mutate(request: web.Request) -> web.Response:
         return _json(resp)
     finally:
         state.metrics.latency.observe(time.perf_counter() - t0)
+
+
+async def _read(state: State, request: web.Request) -> Union[bytes, web.Response]:
+    limits = state.limits
+    try:
+        return await asyncio.wait_for(request.read(), limits.body_timeout)
+    except web.HTTPRequestEntityTooLarge:
+        return _bad(state, 413, "too-large", f"body larger than {limits.max_body} bytes",
+                    close=True)
+    except asyncio.TimeoutError:
+        return _bad(state, 408, "body-timeout", f"body not received within "
+                                                f"{limits.body_timeout:g} s", close=True)
+    except (ConnectionError, aiohttp.ClientError, aiohttp.http_exceptions.HttpProcessingError
+            ) as e:
+        # The client went away mid-upload: nobody to answer; one line, no traceback.
+        return _bad(state, 400, "aborted-upload", f"body not completed: "
+                                                  f"{type(e).__name__}: {e}", close=True)
+
+
+def _decide(state: State, raw: bytes, selected: Optional[str], memo: Optional[admission.Memo]
+            ) -> Union[tuple[dict, admission.Outcome], web.Response]:
+    """Parse and decide (pure CPU; runs on the loop for ordinary bodies, on the worker thread
+    for large ones, which therefore get no memo: it is not thread-safe, and they are never
+    remembered anyway)."""
+    nodes = raw.count(b"{") + raw.count(b"[")
+    if nodes > state.limits.max_json_nodes:
+        return _bad(state, 413, "too-many-nodes", f"body holds {nodes:,} JSON objects and "
+                    f"arrays, more than the {state.limits.max_json_nodes:,} kvmesh parses (a pod "
+                    "holds a few hundred)")
+    try:
+        body = orjson.loads(raw)
+        # orjson refuses to write more than 254 levels; no Kubernetes object comes near,
+        # and everything downstream (memo key, diff, messages) may then recurse safely.
+        if isinstance(body, (dict, list)):
+            orjson.dumps(body)
+    except orjson.JSONEncodeError:
+        return _bad(state, 400, "too-deep", "body is nested deeper than 254 levels")
+    except ValueError as e:  # orjson.JSONDecodeError, invalid UTF-8 included
+        return _bad(state, 400, "not-json", f"body is not valid JSON: {e}")
+    try:
+        return admission.review(body, state.policy, selected=bool(selected), memo=memo)
+    except admission.BadReview as e:
+        return _bad(state, 400, "not-a-review", str(e))
+    except Exception as e:
+        # A kvmesh bug must not block the workload: admit un-injected, loudly (the stack
+        # once a minute, so a request that triggers it cannot flood the log).
+        state.metrics.errors.labels("internal").inc()
+        state.metrics.requests.labels("error").inc()
+        uid = body["request"]["uid"]  # review() validated this before deciding
+        state.limited.log(logging.ERROR, f"internal:{type(e).__name__}",
+                          "internal error deciding request %s; admitting without injection: "
+                          "%s: %s", uid, type(e).__name__, str(e)[:200])
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("internal error detail", exc_info=True)
+        return _json(admission._response(
+            uid, True, warnings=["internal error; pod admitted without LMCache P2P "
+                                 "injection (see kvmesh webhook logs)"]))
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -255,43 +457,268 @@ async def _metrics(request: web.Request) -> web.Response:
                         headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+# --- the admission port's connections ----------------------------------------------------------
+
+@web.middleware
+async def _track(request: web.Request, handler: Callable) -> web.StreamResponse:
+    """Marks the connection busy while its request runs (the Edge times out the rest)."""
+    edge = request.app[STATE].edge
+    c = edge.by_handler.get(request.protocol) if edge is not None else None
+    if c is None:
+        return await handler(request)
+    c.busy_since, c.rx_at = edge.loop.time(), None
+    try:
+        return await handler(request)
+    finally:
+        c.busy_since, c.served, c.since = None, c.served + 1, edge.loop.time()
+
+
+class _Connection(sslproto.SSLProtocol):
+    """One accepted TCP connection: admitted under the cap, then TLS, then aiohttp.
+
+    asyncio's own TLS protocol with two changes: a 32 KiB read buffer instead of 256 KiB per
+    connection (a TLS record is at most 16 KiB; the default made each idle connection cost
+    ~280 KiB), and bookkeeping for the Edge's timeouts."""
+
+    max_size = 32 * 1024
+
+    def __init__(self, edge: "Edge"):
+        super().__init__(edge.loop, None, edge.tls, None, server_side=True,
+                         ssl_handshake_timeout=edge.limits.handshake_timeout,
+                         ssl_shutdown_timeout=edge.limits.handshake_timeout)
+        self.edge = edge
+        self.raw: Optional[asyncio.Transport] = None
+        self.handler: Any = None
+        self.admitted = False
+        self.busy_since: Optional[float] = None  # a request's handler is running
+        self.served = 0
+        self.since = edge.loop.time()  # accepted, or the last response ended
+        self.rx_at: Optional[float] = None  # first bytes of the next request head
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.raw = transport  # type: ignore[assignment]
+        if not self.edge.admit(self):
+            transport.abort()
+            return
+        self.handler = self.edge.handler_factory()
+        self._set_app_protocol(self.handler)
+        self.edge.by_handler[self.handler] = self
+        super().connection_made(transport)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.rx_at is None and self.busy_since is None:
+            self.rx_at = self._loop.time()
+        super().buffer_updated(nbytes)
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        if not self.admitted:
+            return  # refused before TLS started: nothing to unwind
+        self.edge.release(self)
+        super().connection_lost(exc)
+
+
+class Edge:
+    """The admission listener: accepts under a cap, times out slow and idle connections."""
+
+    def __init__(self, state: State, handler_factory: Callable[[], Any], tls: ssl.SSLContext,
+                 tick: float = 0.5):
+        self.state, self.limits, self.metrics = state, state.limits, state.metrics
+        self.handler_factory, self.tls, self.tick = handler_factory, tls, tick
+        self.loop = asyncio.get_running_loop()
+        self.conns: dict[_Connection, None] = {}
+        self.by_handler: dict[Any, _Connection] = {}
+        self.cap, self.nofile = connection_cap(self.limits.max_connections)
+        self._peak = 0
+        self.server: Optional[asyncio.AbstractServer] = None
+
+    async def start(self, host: str, port: int) -> None:
+        self.server = await self.loop.create_server(lambda: _Connection(self), host, port,
+                                                    reuse_address=True, backlog=512)
+
+    def admit(self, c: _Connection) -> bool:
+        if len(self.conns) >= self.cap:
+            self.metrics._child(self.metrics.connections_closed, "over-capacity").inc()
+            peer = c.raw.get_extra_info("peername") if c.raw else None
+            self.state.limited.log(
+                logging.WARNING, "over-capacity", "refused a connection from %s: %d "
+                "connections open, the cap (--max-connections %d, below the open-file limit "
+                "%d); the API server's own connections are few, so many open ones are idle or "
+                "hostile clients", peer, len(self.conns), self.cap, self.nofile)
+            return False
+        c.admitted = True
+        self.conns[c] = None
+        self.metrics.connections.set(len(self.conns))
+        self._peak = max(self._peak, len(self.conns))
+        return True
+
+    def release(self, c: _Connection) -> None:
+        self.conns.pop(c, None)
+        self.by_handler.pop(c.handler, None)
+        self.metrics.connections.set(len(self.conns))
+        if not self.conns and self._peak > 64:
+            # A burst of connections leaves freed buffers scattered over the heap; hand them
+            # back so RSS returns to what the steady state needs.
+            self._peak = 0
+            _trim_heap()
+
+    def _close(self, c: _Connection, reason: str, what: str) -> None:
+        self.metrics._child(self.metrics.connections_closed, reason).inc()
+        peer = c.raw.get_extra_info("peername") if c.raw else None
+        self.state.limited.log(logging.INFO, reason, "closed the connection from %s: %s",
+                               peer, what)
+        if c.raw is not None:
+            c.raw.abort()
+
+    def sweep(self) -> None:
+        now, lim = self.loop.time(), self.limits
+        request_timeout = lim.body_timeout + lim.header_timeout
+        for c in list(self.conns):
+            if c.busy_since is not None:
+                if now - c.busy_since > request_timeout:
+                    self._close(c, "request-timeout", f"a request ran over "
+                                f"{request_timeout:g} s (the client is not reading its answer)")
+            elif c.served == 0 or c.rx_at is not None:
+                start = c.since if c.served == 0 else c.rx_at
+                if now - start > lim.header_timeout:
+                    self._close(c, "header-timeout", f"no complete request head within "
+                                f"{lim.header_timeout:g} s")
+            elif now - c.since > lim.idle_timeout:
+                self._close(c, "idle-timeout", f"idle for {lim.idle_timeout:g} s")
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick)
+            self.sweep()
+
+    def abort_all(self) -> None:
+        for c in list(self.conns):
+            if c.raw is not None:
+                c.raw.abort()
+
+
+def connection_cap(wanted: int, reserve: int = 64) -> tuple[int, int]:
+    """(cap, open-file limit): the soft limit raised to the hard one, the cap kept `reserve`
+    files below it (certificates, the API watch, the ops port, logs)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return max(1, min(wanted, soft - reserve)), soft
+
+
+def _trim_heap() -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _loop_errors(limited: Limited) -> Callable[[asyncio.AbstractEventLoop, dict], None]:
+    """asyncio's default handler logs a traceback per event (one per failed accept when the
+    file limit is hit, one per broken TLS client): one line per kind per minute instead."""
+    def handle(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        msg = context.get("message") or "event loop error"
+        exc = context.get("exception")
+        limited.log(logging.WARNING, f"loop:{msg}", "%s: %s", msg,
+                    f"{type(exc).__name__}: {exc}" if exc else "")
+    return handle
+
+
+async def _watch_loop(metrics: Metrics, period: float = 0.05) -> None:
+    loop = asyncio.get_running_loop()
+    worst = 0.0
+    while True:
+        t0 = loop.time()
+        await asyncio.sleep(period)
+        lag = max(0.0, loop.time() - t0 - period)
+        metrics.loop_lag.observe(lag)
+        if lag > worst:
+            worst = lag
+            metrics.loop_lag_max.set(lag)
+
+
+def exit_watchdog(seconds: float) -> None:
+    """Last resort after SIGTERM: if the process has not exited within `seconds` (a blocked
+    loop, a hung library call), exit anyway; the kubelet would SIGKILL it later."""
+    def fire() -> None:
+        log.error("still running %g s after SIGTERM; exiting now", seconds)
+        logging.shutdown()
+        os._exit(1)
+    t = threading.Timer(seconds, fire)
+    t.daemon = True
+    t.start()
+
+
 async def serve(host: str, port: int, cert: str, key: str,
                 policy: Union[PolicyDefaults, admission.Resolver], grace: float = 3.0,
                 cert_source: Optional[object] = None,
-                policy_cache: Optional[object] = None) -> None:
-    """Run until SIGTERM/SIGINT; then report not-ready, let in-flight requests finish, stop.
+                policy_cache: Optional[object] = None, *,
+                metrics_host: str = "0.0.0.0", metrics_port: int = 9090,
+                limits: Limits = Limits(),
+                stopping: Optional[asyncio.Event] = None) -> None:
+    """Run until SIGTERM/SIGINT (or `stopping` is set); then report not-ready, let in-flight
+    requests finish, stop, all within limits.shutdown_timeout.
 
     cert_source (certs.serving.SelfSigned) keeps cert/key files current and says whether the
     live webhook configuration trusts them; without it the files are managed outside
     (cert-manager, `kvmesh certs`). policy_cache (webhook.policy_cache.PolicyCache) resolves
     each pod's KVMeshPolicy; the webhook is ready only once it has synced."""
+    loop = asyncio.get_running_loop()
+    if stopping is None:
+        stopping = install_stop_signals(limits.shutdown_timeout)
+    # A large review decided on the worker thread hands the GIL back to the loop within 1 ms
+    # (the default 5 ms would be the stall every other admission sees).
+    sys.setswitchinterval(0.001)
     metrics = Metrics()
+    limited = Limited(log)
+    loop.set_exception_handler(_loop_errors(limited))
     if cert_source is not None:
-        await cert_source.step()  # first leaf before the listener needs it
+        # The first leaf before the listener needs it (the API may be slow or gone: a
+        # SIGTERM meanwhile still stops the process).
+        if not await until_stopped(cert_source.step(), stopping):
+            return
     reloader = CertReloader(cert, key, metrics)
     if cert_source is not None:
         cert_source.on_change = reloader.reload
-    stopping = asyncio.Event()
 
     def ready() -> bool:
         return reloader.loaded and not stopping.is_set() and \
             (cert_source is None or cert_source.ready()) and \
             (policy_cache is None or policy_cache.ready())
 
-    app = make_app(policy, metrics, ready=ready)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=grace)
+    state = State(policy, metrics, ready, admission.Memo(), limits, limited)
+    metrics.registry.register(_MemoCollector(state.memo))
+    app = make_app(policy, limits=limits, state=state)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=grace,
+                           auto_decompress=False, keepalive_timeout=limits.idle_timeout,
+                           lingering_time=0)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=reloader.context)
-    await site.start()
-    tasks = [asyncio.create_task(reloader.watch())]
+    edge = state.edge = Edge(state, runner.server, reloader.context)
+    await edge.start(host, port)
+    ops = web.AppRunner(make_ops_app(state), access_log=None, shutdown_timeout=1.0,
+                        auto_decompress=False, keepalive_timeout=30.0, lingering_time=0)
+    await ops.setup()
+    await web.TCPSite(ops, metrics_host, metrics_port).start()
+    tasks = [asyncio.create_task(reloader.watch()), asyncio.create_task(edge.run()),
+             asyncio.create_task(_watch_loop(metrics))]
     if cert_source is not None:
         tasks.append(asyncio.create_task(cert_source.run()))
     if policy_cache is not None:
         tasks.append(asyncio.create_task(policy_cache.run()))
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    log.info("kvmesh webhook serving https://%s:%d/mutate", host, port)
+    # Everything alive now (imported modules: the Kubernetes client's models, pydantic, ...)
+    # lives as long as the process: move it out of the collector's reach. A full collection
+    # otherwise walks it all, ~0.3-0.5 s on a loaded 2-core node, stalling every admission.
+    gc.collect()
+    gc.freeze()
+    log.info("kvmesh webhook serving https://%s:%d/mutate (probes and metrics on http://%s:%d;"
+             " at most %d connections)", host, port, metrics_host, metrics_port, edge.cap)
     try:
         await stopping.wait()
         log.info("stopping: readyz now fails; finishing in-flight requests")
@@ -299,4 +726,41 @@ async def serve(host: str, port: int, cert: str, key: str,
     finally:
         for t in tasks:
             t.cancel()
-        await runner.cleanup()
+        if edge.server is not None:
+            edge.server.close()
+        budget = max(1.0, limits.shutdown_timeout - min(grace, 1.0) - 2.0)
+        try:
+            await asyncio.wait_for(asyncio.gather(runner.cleanup(), ops.cleanup()), budget)
+        except (asyncio.TimeoutError, Exception) as e:  # exiting regardless
+            log.warning("shutdown did not finish cleanly within %g s (%s); exiting", budget,
+                        type(e).__name__)
+        edge.abort_all()
+        if state.worker is not None:
+            state.worker.shutdown(wait=False, cancel_futures=True)
+
+
+def install_stop_signals(bound: float) -> asyncio.Event:
+    """SIGTERM/SIGINT set the returned event and arm the exit watchdog."""
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        if not stopping.is_set():
+            exit_watchdog(bound)
+        stopping.set()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
+    return stopping
+
+
+async def until_stopped(coro: Any, stopping: asyncio.Event) -> bool:
+    """Run `coro` unless `stopping` is set first (then cancel it); True if it finished."""
+    task = asyncio.ensure_future(coro)
+    stop = asyncio.ensure_future(stopping.wait())
+    done, _ = await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+    stop.cancel()
+    if task in done:
+        task.result()
+        return True
+    task.cancel()
+    return False

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
@@ -98,6 +99,8 @@ def check_gb(v: str) -> Optional[str]:
         return "LMCache parses this with float() as a number of GB (e.g. \"20\"), not a quantity"
     if not f > 0:
         return "P2P needs a CPU cache larger than 0 GB (LMCache asserts a CPU backend)"
+    if not math.isfinite(f):
+        return "a finite number of GB (LMCache would try to reserve an unbounded cache)"
     return None
 
 

@@ -28,7 +28,7 @@ import orjson
 from kvmesh import __version__
 
 from kvmesh.core import names
-from kvmesh.core import contract, launch, overrides
+from kvmesh.core import contract, launch, limits, overrides
 from kvmesh.core.policy import PolicyDefaults
 
 INJECT, SKIP, DENY = "inject", "skip", "deny"
@@ -42,6 +42,7 @@ R_PARALLEL = "parallelism-unsupported"
 R_DATA_PARALLEL = "data-parallel-unsupported"
 R_FOREIGN_CONNECTOR = "foreign-connector"
 R_SCRIPT = "script-not-editable"
+R_LIMIT = "limit-exceeded"  # the pod is larger than kvmesh configures (kvmesh.core.limits)
 # Denial reasons.
 R_INVALID_ANNOTATION = "invalid-annotation"
 R_AMBIGUOUS = "ambiguous-container"
@@ -240,27 +241,41 @@ def target(s: _Pod) -> None:
     s.launch = ln
     s.env_in = c.get("env") or []
     s.mode, s.mode_reason, s.version = _mode(s.ov, s.ctx.policy, str(c.get("image", "")))
+    if len(s.env_in) > limits.MAX_ENV_ENTRIES:
+        raise _Skip(R_LIMIT, f"container {c['name']!r} has {len(s.env_in):,} env entries; "
+                             f"kvmesh edits containers with at most {limits.MAX_ENV_ENTRIES:,}")
     if ln.script_error:
         raise _Skip(R_SCRIPT, f"container {c['name']!r}: cannot edit its shell script safely "
                               f"({ln.script_error}); start vLLM with command/args, or add "
                               f"{contract.KV_TRANSFER_FLAG} to the script yourself")
 
 
-def _classify(c: dict) -> Optional[launch.Launch]:
-    return launch.classify(c.get("command") or (), c.get("args") or (),
-                           str(c.get("image", "")))
+def _classify(c: dict, budget: list[int]) -> Optional[launch.Launch]:
+    """How container `c` starts vLLM, if it does. `budget` ([bytes]) is what is left of the
+    pod's script-parsing allowance (limits.MAX_SCRIPT_BYTES_PER_POD); a script spends it."""
+    command, args = c.get("command") or (), c.get("args") or ()
+    script = launch.script_in(list(command) + list(args))
+    if script is not None and len(script) <= limits.MAX_SCRIPT_BYTES:
+        if len(script) > budget[0]:
+            why = (f"the pod's scripts are over {limits.kib(limits.MAX_SCRIPT_BYTES_PER_POD)} "
+                   "together, the most kvmesh parses per pod")
+            return launch.Launch("shell", (), "command", 0, None, why) if "vllm" in script \
+                else None
+        budget[0] -= len(script)
+    return launch.classify(command, args, str(c.get("image", "")))
 
 
 def _find_container(containers: list[dict], ov: overrides.Overrides
                     ) -> tuple[int, launch.Launch]:
+    budget = [limits.MAX_SCRIPT_BYTES_PER_POD]
     if ov.container:
         for i, c in enumerate(containers):
             if c["name"] == ov.container:
-                return i, _classify(c) or launch.UNKNOWN
+                return i, _classify(c, budget) or launch.UNKNOWN
         raise _Deny(R_CONTAINER_NOT_FOUND,
                     f"annotation {names.ANN_CONTAINER}={ov.container!r} names no container of "
                     f"this pod; containers: {', '.join(c['name'] for c in containers)}")
-    found = [(i, ln) for i, c in enumerate(containers) if (ln := _classify(c))]
+    found = [(i, ln) for i, c in enumerate(containers) if (ln := _classify(c, budget))]
     if not found:
         raise _Skip(R_NO_VLLM, "no container runs the vLLM OpenAI server (vllm serve, "
                                "python -m vllm.entrypoints.openai.api_server, or a vLLM image); "
@@ -308,6 +323,10 @@ def parallelism(s: _Pod) -> None:
                                     f"pipeline-parallel {pp}; LMCache P2P is broken for more "
                                     "than one rank (LMCache#2405, #1861); set "
                                     f"{names.ANN_ALLOW_PARALLEL}: \"true\" to inject anyway")
+        if s.ranks > limits.MAX_RANKS:
+            raise _Skip(R_LIMIT, f"container {name!r} runs tensor-parallel {tp} x "
+                                 f"pipeline-parallel {pp} = {s.ranks:,} ranks; kvmesh configures "
+                                 f"at most {limits.MAX_RANKS} ranks (three ports each) per pod")
         warnings.append(f"{names.ANN_ALLOW_PARALLEL}: injecting for {s.ranks} ranks although "
                         "upstream LMCache P2P does not work across ranks (LMCache#2405)")
 
@@ -385,7 +404,7 @@ def ports(s: _Pod) -> None:
     s.ports = [port for r in ranks for port in zip(_port_names(r), (init[r], look[r], work[r]))]
 
 
-def _used_ports(spec: dict, target: dict, vllm_port: int) -> set[int]:
+def _used_ports(spec: dict, target: dict, vllm_port: int) -> limits.PortSet:
     used = {vllm_port}
     for key in ("containers", "initContainers", "ephemeralContainers"):
         for c in spec.get(key) or []:
@@ -402,7 +421,7 @@ def _used_ports(spec: dict, target: dict, vllm_port: int) -> set[int]:
                 n = p.get("hostPort")
                 if isinstance(n, int):
                     used.add(n)
-    return used
+    return limits.PortSet(used)
 
 
 @functools.lru_cache(maxsize=64)
@@ -411,12 +430,11 @@ def _port_names(rank: int) -> tuple[str, str, str]:
             names.PORT_NAME_WORKER.format(rank=rank))
 
 
-def _pick(start: int, used: set[int]) -> int:
-    p = start
-    while p in used and p < 65535:
-        p += 1
-    used.add(p)
-    return p
+def _pick(start: int, used: limits.PortSet) -> int:
+    try:
+        return used.pick(start)
+    except limits.NoFreePort as e:
+        raise _Deny(R_MALFORMED, f"cannot place kvmesh's ports: {e}") from None
 
 
 # --- env: the mode's variables merged into the container's env ------------------------------

@@ -13,10 +13,11 @@ arguments; `insert_into_script` edits a shell script.
 
 from __future__ import annotations
 
-import functools
 import re
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
+
+from kvmesh.core import limits
 
 SHELLS = {"sh", "bash", "dash", "ash", "zsh", "ksh"}
 _PY = re.compile(r"^python(\d+(\.\d+)*)?$")
@@ -77,20 +78,28 @@ class Launch:
 
 
 _CACHE_CHARS = 16 * 1024  # launch lines longer than this are classified anew each time
+_CLASSIFIED = limits.ByteLRU(limits.SCRIPT_CACHE_BYTES)
+_MISSING = object()
 
 
 def classify(command: Sequence[str], args: Sequence[str], image: str) -> Optional[Launch]:
     """The container's launch form, or None when it does not run the vLLM server.
 
     Cached by the exact strings (a pure function of them, and the answer is immutable): every
-    replica of a workload starts vLLM the same way, and a shell script costs a parse."""
+    replica of a workload starts vLLM the same way, and a shell script costs a parse. The cache
+    is bounded in bytes (each entry costed at ~10x its text, for the parsed words)."""
     command, args = tuple(command), tuple(args)
-    if sum(map(len, command)) + sum(map(len, args)) + len(image) > _CACHE_CHARS:
-        return _classify.__wrapped__(command, args, image)
-    return _classify(command, args, image)
+    size = sum(map(len, command)) + sum(map(len, args)) + len(image)
+    if size > _CACHE_CHARS:
+        return _classify(command, args, image)
+    key = (command, args, image)
+    hit = _CLASSIFIED.get(key, _MISSING)
+    if hit is _MISSING:
+        hit = _classify(command, args, image)
+        _CLASSIFIED.put(key, hit, 200 + 10 * size)
+    return hit
 
 
-@functools.lru_cache(maxsize=1024)
 def _classify(command: tuple[str, ...], args: tuple[str, ...], image: str
               ) -> Optional[Launch]:
     argv = command + args
@@ -119,7 +128,20 @@ def _script_at(argv: Sequence[str], shell: int) -> Optional[int]:
     return None
 
 
+def script_in(argv: Sequence[str]) -> Optional[str]:
+    """The `sh -c` script of a command line, if it has one (not parsed)."""
+    for i, w in enumerate(argv):
+        if _base(w) in SHELLS:
+            at = _script_at(argv, i)
+            return argv[at] if at is not None else None
+    return None
+
+
 def _shell_launch(script: str, where: str, index: int) -> Optional[Launch]:
+    if len(script) > limits.MAX_SCRIPT_BYTES:  # never parsed: bounded work per admission
+        why = (f"the script is {len(script):,} bytes; kvmesh parses scripts of at most "
+               f"{limits.kib(limits.MAX_SCRIPT_BYTES)}")
+        return Launch("shell", (), where, index, None, why) if "vllm" in script else None
     try:
         found = find_in_script(script)
     except ScriptError as e:

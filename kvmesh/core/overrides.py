@@ -61,7 +61,7 @@ def _group(v: str) -> str:
 
 def _gb(v: str) -> float:
     if contract.check_gb(v) is not None:
-        raise ValueError('a number of GB greater than 0, e.g. "20" (not "20Gi")')
+        raise ValueError('a finite number of GB greater than 0, e.g. "20" (not "20Gi")')
     return float(v)
 
 

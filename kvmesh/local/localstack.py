@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import ssl
 import subprocess
 import sys
 import time
@@ -64,6 +63,7 @@ class LocalStack:
         self.cluster, self.workdir = cluster, workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.webhook_port = free_port()
+        self.webhook_metrics_port = free_port()  # the webhook's ops port: probes, /metrics
         self.webhook: Optional[Process] = None
         self.controller: Optional[Process] = None
         self.controller_metrics_port = free_port()
@@ -120,6 +120,7 @@ class LocalStack:
     def start_webhook(self, *extra: str) -> Process:
         self.webhook = Process("webhook", self._kvmesh(
             "webhook", "--host", "127.0.0.1", "--port", str(self.webhook_port),
+            "--metrics-host", "127.0.0.1", "--metrics-port", str(self.webhook_metrics_port),
             "--cert-source", "self", "--cert-dir", str(self.workdir / "certs"),
             "--san", "127.0.0.1", "--kubeconfig", self.cluster.kubeconfig, *extra),
             self.workdir / "webhook.log")
@@ -134,10 +135,9 @@ class LocalStack:
                   self.webhook_ready, timeout=90)
 
     def webhook_ready(self) -> bool:
-        ctx = ssl._create_unverified_context()  # readiness only; trust is checked by the API server
         try:
-            with urllib.request.urlopen(f"https://127.0.0.1:{self.webhook_port}/readyz",
-                                        context=ctx, timeout=2) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.webhook_metrics_port}/readyz",
+                                        timeout=2) as r:
                 return r.status == 200
         except OSError:
             return False

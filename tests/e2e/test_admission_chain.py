@@ -4,7 +4,6 @@ through the admission chain carry the injected configuration."""
 from __future__ import annotations
 
 import json
-import ssl
 import urllib.request
 
 from kvmesh.core import names
@@ -13,8 +12,8 @@ from support import metric_sum
 
 
 def webhook_requests(stack) -> float:
-    with urllib.request.urlopen(f"https://127.0.0.1:{stack.webhook_port}/metrics",
-                                context=ssl._create_unverified_context(), timeout=5) as r:
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.webhook_metrics_port}/metrics",
+                                timeout=5) as r:
         return metric_sum(r.read().decode(), "kvmesh_webhook_requests_total")
 
 

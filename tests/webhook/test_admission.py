@@ -142,3 +142,13 @@ def test_memo_is_bounded():
     admission.review(review(huge), pol, memo=memo)
     admission.review(review(huge), pol, memo=memo)
     assert len(memo) == 3 and memo.hits == 0  # too large to remember
+
+
+def test_memo_is_bounded_in_bytes():
+    memo, pol = admission.Memo(max_bytes=200_000), PolicyDefaults()
+    for i in range(40):  # distinct pods of ~20 KB each: the byte budget binds, not the count
+        pod = json.loads(json.dumps(POD))
+        pod["metadata"]["annotations"] = {"big": f"{i}" + "x" * 20_000}
+        admission.review(review(pod), pol, memo=memo)
+    assert 0 < len(memo) < 40 and memo.bytes <= 200_000
+    assert memo.bytes == sum(memo._cost.values())

@@ -5,6 +5,7 @@ import json
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import generate_latest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from kvmesh.core.policy import PolicyDefaults
@@ -64,8 +65,10 @@ review = st.fixed_dictionaries({
 
 @pytest.fixture
 async def client():
-    app = make_app(PolicyDefaults(), Metrics())
+    metrics = Metrics()
+    app = make_app(PolicyDefaults(), metrics)
     async with TestClient(TestServer(app)) as c:
+        c.metrics = metrics
         yield c
 
 
@@ -116,8 +119,9 @@ async def test_internal_errors_are_counted_and_admit(client, monkeypatch):
     data = await r.json()
     assert r.status == 200 and data["response"]["allowed"] is True
     assert "internal error" in data["response"]["warnings"][0]
-    text = await (await client.get("/metrics")).text()
+    text = generate_latest(client.metrics.registry).decode()
     assert 'kvmesh_webhook_errors_total{kind="internal"} 1.0' in text
+    assert (await client.get("/metrics")).status == 404  # only on the ops port
 
 
 @pytest.mark.parametrize("raw", [

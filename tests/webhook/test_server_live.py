@@ -37,9 +37,22 @@ def test_malformed_bodies_get_400_with_reason(webhook, body, status, fragment):
     assert metric(webhook, "kvmesh_webhook_errors_total", kind="bad_request") == before + 1
 
 
-def test_oversized_body_is_413(webhook):
-    code, _ = webhook.request("/mutate", b" " * (4 * 1024 * 1024))
-    assert code == 413
+def test_oversized_body_is_413_without_reading_it(webhook):
+    # Only the head is sent: the answer must come from Content-Length alone.
+    import http.client
+    c = http.client.HTTPSConnection("127.0.0.1", webhook.port, context=webhook.ctx, timeout=10)
+    c.putrequest("POST", "/mutate")
+    c.putheader("Content-Type", "application/json")
+    c.putheader("Content-Length", str(4 * 1024 * 1024))
+    c.endheaders()
+    r = c.getresponse()
+    assert r.status == 413 and b"larger than" in r.read()
+    c.close()
+
+
+def test_probes_and_metrics_are_not_on_the_admission_port(webhook):
+    for path in ("/metrics", "/healthz", "/readyz"):
+        assert webhook.request(path, None, method="GET", headers={})[0] == 404
 
 
 def test_wrong_content_type_is_415(webhook):
@@ -48,7 +61,7 @@ def test_wrong_content_type_is_415(webhook):
 
 
 def test_get_on_mutate_is_405_not_500(webhook):
-    assert webhook.get("/mutate")[0] == 405
+    assert webhook.request("/mutate", None, method="GET", headers={})[0] == 405
 
 
 def test_injection_counts_and_latency_histogram(webhook):

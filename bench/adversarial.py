@@ -1,0 +1,167 @@
+"""The webhook under attack, on loopback: worst-case admissions and the event loop's worst stall
+beside the normal case, and RSS with 2,000 idle TLS connections before/after.
+
+Each attack runs while a prober sends normal AdmissionReviews back to back; "worst normal" is
+the slowest of those answers, i.e. how long the one event loop was unavailable to every other
+pod. The baseline is the same prober with no attack, measured in the same run. With
+`--before DIR` the same attacks also run against an older checkout (a `git archive` of it, with
+kvmesh/webhook, kvmesh/controller and kvmesh/certs symlinked to its top-level folders), so
+one run prints before and after side by side.
+
+    .venv/bin/python bench/adversarial.py [--before /tmp/kvmesh-before] [--quick]
+
+Goal (issue #12): no attack stalls the loop beyond a few ms above the baseline; RSS stays under
+the manifest's 256 MiB limit; no 500, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import ssl
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+import attacks as A  # noqa: E402
+from support import review_for  # noqa: E402
+
+MANIFEST_LIMIT_MIB = 256
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1000:,.1f} ms"
+
+
+class _Shown(dict):
+    """Results, each printed (stderr) as it comes: a long run shows its progress."""
+
+    def __setitem__(self, k: str, v: str) -> None:
+        print(f"  {k}: {v}", file=sys.stderr, flush=True)
+        super().__setitem__(k, v)
+
+
+def measure(t: A.Target, quick: bool) -> dict[str, str]:
+    out: dict[str, str] = _Shown()
+
+    def under(name: str, fn) -> None:
+        with A.Prober(t, timeout=60) as p:
+            t0 = time.perf_counter()
+            what = fn()
+            took = time.perf_counter() - t0
+            time.sleep(0.3)  # let a stall that outlives the answer show up in the prober
+        fails = f", {len(p.failures)} probe failures" if p.failures else ""
+        out[name] = f"{what}; {_ms(took)} total; worst normal {_ms(p.worst)}{fails}"
+
+    # Baseline: normal admissions only.
+    with A.Prober(t) as p:
+        time.sleep(2 if quick else 5)
+    lat = sorted(p.latencies)
+    out["normal (baseline)"] = (f"{len(lat)} reviews, median {_ms(statistics.median(lat))}, "
+                                f"worst {_ms(lat[-1])}")
+
+    def review(pod: dict) -> str:
+        code, body, s = t.review(pod, timeout=60)
+        resp = json.loads(body).get("response", {}) if code == 200 else {}
+        verdict = "allowed" if resp.get("allowed") else "denied" if resp else "no answer"
+        return f"HTTP {code} {verdict} in {_ms(s)}"
+
+    for ranks in ((1000,) if quick else (1000, 10_000)):
+        under(f"TP {ranks:,} pod", lambda: review(A.parallel_pod(ranks)))
+    script = 2_900_000
+    under("2.9 MB sh -c script", lambda: review(A.script_pod(script)))
+    under("50,000 env entries", lambda: review(A.env_pod(50_000)))
+    bomb = A.gzip_bomb(256 if quick else 2048)
+
+    def send_bomb() -> str:
+        code, _, s = t.post("/mutate", bomb, {"Content-Type": "application/json",
+                                               "Content-Encoding": "gzip"}, timeout=60)
+        return f"{len(bomb) // 1024:,} KiB gzip: HTTP {code} in {_ms(s)}"
+    under(f"gzip bomb ({256 if quick else 2048} MiB unpacked)", send_bomb)
+    code, _, _ = t.post("/mutate", A.deep_kind(1000))
+    out["kind nested 1,000 deep"] = f"HTTP {code}"
+    code, _, _ = t.post("/mutate", A.deep_object(900))
+    out["env value nested 900 deep"] = f"HTTP {code}"
+    before = A.tracebacks(t.log())
+    for _ in range(5):
+        A.aborted_upload(t)
+    time.sleep(0.5)
+    out["5 aborted uploads"] = f"{A.tracebacks(t.log()) - before} tracebacks logged"
+    inf = json.loads(t.review(A.annotated_pod("kvmesh.dev/cpu-cache-gb", "inf"))[1])
+    out['cpu-cache-gb: "inf"'] = "allowed" if inf["response"]["allowed"] else "denied"
+    out["TLS 1.2 CBC-only client"] = "accepted" if A.tls_accepts(
+        t, "ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES256-SHA384", ssl.TLSVersion.TLSv1_2) \
+        else "refused"
+    c = t.connect()
+    c.request("GET", "/metrics")
+    out["GET /metrics on the admission port"] = f"HTTP {c.getresponse().status}"
+    c.close()
+
+    # Idle connections: RSS before, with, and after they are gone.
+    n = 500 if quick else 2000
+    rss0 = t.rss_mib()
+    with A.Prober(t) as p:
+        socks = A.open_idle(t, n)
+        time.sleep(1)
+        opened, rss1 = A.still_open(socks), t.rss_mib()
+    A.close_all(socks)
+    time.sleep(2)
+    out[f"{n:,} idle TLS connections"] = (
+        f"{opened:,} held open; RSS {rss0:.0f} -> {rss1:.0f} -> {t.rss_mib():.0f} MiB "
+        f"(before/with/after); worst normal while open {_ms(p.worst)}")
+    socks = A.slowloris(t, 300)
+    time.sleep(1)
+    held1, rss = A.still_open(socks), t.rss_mib()
+    time.sleep(11)  # past the 10 s header timeout
+    out["300 slowloris connections"] = f"{held1:,} held open after 1 s, " \
+        f"{A.still_open(socks):,} after 12 s; RSS {rss:.0f} MiB"
+    A.close_all(socks)
+    if t.metrics_port:
+        import urllib.request
+        with urllib.request.urlopen(f"http://127.0.0.1:{t.metrics_port}/metrics") as r:
+            text = r.read().decode()
+        lag = next(float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith("kvmesh_webhook_event_loop_lag_max_seconds "))
+        out["worst event-loop lag (its own metric)"] = _ms(lag)
+    out["peak RSS (whole run)"] = f"{t.peak_mib():.0f} MiB (manifest limit " \
+                                  f"{MANIFEST_LIMIT_MIB} MiB)"
+    out["tracebacks in the log (whole run)"] = str(A.tracebacks(t.log()))
+    out["exit after SIGTERM"] = f"{t.stop():.1f} s"
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--before", type=Path, help="an older checkout to compare with")
+    ap.add_argument("--quick", action="store_true", help="smaller attacks (a minute)")
+    args = ap.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = [("before", args.before, False)] if args.before else []
+        for name, root, separate in runs + [("this tree", REPO, True)]:
+            t = A.start_webhook(Path(tmp) / name.replace(" ", "-"), root=root,
+                                separate_metrics=separate)
+            try:
+                results[name] = measure(t, args.quick)
+            finally:
+                if t.proc.poll() is None:  # an attack that raised: never leave it running
+                    t.stop()
+    cols = list(results)
+    width = max(len(k) for k in results[cols[-1]])
+    for k in results[cols[-1]]:
+        print(f"{k:<{width}}")
+        for c in cols:
+            print(f"    {c:>9}: {results[c].get(k, '-')}")
+
+
+if __name__ == "__main__":
+    main()
