@@ -30,8 +30,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from kvmesh.backends import resp
 from kvmesh.backends.redis_scripts import (
-    BARRIER_PREFIX, OWN_PREFIX, LiveAddrs, PurgeResult, ReconcileResult, drain_index,
-    group_by_addr, index_key, parse_addr, prune_index, reconcile, scan_purge)
+    BARRIER_PREFIX, OWN_PREFIX, LiveAddrs, PurgeResult, ReconcileResult, _resolve_live,
+    drain_index, group_by_addr, index_key, note_peers, parse_addr, prune_index, reconcile,
+    scan_purge)
 from kvmesh.core.names import REDIS_NOTIFY_FLAGS
 
 log = logging.getLogger("kvmesh.purge")
@@ -173,6 +174,7 @@ class AddressIndex:
         self._complete = False
         self._generation = 0
         self._barriers: dict[str, asyncio.Future] = {}
+        self._noted: set[str] = set()  # addresses already recorded by _note_writers
         self._stopping = False
         # Test/progress hook: called after each drain round trip of purge_address.
         self.progress_hook: Callable[[str, PurgeResult], None] | None = None
@@ -356,10 +358,29 @@ class AddressIndex:
                         raise
                     self.stats.errors += 1
             self.stats.keys_indexed += sum(len(m) for m in groups.values())
+            await self._note_writers(groups)
         for tok in tokens:
             fut = self._barriers.get(tok)
             if fut is not None and not fut.done():
                 fut.set_result(True)
+
+    async def _note_writers(self, groups: dict) -> None:
+        """Record addresses that write here while they are live kvmesh peers (``note_peers``),
+        so that a reconcile may purge them after they die, even one run by another replica.
+        Best effort: a reconcile records the live ones too."""
+        new = [a for a in groups if a not in self._noted]
+        if not new or self.live_addrs is None:
+            return
+        try:
+            live = await asyncio.wait_for(_resolve_live(self.live_addrs), 1.0)
+            mine = [a for a in new if a in live]
+            if mine:
+                await note_peers(self.redis, mine)
+                self._noted.update(mine)
+                if len(self._noted) > 65536:
+                    self._noted.clear()
+        except (asyncio.TimeoutError, *TRANSIENT, RedisError):
+            pass
 
     async def _catch_up(self, generation: int) -> None:
         """After each (re)subscription: prove events arrive, then reconcile, then mark the
