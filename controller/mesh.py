@@ -314,8 +314,7 @@ class Mesh:
         cr = await self.api.apply(lookup.peer_group(ns, gid))
         defaults = self.group_defaults(g)
         if g is not None and g.members and self.manage_lookup:
-            image = sorted(m.image for m in g.members.values())[0]
-            for obj in lookup.desired(cr, defaults, image):
+            for obj in lookup.desired(cr, defaults):  # image by policy, never by a member
                 await self.api.apply(obj)
             await self.reconcile_peer_policy(gkey, g, lookup.owner_ref(cr))
         peers = g.peers if g else []

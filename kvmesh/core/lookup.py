@@ -10,8 +10,8 @@ index is only hints), `maxmemory` with LRU so it cannot grow without bound, keys
 notifications for the controller's reverse index.
 
 controller mode: `lmcache_controller` as a one-replica StatefulSet started with flags (its
-env settings are overridden by argparse defaults), heartbeat port on, health check on, same
-image as the group's vLLM pods; bound to its stable DNS name so the heartbeat URL it hands
+env settings are overridden by argparse defaults), heartbeat port on, health check on, the
+image the policy names (`controllerImage`, default names.LMCACHE_CONTROLLER_IMAGE); bound to its stable DNS name so the heartbeat URL it hands
 out survives a reschedule.
 
 NetworkPolicies (both Ingress only): `kvmesh-lookup-<gid>` lets only the group's pods (and
@@ -34,6 +34,9 @@ from pydantic import ValidationError
 from kvmesh.core import names
 from kvmesh.core.groups import PeerGroupId
 from kvmesh.core.policy import LabelSelector, PolicyDefaults
+
+# Pods kvmesh creates run as this non-root user, under PodSecurity `restricted`.
+LOOKUP_UID = 65532
 
 REDIS_IMAGE = "redis:7.2-alpine"
 REDIS_MAXMEMORY_MB = 1024
@@ -70,8 +73,27 @@ def _meta(name: str, namespace: str, gid: PeerGroupId, owner: dict, component: s
 
 
 def _restricted() -> dict:
+    """A container securityContext the PodSecurity `restricted` level admits."""
     return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
-            "runAsNonRoot": True, "runAsUser": 65532, "seccompProfile": {"type": "RuntimeDefault"}}
+            "runAsNonRoot": True, "runAsUser": LOOKUP_UID, "runAsGroup": LOOKUP_UID,
+            "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def _pod_spec(container: dict) -> dict:
+    """Pod spec for a lookup service: `restricted` at pod level too, no API token (neither
+    Redis nor lmcache_controller talks to the API server), a writable emptyDir for /tmp since
+    the image's own directories belong to another user."""
+    return {"automountServiceAccountToken": False,
+            "enableServiceLinks": False,
+            "securityContext": {"runAsNonRoot": True, "runAsUser": LOOKUP_UID,
+                                "runAsGroup": LOOKUP_UID, "fsGroup": LOOKUP_UID,
+                                "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{**container,
+                            "env": [*container.get("env", []),
+                                    {"name": "HOME", "value": "/tmp"}],
+                            "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+                            "securityContext": _restricted()}],
+            "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}}]}
 
 
 def peer_group(namespace: str, gid: PeerGroupId) -> dict:
@@ -87,8 +109,9 @@ def group_of(group_obj: dict) -> PeerGroupId:
     return PeerGroupId(group_obj["spec"]["mode"], group_obj["spec"]["group"])
 
 
-def desired(group_obj: dict, policy: PolicyDefaults, image: str) -> list[dict]:
-    """The lookup service of the group `group_obj` (its KVMeshPeerGroup) stands for."""
+def desired(group_obj: dict, policy: PolicyDefaults) -> list[dict]:
+    """The lookup service of the group `group_obj` (its KVMeshPeerGroup) stands for. Its
+    image comes from the policy (or the fixed default), never from a member pod."""
     ns = group_obj["metadata"]["namespace"]
     gid = group_of(group_obj)
     owner = owner_ref(group_obj)
@@ -96,7 +119,7 @@ def desired(group_obj: dict, policy: PolicyDefaults, image: str) -> list[dict]:
         if policy.redis_address:
             return [network_policy(ns, gid, owner, lookup_ports=[])]  # external Redis
         return _redis(ns, gid, owner, policy)
-    return _lmcache_controller(ns, gid, owner, policy, image)
+    return _lmcache_controller(ns, gid, owner, policy, policy.controller_image)
 
 
 def _redis(ns: str, gid: PeerGroupId, owner: dict, policy: PolicyDefaults) -> list[dict]:
@@ -110,7 +133,7 @@ def _redis(ns: str, gid: PeerGroupId, owner: dict, policy: PolicyDefaults) -> li
         "spec": {"replicas": 1, "selector": {"matchLabels": selector},
                  "template": {"metadata": {"labels": {**selector,
                                                       "app.kubernetes.io/part-of": "kvmesh"}},
-                              "spec": {"containers": [{
+                              "spec": _pod_spec({
                                   "name": "redis", "image": REDIS_IMAGE,
                                   "args": ["--port", str(port), "--save", "",
                                            "--appendonly", "no",
@@ -127,9 +150,8 @@ def _redis(ns: str, gid: PeerGroupId, owner: dict, policy: PolicyDefaults) -> li
                                       "periodSeconds": 10},
                                   "resources": {"requests": {"cpu": "100m",
                                                              "memory": "256Mi"},
-                                                "limits": {"memory":
-                                                           f"{REDIS_MAXMEMORY_MB + 256}Mi"}},
-                                  "securityContext": _restricted()}]}}}})
+                                                "limits": {"cpu": "1", "memory":
+                                                           f"{REDIS_MAXMEMORY_MB + 256}Mi"}}})}}})
     objs.append({"apiVersion": "v1", "kind": "Service",
                  "metadata": _meta(svc, ns, gid, owner, "lookup-redis"),
                  "spec": {"selector": selector,
@@ -158,7 +180,7 @@ def _lmcache_controller(ns: str, gid: PeerGroupId, owner: dict, policy: PolicyDe
         "spec": {"replicas": 1, "serviceName": headless, "selector": {"matchLabels": selector},
                  "template": {"metadata": {"labels": {**selector,
                                                       "app.kubernetes.io/part-of": "kvmesh"}},
-                              "spec": {"containers": [{
+                              "spec": _pod_spec({
                                   "name": "lmcache-controller", "image": image,
                                   "command": ["lmcache_controller"],
                                   # Bound to its stable per-pod DNS name: the heartbeat URL
@@ -181,8 +203,9 @@ def _lmcache_controller(ns: str, gid: PeerGroupId, owner: dict, policy: PolicyDe
                                                                 "port": "http"},
                                                     "periodSeconds": 15,
                                                     "failureThreshold": 4},
-                                  "resources": {"requests": {"cpu": "250m", "memory": "1Gi"}},
-                              }]}}}})
+                                  "resources": {"requests": {"cpu": "250m", "memory": "1Gi"},
+                                                "limits": {"cpu": "2", "memory": "4Gi"}},
+                              })}}})
     svc_ports = [{"name": p["name"], "port": p["containerPort"], "targetPort": p["name"]}
                  for p in ports]
     objs.append({"apiVersion": "v1", "kind": "Service",

@@ -40,6 +40,11 @@ PORT_NAME_PREFIX = "kvm-"
 POD_IP_VAR = "KVMESH_POD_IP"
 
 
+# The lmcache_controller image of controller-mode groups unless a policy's controllerImage says
+# otherwise (the LMCache release of manifests/samples/).
+LMCACHE_CONTROLLER_IMAGE = "lmcache/vllm-openai:v0.3.9"
+
+
 def lookup_service_name(mode: str, group: str) -> str:
     """Name of the Service in front of a peer group's lookup service (same namespace)."""
     return f"kvmesh-{'redis' if mode == MODE_REDIS else 'lmcache'}-{group}"
