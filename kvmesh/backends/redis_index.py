@@ -28,7 +28,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from kvmesh.backends import resp
+from kvmesh.backends import bounded, resp
 from kvmesh.backends.redis_scripts import (
     BARRIER_PREFIX, OWN_PREFIX, LiveAddrs, PurgeResult, ReconcileResult, _resolve_live,
     drain_index, group_by_addr, index_key, note_peers, parse_addr, prune_index, reconcile,
@@ -40,6 +40,9 @@ log = logging.getLogger("kvmesh.purge")
 NOTIFY_CONFIG = "notify-keyspace-events"
 # The classes Redis's 'A' flag stands for (so 'A' already covers '$').
 _NOTIFY_ALL = "g$lshzxetd"
+
+# Cap on the unparsed bytes of the subscription (keyevent frames carry one key name each).
+MAX_PENDING_BYTES = 16 << 20
 
 # Errors after which the connection is gone or unusable: retry, reconnect, reconcile.
 TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.IncompleteReadError,
@@ -163,7 +166,7 @@ class AddressIndex:
         self.on_reconcile = on_reconcile
         self.stats = Stats()
         self.channel = f"__keyevent@{db}__:set".encode()
-        self.redis = aredis.Redis(host=host, port=port, db=db, retry=Retry(NoBackoff(), 0),
+        self.redis = bounded.client(host=host, port=port, db=db, retry=Retry(NoBackoff(), 0),
                                   socket_connect_timeout=connect_timeout,
                                   socket_timeout=socket_timeout, health_check_interval=0)
         self.name = f"redis://{host}:{port}/{db}"
@@ -335,6 +338,11 @@ class AddressIndex:
             buf += chunk
             frames, pos = resp.parse_frames(buf)
             buf = buf[pos:]
+            if len(buf) > MAX_PENDING_BYTES:  # one unfinished frame this big: not Redis
+                raise ConnectionError(
+                    f"{len(buf)} bytes of an unfinished frame on the subscription (keyevent "
+                    f"messages are key names, under {MAX_PENDING_BYTES >> 20} MiB); "
+                    "reconnecting")
 
     async def _handle(self, frames: list) -> None:
         for f in frames:

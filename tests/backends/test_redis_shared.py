@@ -82,7 +82,8 @@ async def test_every_path_spares_unrelated_keys(redis_server, lmcache):
         assert (await S.drain_index(r, DEAD)).deleted == 0  # nobody indexed "i" (index stopped)
         assert (await S.scan_purge(r, DEAD)).deleted == 50
         await poison_index(lmcache, app)
-        assert (await S.reconcile(r, set())).purged == 0  # LIVE_A "dead" too, but no peer
+        # FOREIGN is not live either, but it was never a kvmesh peer: its entries stay.
+        assert (await S.reconcile(r, live)).purged == 0
         await assert_app_intact(lmcache, app)
     finally:
         await r.aclose()
