@@ -20,6 +20,7 @@ from typing import Optional
 from kvmesh.core import groups, lookup, names
 from kvmesh.core.groups import PeerGroupId
 from kvmesh.core.policy import PolicyDefaults
+from kvmesh.kube.api import ApiError
 from kvmesh.kube.facade import MeshClient
 
 log = logging.getLogger("kvmesh.mesh")
@@ -34,6 +35,9 @@ GroupKey = tuple[str, PeerGroupId]  # (namespace, group)
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
 
+
+# A namespace where the controller may not write is reported at most this often.
+FORBIDDEN_REPORT_SECONDS = 600.0
 
 @dataclass
 class PurgeRecord:
@@ -77,6 +81,7 @@ class Mesh:
         self.user_isolated: dict[GroupKey, bool] = {}
         self.unselected: dict[GroupKey, list[str]] = {}
         self.dirty: set[GroupKey] = set()
+        self.forbidden_reported: dict[str, float] = {}  # namespace -> when last said
         self._wake = asyncio.Event()
 
     # --- membership ---------------------------------------------------------------------------
@@ -424,14 +429,44 @@ class Mesh:
         for gkey in keys:
             try:
                 await self.reconcile_group(gkey, view.get(gkey))
-            except Exception as e:
-                self.dirty.add(gkey)
+            except ApiError as e:
+                if e.status != 403:
+                    self._group_failed(gkey, e)
+                    continue
+                # Not allowed in this namespace (no RoleBinding): retried at the next full
+                # resync only, said once per FORBIDDEN_REPORT_SECONDS, never a hot loop.
                 if self.metrics:
-                    self.metrics.errors.labels("group").inc()
-                log.error("reconciling peer group %s/%s failed: %s", gkey[0], gkey[1], e)
+                    self.metrics.errors.labels("forbidden").inc()
+                await self._report_forbidden(gkey, view.get(gkey), e)
+            except Exception as e:
+                self._group_failed(gkey, e)
         if self.metrics:
             self.metrics.members.set(len(self.members))
             self.metrics.peers.set(sum(1 for m in self.members.values() if m.is_peer))
+
+    def _group_failed(self, gkey: GroupKey, e: Exception) -> None:
+        self.dirty.add(gkey)
+        if self.metrics:
+            self.metrics.errors.labels("group").inc()
+        log.error("reconciling peer group %s/%s failed: %s", gkey[0], gkey[1], e)
+
+    async def _report_forbidden(self, gkey: GroupKey, g: Optional[groups.Group],
+                                e: ApiError) -> None:
+        ns = gkey[0]
+        now = time.monotonic()
+        if now - self.forbidden_reported.get(ns, -float("inf")) < FORBIDDEN_REPORT_SECONDS:
+            return
+        self.forbidden_reported[ns] = now
+        msg = (f"kvmesh may not manage the lookup service of peer group {gkey[1]} in namespace "
+               f"{ns} (the API server answered 403 Forbidden: {e.reason}); pods there run "
+               f"without P2P lookup. An admin allows it with: {names.grant_command(ns)}")
+        log.warning("%s", msg)
+        member = next(iter(g.members.values()), None) if g else None
+        if member is not None:
+            try:
+                await self.event(member, "LookupForbidden", msg, "Warning")
+            except Exception as ee:  # noqa: BLE001 - the log line above says it already
+                log.debug("could not record the LookupForbidden Event: %s", ee)
 
     async def run(self) -> None:
         informer = asyncio.create_task(self.pods.run())
