@@ -152,8 +152,11 @@ class AddressIndex:
                  sync_timeout: float = 5.0, connect_timeout: float = 3.0,
                  socket_timeout: float = 30.0,
                  prune_interval: float | None = 600.0, reconcile_interval: float | None = None,
-                 on_reconcile: Callable[[dict[str, int]], None] | None = None):
+                 on_reconcile: Callable[[dict[str, int]], None] | None = None,
+                 username: str | None = None, password: str | None = None):
         self.host, self.port, self.db = host, port, db
+        # kvmesh's own Redis user (core.lookup.REDIS_KVMESH_USER) on a Redis with ACLs.
+        self.username, self.password = username, password
         self.live_addrs = live_addrs
         self.event_batch, self.drain_batch, self.scan_count = event_batch, drain_batch, scan_count
         self.max_attempts = max_attempts
@@ -168,7 +171,8 @@ class AddressIndex:
         self.channel = f"__keyevent@{db}__:set".encode()
         self.redis = bounded.client(host=host, port=port, db=db, retry=Retry(NoBackoff(), 0),
                                   socket_connect_timeout=connect_timeout,
-                                  socket_timeout=socket_timeout, health_check_interval=0)
+                                  socket_timeout=socket_timeout, health_check_interval=0,
+                                  username=username, password=password)
         self.name = f"redis://{host}:{port}/{db}"
         self._task: asyncio.Task | None = None
         self._catchup: asyncio.Task | None = None
@@ -262,6 +266,8 @@ class AddressIndex:
                 sock = writer.get_extra_info("socket")
                 if sock is not None:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                if self.password is not None:
+                    await self._auth(reader, writer)
                 await self._ensure_notify()
                 writer.write(resp.command("SUBSCRIBE", self.channel))
                 await writer.drain()
@@ -315,6 +321,16 @@ class AddressIndex:
                     writer.close()
             if not self._stopping:
                 await asyncio.sleep(delay)
+
+    async def _auth(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """AUTH on the raw subscription connection (redis-py's connections do their own)."""
+        args = ("AUTH", self.username, self.password) if self.username else ("AUTH", self.password)
+        writer.write(resp.command(*args))
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), self.connect_timeout)
+        if not line.startswith(b"+OK"):
+            raise ResponseError(f"AUTH as {self.username or 'default'} refused: "
+                                f"{line[:200].decode('ascii', 'replace').strip()}")
 
     async def _consume(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                        buf: bytes, frames: list) -> None:

@@ -46,6 +46,37 @@ REDIS_NOTIFY = names.REDIS_NOTIFY_FLAGS
 # A burst of chunk stores must not drop the controller's subscription (default hard limit
 # 32 MB); a drop costs a full reconciliation.
 REDIS_PUBSUB_BUFFER = "pubsub 256mb 64mb 60"
+# Redis ACLs of a group's lookup Redis.
+# Pods (LMCache) are Redis's `default` user: LMCache 0.3.6's RedisLookupServer connects with
+# `redis.Redis(host=..., port=..., decode_responses=True)` and no credentials
+# (lmcache/v1/lookup_server/redis_server.py:30-32; lookup_url is split as "host:port" at :26,
+# so there is no place for a user or password). It runs GET (:41), SET (:55, :66) and DEL
+# (:73, :82), on keys CacheEngineKey.to_string names "<fmt>@..." with fmt "vllm"
+# (lmcache/utils.py:149-156; lmcache/integration/vllm/vllm_v1_adapter.py:473, utils.py:154).
+# So the default user gets exactly those commands (and PING, for the liveness probe) on
+# `vllm@*` keys: no CONFIG, REPLICAOF, FLUSH*, DEBUG, SCRIPT/EVAL, KEYS, SCAN, SUBSCRIBE, and
+# no access to kvmesh's own `kvmesh:*` index. kvmesh's controller is user `kvmesh` with a
+# password (only its SHA-256 is in the pod spec; the Secret holds it for the controller).
+REDIS_POD_COMMANDS = ("get", "set", "del", "ping")
+REDIS_POD_KEYS = "vllm@*"
+REDIS_KVMESH_USER = "kvmesh"
+# kvmesh's user: everything but the dangerous class, plus the CONFIG subcommands it uses to
+# turn keyevent notifications on (a restarted Redis forgets them).
+REDIS_KVMESH_RULES = ("~*", "&*", "+@all", "-@dangerous", "+config|get", "+config|set",
+                      "+info")
+
+
+def redis_acl_args(kvmesh_password_sha256: str) -> list[str]:
+    """redis-server arguments that set both users (see REDIS_POD_COMMANDS)."""
+    if len(kvmesh_password_sha256) != 64 or any(c not in "0123456789abcdef"
+                                                for c in kvmesh_password_sha256):
+        raise ValueError("kvmesh's Redis password must be given as 64 lowercase hex (SHA-256)")
+    return ["--user", "default", "on", "nopass", "resetkeys", "resetchannels",
+            f"~{REDIS_POD_KEYS}", "-@all", *(f"+{c}" for c in REDIS_POD_COMMANDS),
+            "--user", REDIS_KVMESH_USER, "on", f"#{kvmesh_password_sha256}",
+            *REDIS_KVMESH_RULES]
+
+
 CONTROLLER_HTTP_PORT = 9000
 CONTROLLER_HEARTBEAT_PORT = 8500
 HEALTH_CHECK_SECONDS = 5
