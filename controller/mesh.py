@@ -82,6 +82,7 @@ class Mesh:
         self.unselected: dict[GroupKey, list[str]] = {}
         self.dirty: set[GroupKey] = set()
         self.forbidden_reported: dict[str, float] = {}  # namespace -> when last said
+        self._redis_key: Optional[bytes] = None  # master key of the group Redis passwords
         self._wake = asyncio.Event()
 
     # --- membership ---------------------------------------------------------------------------
@@ -173,14 +174,24 @@ class Mesh:
         addr = f"{ep[0]}:{ep[1]}"
         idx = self.redis.get(addr)
         if idx is None:
+            # kvmesh's own Redis enforces ACLs (lookup.redis_acl_args): log in as kvmesh's user.
+            # An operator's Redis (redisAddress) is used as configured.
+            auth = {} if (defaults or self.policy).redis_address else {
+                "username": lookup.REDIS_KVMESH_USER,
+                "password": await self._redis_password(namespace, group)}
             # Periodic reconciliation is the backstop for index sets lost to maxmemory
             # eviction (the lookup Redis is bounded with allkeys-lru) or missed events.
             idx = purge.AddressIndex(ep[0], ep[1], live_addrs=self._live_for_reconcile,
                                      reconcile_interval=RECONCILE_SECONDS,
-                                     on_reconcile=self._on_swept)
+                                     on_reconcile=self._on_swept, **auth)
             self.redis[addr] = idx
             await idx.start(wait=10)
         return idx
+
+    async def _redis_password(self, namespace: str, group: str) -> str:
+        if self._redis_key is None:
+            self._redis_key = await self.api.redis_master_key()
+        return lookup.redis_password(self._redis_key, namespace, group)
 
     def _on_swept(self, stale: dict[str, int]) -> None:
         # A reconcile (index catch-up after a (re)connect) and a departure's purge can race
@@ -319,7 +330,10 @@ class Mesh:
         cr = await self.api.apply(lookup.peer_group(ns, gid))
         defaults = self.group_defaults(g)
         if g is not None and g.members and self.manage_lookup:
-            for obj in lookup.desired(cr, defaults):  # image by policy, never by a member
+            acl = None
+            if gid.mode == names.MODE_REDIS and not defaults.redis_address:
+                acl = lookup.password_sha256(await self._redis_password(ns, gid.group))
+            for obj in lookup.desired(cr, defaults, acl):  # image by policy, never a member
                 await self.api.apply(obj)
             await self.reconcile_peer_policy(gkey, g, lookup.owner_ref(cr))
         peers = g.peers if g else []

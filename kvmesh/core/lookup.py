@@ -27,6 +27,8 @@ no user policy selects are then reachable on their P2P ports only (the mesh logs
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from typing import Iterable, Optional
 
 from pydantic import ValidationError
@@ -64,6 +66,17 @@ REDIS_KVMESH_USER = "kvmesh"
 # turn keyevent notifications on (a restarted Redis forgets them).
 REDIS_KVMESH_RULES = ("~*", "&*", "+@all", "-@dangerous", "+config|get", "+config|set",
                       "+info")
+
+
+def redis_password(master_key: bytes, namespace: str, group: str) -> str:
+    """kvmesh's password for one group's Redis: derived from the master key in kvmesh-system's
+    Secret (names.REDIS_AUTH_SECRET), so a restarted or new leader knows it without storing
+    one per group, and no tenant namespace holds anything that opens another's Redis."""
+    return hmac.new(master_key, f"{namespace}/{group}".encode(), hashlib.sha256).hexdigest()
+
+
+def password_sha256(password: str) -> str:
+    return hashlib.sha256(password.encode()).hexdigest()
 
 
 def redis_acl_args(kvmesh_password_sha256: str) -> list[str]:
@@ -140,20 +153,23 @@ def group_of(group_obj: dict) -> PeerGroupId:
     return PeerGroupId(group_obj["spec"]["mode"], group_obj["spec"]["group"])
 
 
-def desired(group_obj: dict, policy: PolicyDefaults) -> list[dict]:
+def desired(group_obj: dict, policy: PolicyDefaults,
+            redis_password_sha256: Optional[str] = None) -> list[dict]:
     """The lookup service of the group `group_obj` (its KVMeshPeerGroup) stands for. Its
-    image comes from the policy (or the fixed default), never from a member pod."""
+    image comes from the policy (or the fixed default), never from a member pod. With
+    `redis_password_sha256`, the group's Redis enforces the ACLs of redis_acl_args."""
     ns = group_obj["metadata"]["namespace"]
     gid = group_of(group_obj)
     owner = owner_ref(group_obj)
     if gid.mode == names.MODE_REDIS:
         if policy.redis_address:
             return [network_policy(ns, gid, owner, lookup_ports=[])]  # external Redis
-        return _redis(ns, gid, owner, policy)
+        return _redis(ns, gid, owner, policy, redis_password_sha256)
     return _lmcache_controller(ns, gid, owner, policy, policy.controller_image)
 
 
-def _redis(ns: str, gid: PeerGroupId, owner: dict, policy: PolicyDefaults) -> list[dict]:
+def _redis(ns: str, gid: PeerGroupId, owner: dict, policy: PolicyDefaults,
+           password_sha256: Optional[str] = None) -> list[dict]:
     svc = names.lookup_service_name(gid.mode, gid.group)
     selector = {names.LABEL_LOOKUP_FOR: gid.label}
     objs: list[dict] = []
@@ -172,7 +188,9 @@ def _redis(ns: str, gid: PeerGroupId, owner: dict, policy: PolicyDefaults) -> li
                                            "--maxmemory-policy", "allkeys-lru",
                                            "--notify-keyspace-events", REDIS_NOTIFY,
                                            "--client-output-buffer-limit",
-                                           REDIS_PUBSUB_BUFFER],
+                                           REDIS_PUBSUB_BUFFER,
+                                           *(redis_acl_args(password_sha256)
+                                             if password_sha256 else [])],
                                   "ports": [{"name": "redis", "containerPort": port}],
                                   "readinessProbe": {"tcpSocket": {"port": "redis"},
                                                      "periodSeconds": 5},

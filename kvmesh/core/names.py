@@ -54,6 +54,10 @@ def grant_command(namespace: str) -> str:
             f"--serviceaccount={SYSTEM_NAMESPACE}:{CONTROLLER_SERVICE_ACCOUNT}")
 
 
+# Secret in SYSTEM_NAMESPACE holding the master key kvmesh derives each group Redis's password
+# from (core.lookup.redis_password); the controller creates it.
+REDIS_AUTH_SECRET = "kvmesh-redis-auth"
+
 # The lmcache_controller image of controller-mode groups unless a policy's controllerImage says
 # otherwise (the LMCache release of manifests/samples/).
 LMCACHE_CONTROLLER_IMAGE = "lmcache/vllm-openai:v0.3.9"

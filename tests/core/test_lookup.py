@@ -244,3 +244,20 @@ def test_lookup_pods_restricted_with_limits_and_probes(mode):
             assert set(c["resources"]["limits"]) == {"cpu", "memory"}
             assert set(c["resources"]["requests"]) == {"cpu", "memory"}
             assert c["readinessProbe"] and c["livenessProbe"]
+
+
+def test_group_redis_gets_acls_and_only_the_password_hash():
+    from kvmesh.core.policy import PolicyDefaults
+    pw = lookup.redis_password(b"m" * 32, "ns", "default")
+    assert pw == lookup.redis_password(b"m" * 32, "ns", "default")  # any leader derives it
+    assert pw != lookup.redis_password(b"m" * 32, "ns2", "default")  # per namespace/group
+    assert pw != lookup.redis_password(b"n" * 32, "ns", "default")
+    gid = PeerGroupId("redis", "default")
+    cr = {**lookup.peer_group("ns", gid)}
+    cr["metadata"] = {**cr["metadata"], "uid": "u"}
+    dep = lookup.desired(cr, PolicyDefaults(), lookup.password_sha256(pw))[0]
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--user") + 1] == "default" and "~vllm@*" in args
+    assert f"#{lookup.password_sha256(pw)}" in args and pw not in " ".join(args)
+    with pytest.raises(ValueError):
+        lookup.redis_acl_args("not-a-hash")
