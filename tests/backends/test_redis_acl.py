@@ -69,7 +69,15 @@ print(json.dumps({"found": found, "after": after, "names": [k.to_string() for k 
 
 
 def test_lmcache_own_lookup_client_still_works(acl_redis):
-    from consumers.consumers import ConsumerEnvMissing, _child_env, env_python
+    # By path: "consumers" is a module or a namespace package depending on which tests ran.
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "kvmesh_tests_consumers", Path(__file__).parents[1] / "consumers" / "consumers.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    ConsumerEnvMissing, _child_env, env_python = mod.ConsumerEnvMissing, mod._child_env, \
+        mod.env_python
     try:
         py = env_python("lmcache-0.3.6-engine")
     except ConsumerEnvMissing as e:
