@@ -47,7 +47,9 @@ def resp_sets(pairs) -> bytes:
 
 
 def keys_for(tag: str, n: int, start: int = 0):
-    return (f"{MODEL}{tag}{i:058x}".encode() for i in range(start, start + n))
+    # LMCache's key name (model@...@chunk hash in hex): the tag goes into the hash as hex.
+    h = tag.encode().hex()
+    return (f"{MODEL}{h}{i:058x}".encode() for i in range(start, start + n))
 
 
 async def naive_purge(r: aredis.Redis, addr: str, count: int = 2000) -> PurgeResult:

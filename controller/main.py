@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import uuid
 from typing import Optional
 
@@ -28,6 +29,36 @@ from kvmesh.kube.facade import MeshClient
 from kvmesh.kube.leader import LeaderElector
 
 log = logging.getLogger("kvmesh.controller")
+
+# After SIGTERM: this long to give the Lease up (one API round trip, skipped if the API server
+# does not answer), the rest to close; past SHUTDOWN_HARD_SECONDS the process exits whatever is
+# still running (a blocked thread, a task ignoring cancellation). Kubernetes' default grace
+# period is 30 s; a stuck controller must not hold the rollout that long.
+RELEASE_SECONDS = 4.0
+CLOSE_SECONDS = 2.0
+SHUTDOWN_HARD_SECONDS = 9.0
+
+
+def _hard_exit_later(seconds: float) -> threading.Timer:
+    """A backstop that does not depend on the event loop (which may be the thing stuck)."""
+    def bail() -> None:
+        log.error("shutdown did not finish within %.0fs of SIGTERM; exiting now", seconds)
+        logging.shutdown()
+        os._exit(1)
+    t = threading.Timer(seconds, bail)
+    t.daemon = True
+    t.start()
+    return t
+
+
+async def _bounded(what: str, aw, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(aw, seconds)
+    except asyncio.TimeoutError:
+        log.warning("shutdown: %s did not finish within %.1fs; going on without it", what,
+                    seconds)
+    except (asyncio.CancelledError, Exception):
+        pass
 
 
 class Metrics:
@@ -109,8 +140,15 @@ async def run(kubeconfig: Optional[str], metrics_port: int, cert_interval: float
                       else "127.0.0.1", metrics_port).start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    watchdog: list[threading.Timer] = []
+
+    def on_signal() -> None:
+        if not watchdog:
+            watchdog.append(_hard_exit_later(SHUTDOWN_HARD_SECONDS))
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     campaign = asyncio.create_task(elector.run(lead))
     log.info("kvmesh controller %s campaigning for lease %s", identity, names.LEADER_LEASE)
     if started:
@@ -118,10 +156,10 @@ async def run(kubeconfig: Optional[str], metrics_port: int, cert_interval: float
     try:
         await stop.wait()
     finally:
-        campaign.cancel()
-        try:
-            await campaign
-        except (asyncio.CancelledError, Exception):
-            pass
-        await runner.cleanup()
-        await kube.close()
+        log.info("stopping: releasing lease %s if leading (up to %.0fs)", names.LEADER_LEASE,
+                 RELEASE_SECONDS)
+        campaign.cancel()  # its finally releases the Lease
+        await _bounded("lease release", campaign, RELEASE_SECONDS)
+        await _bounded("metrics server shutdown", runner.cleanup(), CLOSE_SECONDS)
+        await _bounded("API client close", kube.close(), CLOSE_SECONDS)
+        log.info("stopped")

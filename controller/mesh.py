@@ -20,6 +20,7 @@ from typing import Optional
 from kvmesh.core import groups, lookup, names
 from kvmesh.core.groups import PeerGroupId
 from kvmesh.core.policy import PolicyDefaults
+from kvmesh.kube.api import ApiError
 from kvmesh.kube.facade import MeshClient
 
 log = logging.getLogger("kvmesh.mesh")
@@ -34,6 +35,9 @@ GroupKey = tuple[str, PeerGroupId]  # (namespace, group)
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
 
+
+# A namespace where the controller may not write is reported at most this often.
+FORBIDDEN_REPORT_SECONDS = 600.0
 
 @dataclass
 class PurgeRecord:
@@ -77,6 +81,8 @@ class Mesh:
         self.user_isolated: dict[GroupKey, bool] = {}
         self.unselected: dict[GroupKey, list[str]] = {}
         self.dirty: set[GroupKey] = set()
+        self.forbidden_reported: dict[str, float] = {}  # namespace -> when last said
+        self._redis_key: Optional[bytes] = None  # master key of the group Redis passwords
         self._wake = asyncio.Event()
 
     # --- membership ---------------------------------------------------------------------------
@@ -168,14 +174,24 @@ class Mesh:
         addr = f"{ep[0]}:{ep[1]}"
         idx = self.redis.get(addr)
         if idx is None:
+            # kvmesh's own Redis enforces ACLs (lookup.redis_acl_args): log in as kvmesh's user.
+            # An operator's Redis (redisAddress) is used as configured.
+            auth = {} if (defaults or self.policy).redis_address else {
+                "username": lookup.REDIS_KVMESH_USER,
+                "password": await self._redis_password(namespace, group)}
             # Periodic reconciliation is the backstop for index sets lost to maxmemory
             # eviction (the lookup Redis is bounded with allkeys-lru) or missed events.
             idx = purge.AddressIndex(ep[0], ep[1], live_addrs=self._live_for_reconcile,
                                      reconcile_interval=RECONCILE_SECONDS,
-                                     on_reconcile=self._on_swept)
+                                     on_reconcile=self._on_swept, **auth)
             self.redis[addr] = idx
             await idx.start(wait=10)
         return idx
+
+    async def _redis_password(self, namespace: str, group: str) -> str:
+        if self._redis_key is None:
+            self._redis_key = await self.api.redis_master_key()
+        return lookup.redis_password(self._redis_key, namespace, group)
 
     def _on_swept(self, stale: dict[str, int]) -> None:
         # A reconcile (index catch-up after a (re)connect) and a departure's purge can race
@@ -314,8 +330,10 @@ class Mesh:
         cr = await self.api.apply(lookup.peer_group(ns, gid))
         defaults = self.group_defaults(g)
         if g is not None and g.members and self.manage_lookup:
-            image = sorted(m.image for m in g.members.values())[0]
-            for obj in lookup.desired(cr, defaults, image):
+            acl = None
+            if gid.mode == names.MODE_REDIS and not defaults.redis_address:
+                acl = lookup.password_sha256(await self._redis_password(ns, gid.group))
+            for obj in lookup.desired(cr, defaults, acl):  # image by policy, never a member
                 await self.api.apply(obj)
             await self.reconcile_peer_policy(gkey, g, lookup.owner_ref(cr))
         peers = g.peers if g else []
@@ -425,14 +443,44 @@ class Mesh:
         for gkey in keys:
             try:
                 await self.reconcile_group(gkey, view.get(gkey))
-            except Exception as e:
-                self.dirty.add(gkey)
+            except ApiError as e:
+                if e.status != 403:
+                    self._group_failed(gkey, e)
+                    continue
+                # Not allowed in this namespace (no RoleBinding): retried at the next full
+                # resync only, said once per FORBIDDEN_REPORT_SECONDS, never a hot loop.
                 if self.metrics:
-                    self.metrics.errors.labels("group").inc()
-                log.error("reconciling peer group %s/%s failed: %s", gkey[0], gkey[1], e)
+                    self.metrics.errors.labels("forbidden").inc()
+                await self._report_forbidden(gkey, view.get(gkey), e)
+            except Exception as e:
+                self._group_failed(gkey, e)
         if self.metrics:
             self.metrics.members.set(len(self.members))
             self.metrics.peers.set(sum(1 for m in self.members.values() if m.is_peer))
+
+    def _group_failed(self, gkey: GroupKey, e: Exception) -> None:
+        self.dirty.add(gkey)
+        if self.metrics:
+            self.metrics.errors.labels("group").inc()
+        log.error("reconciling peer group %s/%s failed: %s", gkey[0], gkey[1], e)
+
+    async def _report_forbidden(self, gkey: GroupKey, g: Optional[groups.Group],
+                                e: ApiError) -> None:
+        ns = gkey[0]
+        now = time.monotonic()
+        if now - self.forbidden_reported.get(ns, -float("inf")) < FORBIDDEN_REPORT_SECONDS:
+            return
+        self.forbidden_reported[ns] = now
+        msg = (f"kvmesh may not manage the lookup service of peer group {gkey[1]} in namespace "
+               f"{ns} (the API server answered 403 Forbidden: {e.reason}); pods there run "
+               f"without P2P lookup. An admin allows it with: {names.grant_command(ns)}")
+        log.warning("%s", msg)
+        member = next(iter(g.members.values()), None) if g else None
+        if member is not None:
+            try:
+                await self.event(member, "LookupForbidden", msg, "Warning")
+            except Exception as ee:  # noqa: BLE001 - the log line above says it already
+                log.debug("could not record the LookupForbidden Event: %s", ee)
 
     async def run(self) -> None:
         informer = asyncio.create_task(self.pods.run())

@@ -100,6 +100,12 @@ async def run(kube: Kube, metrics) -> None:
                 did = await reconcile(kube, obj)
             except Exception as e:
                 metrics.errors.labels("optin").inc()
+                if getattr(e, "status", None) == 403:
+                    log.warning("opt-in of %s %s/%s: kvmesh may not change workloads in "
+                                "namespace %s (403 Forbidden). An admin allows it with: %s",
+                                kind, meta.get("namespace"), meta.get("name"),
+                                meta.get("namespace"), names.grant_command(meta["namespace"]))
+                    return
                 log.error("opt-in of %s %s/%s failed: %s", kind, meta.get("namespace"),
                           meta.get("name"), e)
                 return

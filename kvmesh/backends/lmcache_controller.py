@@ -51,6 +51,10 @@ DEFAULT_LINGER_MS = 1000
 DEFAULT_HTTP_TIMEOUT_S = 5.0
 
 
+# Cap on one HTTP reply of lmcache_controller (its per-instance worker listing).
+MAX_HTTP_REPLY_BYTES = 8 << 20
+
+
 class LMCacheControllerError(RuntimeError):
     """Talking to lmcache_controller failed, or it answered something unexpected."""
 
@@ -202,10 +206,19 @@ async def _get_json(session: aiohttp.ClientSession, method: str, url: str, *,
     try:
         async with session.request(method, url, timeout=aiohttp.ClientTimeout(total=timeout),
                                    **kw) as resp:
-            text = await resp.text()
+            # Bounded: the endpoint is reached at an address pods can influence. The listing of
+            # one instance's workers is a few hundred bytes per rank.
+            raw = bytearray()
+            async for chunk in resp.content.iter_any():
+                raw += chunk
+                if len(raw) > MAX_HTTP_REPLY_BYTES:
+                    raise LMCacheControllerError(
+                        f"lmcache_controller HTTP {url} replied with more than "
+                        f"{MAX_HTTP_REPLY_BYTES >> 20} MiB; not the controller kvmesh runs")
+            text = raw.decode("utf-8", "replace")
             try:
                 body = json.loads(text) if text else None
-            except ValueError:
+            except (ValueError, RecursionError):
                 body = text
             return resp.status, body
     except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:

@@ -28,10 +28,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from kvmesh.backends import resp
+from kvmesh.backends import bounded, resp
 from kvmesh.backends.redis_scripts import (
-    BARRIER_PREFIX, OWN_PREFIX, LiveAddrs, PurgeResult, ReconcileResult, drain_index,
-    group_by_addr, index_key, parse_addr, prune_index, reconcile, scan_purge)
+    BARRIER_PREFIX, OWN_PREFIX, LiveAddrs, PurgeResult, ReconcileResult, _resolve_live,
+    drain_index, group_by_addr, index_key, note_peers, parse_addr, prune_index, reconcile,
+    scan_purge)
 from kvmesh.core.names import REDIS_NOTIFY_FLAGS
 
 log = logging.getLogger("kvmesh.purge")
@@ -39,6 +40,9 @@ log = logging.getLogger("kvmesh.purge")
 NOTIFY_CONFIG = "notify-keyspace-events"
 # The classes Redis's 'A' flag stands for (so 'A' already covers '$').
 _NOTIFY_ALL = "g$lshzxetd"
+
+# Cap on the unparsed bytes of the subscription (keyevent frames carry one key name each).
+MAX_PENDING_BYTES = 16 << 20
 
 # Errors after which the connection is gone or unusable: retry, reconnect, reconcile.
 TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.IncompleteReadError,
@@ -148,8 +152,11 @@ class AddressIndex:
                  sync_timeout: float = 5.0, connect_timeout: float = 3.0,
                  socket_timeout: float = 30.0,
                  prune_interval: float | None = 600.0, reconcile_interval: float | None = None,
-                 on_reconcile: Callable[[dict[str, int]], None] | None = None):
+                 on_reconcile: Callable[[dict[str, int]], None] | None = None,
+                 username: str | None = None, password: str | None = None):
         self.host, self.port, self.db = host, port, db
+        # kvmesh's own Redis user (core.lookup.REDIS_KVMESH_USER) on a Redis with ACLs.
+        self.username, self.password = username, password
         self.live_addrs = live_addrs
         self.event_batch, self.drain_batch, self.scan_count = event_batch, drain_batch, scan_count
         self.max_attempts = max_attempts
@@ -162,9 +169,10 @@ class AddressIndex:
         self.on_reconcile = on_reconcile
         self.stats = Stats()
         self.channel = f"__keyevent@{db}__:set".encode()
-        self.redis = aredis.Redis(host=host, port=port, db=db, retry=Retry(NoBackoff(), 0),
+        self.redis = bounded.client(host=host, port=port, db=db, retry=Retry(NoBackoff(), 0),
                                   socket_connect_timeout=connect_timeout,
-                                  socket_timeout=socket_timeout, health_check_interval=0)
+                                  socket_timeout=socket_timeout, health_check_interval=0,
+                                  username=username, password=password)
         self.name = f"redis://{host}:{port}/{db}"
         self._task: asyncio.Task | None = None
         self._catchup: asyncio.Task | None = None
@@ -173,6 +181,7 @@ class AddressIndex:
         self._complete = False
         self._generation = 0
         self._barriers: dict[str, asyncio.Future] = {}
+        self._noted: set[str] = set()  # addresses already recorded by _note_writers
         self._stopping = False
         # Test/progress hook: called after each drain round trip of purge_address.
         self.progress_hook: Callable[[str, PurgeResult], None] | None = None
@@ -257,6 +266,8 @@ class AddressIndex:
                 sock = writer.get_extra_info("socket")
                 if sock is not None:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                if self.password is not None:
+                    await self._auth(reader, writer)
                 await self._ensure_notify()
                 writer.write(resp.command("SUBSCRIBE", self.channel))
                 await writer.drain()
@@ -311,6 +322,16 @@ class AddressIndex:
             if not self._stopping:
                 await asyncio.sleep(delay)
 
+    async def _auth(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """AUTH on the raw subscription connection (redis-py's connections do their own)."""
+        args = ("AUTH", self.username, self.password) if self.username else ("AUTH", self.password)
+        writer.write(resp.command(*args))
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), self.connect_timeout)
+        if not line.startswith(b"+OK"):
+            raise ResponseError(f"AUTH as {self.username or 'default'} refused: "
+                                f"{line[:200].decode('ascii', 'replace').strip()}")
+
     async def _consume(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                        buf: bytes, frames: list) -> None:
         pending_ping = False
@@ -333,6 +354,11 @@ class AddressIndex:
             buf += chunk
             frames, pos = resp.parse_frames(buf)
             buf = buf[pos:]
+            if len(buf) > MAX_PENDING_BYTES:  # one unfinished frame this big: not Redis
+                raise ConnectionError(
+                    f"{len(buf)} bytes of an unfinished frame on the subscription (keyevent "
+                    f"messages are key names, under {MAX_PENDING_BYTES >> 20} MiB); "
+                    "reconnecting")
 
     async def _handle(self, frames: list) -> None:
         for f in frames:
@@ -356,10 +382,29 @@ class AddressIndex:
                         raise
                     self.stats.errors += 1
             self.stats.keys_indexed += sum(len(m) for m in groups.values())
+            await self._note_writers(groups)
         for tok in tokens:
             fut = self._barriers.get(tok)
             if fut is not None and not fut.done():
                 fut.set_result(True)
+
+    async def _note_writers(self, groups: dict) -> None:
+        """Record addresses that write here while they are live kvmesh peers (``note_peers``),
+        so that a reconcile may purge them after they die, even one run by another replica.
+        Best effort: a reconcile records the live ones too."""
+        new = [a for a in groups if a not in self._noted]
+        if not new or self.live_addrs is None:
+            return
+        try:
+            live = await asyncio.wait_for(_resolve_live(self.live_addrs), 1.0)
+            mine = [a for a in new if a in live]
+            if mine:
+                await note_peers(self.redis, mine)
+                self._noted.update(mine)
+                if len(self._noted) > 65536:
+                    self._noted.clear()
+        except (asyncio.TimeoutError, *TRANSIENT, RedisError):
+            pass
 
     async def _catch_up(self, generation: int) -> None:
         """After each (re)subscription: prove events arrive, then reconcile, then mark the

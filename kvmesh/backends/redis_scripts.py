@@ -7,8 +7,13 @@ per stored chunk (no TTL, DB 0). kvmesh keeps, per address, a reverse index set
 ``kvmesh:addr:<addr>`` of the keys that hold it, so a dead pod's keys are found without scanning
 everyone else's.
 
-Every delete is value-checked atomically in Lua (``GET key == addr``), so a key that a live pod
-re-wrote to its own address is never deleted, whatever the index says. The index is a superset
+The Redis may be shared (``redisAddress``), so a key is LMCache's only by its *name*, never by its
+value alone: every path (index, scan, delete) requires LMCache 0.3.x's ``CacheEngineKey`` format
+(``is_lmcache_key``); and a reconcile purges an address only if kvmesh recorded it as one of its
+peers writing to this Redis (``MEMBERS_KEY``). Every delete is value- and name-checked atomically
+in Lua (``GET key == addr`` and the key format), so a key that a live pod re-wrote to its own
+address, or an application's key that happens to hold an ``ip:port``, is never deleted, whatever
+the index says. The index is a superset
 hint: stale members (keys since deleted or re-written) are harmless and pruned by
 ``prune_index``. Standalone Redis only (the scripts touch keys they were not passed in KEYS;
 LMCache's lookup server is a single Redis anyway).
@@ -19,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Iterable, Union
@@ -29,6 +35,19 @@ import redis.asyncio as aredis
 OWN_PREFIX = b"kvmesh:"
 INDEX_PREFIX = b"kvmesh:addr:"
 BARRIER_PREFIX = b"kvmesh:barrier:"
+# Hash: address -> unix time kvmesh last saw it as a live peer with keys in this Redis. Only
+# these addresses are ever purged by a reconcile ("the group"): on a shared Redis, another
+# LMCache deployment's keys are not kvmesh's to delete.
+MEMBERS_KEY = b"kvmesh:members"
+# A recorded peer not seen live for this long is forgotten (pod IPs are reused).
+MEMBER_TTL_SECONDS = 7 * 24 * 3600
+
+# LMCache 0.3.x CacheEngineKey.to_string (lmcache/utils.py:149-156 in 0.3.6), the key its
+# RedisLookupServer SETs (lmcache/v1/lookup_server/redis_server.py:55,66):
+#   <fmt>@<model_name>@<world_size>@<worker_id>@<chunk_hash as %x, may be negative>[@<tag>%<value>]...
+_LMCACHE_KEY = re.compile(rb"[^@]+@[^@]+@[0-9]+@[0-9]+@-?[0-9a-f]+(?:@[^@%]+%[^@]*)*\Z", re.S)
+# Longer names are not LMCache's (its model names are short); bounds the regex's work.
+MAX_KEY_BYTES = 4096
 
 LiveAddrs = Union[Iterable[str], Callable[[], Union[Iterable[str], Awaitable[Iterable[str]]]], None]
 
@@ -75,6 +94,13 @@ def parse_addr_cached(value: bytes | None) -> str | None:
         return got
 
 
+def is_lmcache_key(key: bytes | str) -> bool:
+    """Whether ``key`` has the name LMCache 0.3.x gives its lookup entries (see _LMCACHE_KEY)."""
+    if isinstance(key, str):
+        key = key.encode("utf-8", "surrogateescape")
+    return len(key) <= MAX_KEY_BYTES and _LMCACHE_KEY.match(key) is not None
+
+
 def index_key(addr: str) -> bytes:
     return INDEX_PREFIX + addr.encode("ascii")
 
@@ -84,10 +110,11 @@ def is_own_key(key: bytes) -> bool:
 
 
 def group_by_addr(keys: Iterable[bytes], values: Iterable[bytes | None]) -> dict[str, list[bytes]]:
-    """Keys grouped by the address they point at; own keys and non-address values dropped."""
+    """Keys grouped by the address they point at; own keys, keys not named as LMCache names
+    its entries and non-address values dropped."""
     groups: dict[str, list[bytes]] = {}
     for key, value in zip(keys, values):
-        if is_own_key(key):
+        if is_own_key(key) or not is_lmcache_key(key):
             continue
         addr = parse_addr_cached(value)
         if addr is not None:
@@ -103,13 +130,30 @@ def group_by_addr(keys: Iterable[bytes], values: Iterable[bytes | None]) -> dict
 # redis.call()s, which dominate the cost); MGET returns nil for a key that is not a string, so
 # no error can stop a script half-way. Batches stay far below Lua's unpack() limit (~8000).
 
-# The value check every delete goes through: of the keys in `keys`, delete those whose value is
-# still ARGV[1] (the dead address); leaves their count in #doomed.
-_LUA_DEL_MATCHING = """
+# is_lmcache_key in Lua (same grammar as _LMCACHE_KEY), so that nothing put into an index set
+# (by kvmesh or by anyone who can SADD) can make a script delete a key LMCache did not name.
+_LUA_IS_LMC = """
+local function lmc(k)
+  if #k > %d then return false end
+  local _, e = string.find(k, '^[^@]+@[^@]+@%%d+@%%d+@%%-?[0-9a-f]+')
+  if not e then return false end
+  local rest = string.sub(k, e + 1)
+  while rest ~= '' do
+    local t = string.match(rest, '^@([^@]+)')
+    if not t or not string.find(t, '^[^%%%%]+%%%%') then return false end
+    rest = string.sub(rest, #t + 2)
+  end
+  return true
+end
+""" % MAX_KEY_BYTES
+
+# The check every delete goes through: of the keys in `keys`, delete those whose value is still
+# ARGV[1] (the dead address) and whose name is LMCache's; leaves their count in #doomed.
+_LUA_DEL_MATCHING = _LUA_IS_LMC + """
 local values = redis.call('MGET', unpack(keys))
 local doomed = {}
 for i, v in ipairs(values) do
-  if v == ARGV[1] then doomed[#doomed + 1] = keys[i] end
+  if v == ARGV[1] and lmc(keys[i]) then doomed[#doomed + 1] = keys[i] end
 end
 if #doomed > 0 then redis.call('DEL', unpack(doomed)) end
 """
@@ -134,14 +178,14 @@ return #doomed
 
 # One SSCAN step over the index set KEYS[1] (cursor ARGV[2], COUNT ARGV[3]) removing members
 # whose value is no longer ARGV[1]; the members never leave Redis. Returns {cursor, removed}.
-LUA_PRUNE = """
+LUA_PRUNE = _LUA_IS_LMC + """
 local r = redis.call('SSCAN', KEYS[1], ARGV[2], 'COUNT', tonumber(ARGV[3]))
 local members = r[2]
 if #members == 0 then return {r[1], 0} end
 local values = redis.call('MGET', unpack(members))
 local gone = {}
 for i, v in ipairs(values) do
-  if v ~= ARGV[1] then gone[#gone + 1] = members[i] end
+  if v ~= ARGV[1] or not lmc(members[i]) then gone[#gone + 1] = members[i] end
 end
 if #gone == 0 then return {r[1], 0} end
 return {r[1], redis.call('SREM', KEYS[1], unpack(gone))}
@@ -207,7 +251,7 @@ async def scan_purge(r: aredis.Redis, addr: str, count: int = 2000,
     async with contextlib.aclosing(scan_batches(r, count)) as batches:
         async for keys in batches:
             values = await r.mget(keys)
-            match = [k for k, v in zip(keys, values) if v == want]
+            match = [k for k, v in zip(keys, values) if v == want and is_lmcache_key(k)]
             res.checked += len(keys)
             if match:
                 res.deleted += await r.eval(LUA_DEL_IF, len(match), *match, addr)
@@ -277,10 +321,43 @@ async def reconcile(r: aredis.Redis, live_addrs: LiveAddrs, count: int = 2000,
     return res
 
 
+async def note_peers(r: aredis.Redis, addrs: Iterable[str], now: float | None = None) -> None:
+    """Record ``addrs`` as kvmesh peers seen live with keys in this Redis (``MEMBERS_KEY``)."""
+    addrs = [a for a in addrs if parse_addr(a) is not None]
+    if addrs:
+        stamp = int(now if now is not None else time.time())
+        await r.hset(MEMBERS_KEY, mapping={a: stamp for a in addrs})
+
+
+async def known_peers(r: aredis.Redis, live: Iterable[str] = (), now: float | None = None
+                      ) -> set[str]:
+    """The addresses a reconcile may purge: those recorded by ``note_peers``. ``live`` ones are
+    recorded now (they are peers with keys here); entries not seen for MEMBER_TTL_SECONDS are
+    forgotten."""
+    now = now if now is not None else time.time()
+    await note_peers(r, live, now)
+    got = await r.hgetall(MEMBERS_KEY)
+    peers, old = set(), []
+    for a, t in got.items():
+        a = a.decode("ascii", "replace") if isinstance(a, bytes) else a
+        try:
+            seen = float(t)
+        except (TypeError, ValueError):
+            seen = 0.0
+        if now - seen > MEMBER_TTL_SECONDS:
+            old.append(a)
+        else:
+            peers.add(a)
+    if old:
+        await r.hdel(MEMBERS_KEY, *old)
+    return peers
+
+
 async def prune_index(r: aredis.Redis, live_addrs: LiveAddrs = None, count: int = 2000,
                       drain_batch: int = 1000, result: ReconcileResult | None = None
                       ) -> ReconcileResult:
-    """Visit every ``kvmesh:addr:*`` set: purge it (LUA_DRAIN) if its address is not live, else
+    """Visit every ``kvmesh:addr:*`` set: purge it (LUA_DRAIN) if its address is not live and a
+    recorded kvmesh peer (``known_peers``; live ones are recorded here), else
     remove members whose key is gone or now holds another value (LUA_PRUNE, SSCAN inside
     Redis). Cost: the index size, not the keyspace. Keeps the index from growing with
     LMCache's eviction churn (its DELs are not tracked); run it periodically."""
@@ -298,8 +375,11 @@ async def prune_index(r: aredis.Redis, live_addrs: LiveAddrs = None, count: int 
         if cursor == 0:
             break
     live = await _resolve_live(live_addrs)
+    peers: set[str] = set()
+    if live is not None:
+        peers = await known_peers(r, live & addrs)
     for addr in sorted(addrs):
-        if live is not None and addr not in live:
+        if live is not None and addr not in live and addr in peers:
             got = await drain_index(r, addr, batch=drain_batch)
             if got.deleted:
                 res.stale_addrs[addr] = got.deleted

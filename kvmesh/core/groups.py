@@ -17,7 +17,9 @@ from kvmesh.core import names
 from kvmesh.core import contract
 
 # A peer group's name (policy defaults and the pod annotation): it ends up in object names.
-GROUP_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
+GROUP_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?\Z")
+# Worker ports read from a pod (one per rank); more is not a pod kvmesh injected.
+MAX_RANKS = 1024
 
 
 @dataclass(frozen=True, order=True)
@@ -105,14 +107,18 @@ def member_from_pod(pod: dict) -> Optional[Member]:
     labelled = (meta.get("labels") or {}).get(names.LABEL_PEER_GROUP)
     try:
         status = json.loads((meta.get("annotations") or {}).get(names.ANN_STATUS, "{}"))
-    except ValueError:
+    except (ValueError, TypeError, RecursionError):
         return None
-    if not labelled or not status.get("injected"):
+    if not labelled or not isinstance(status, dict) or not status.get("injected"):
         return None
     mode, group = status.get("mode"), status.get("group", names.DEFAULT_GROUP)
+    # The status annotation is pod-controlled input (anyone who can create a pod can write
+    # it): a group name that does not fit the derived object names makes no member.
+    if mode not in names.MODES or not isinstance(group, str) or not GROUP_NAME.match(group):
+        return None
     container = next((c for c in (pod.get("spec") or {}).get("containers") or []
-                      if c.get("name") == status.get("container")), None)
-    if container is None or mode not in names.MODES:
+                      if isinstance(c, dict) and c.get("name") == status.get("container")), None)
+    if container is None:
         return None
     pstatus = pod.get("status") or {}
     ip = pstatus.get("podIP") or None
@@ -134,7 +140,8 @@ def member_from_pod(pod: dict) -> Optional[Member]:
                     contract.INSTANCE_FROM_UID: meta.get("uid")}.get(ref) or \
             (env.get("LMCACHE_LMCACHE_INSTANCE_ID") or {}).get("value")
         raw = (env.get("LMCACHE_LMCACHE_WORKER_PORTS") or {}).get("value", "")
-        ports = tuple(int(p) for p in raw.split(",") if p.strip().isdigit())
+        ports = tuple(int(p) for p in raw.split(",")[:MAX_RANKS]
+                      if p.strip().isdigit() and 0 < int(p) <= 65535)
     p2p = sorted({p["containerPort"] for p in container.get("ports") or []
                   if isinstance(p, dict) and isinstance(p.get("containerPort"), int)
                   and str(p.get("name", "")).startswith(names.PORT_NAME_PREFIX)})

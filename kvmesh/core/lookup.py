@@ -10,8 +10,8 @@ index is only hints), `maxmemory` with LRU so it cannot grow without bound, keys
 notifications for the controller's reverse index.
 
 controller mode: `lmcache_controller` as a one-replica StatefulSet started with flags (its
-env settings are overridden by argparse defaults), heartbeat port on, health check on, same
-image as the group's vLLM pods; bound to its stable DNS name so the heartbeat URL it hands
+env settings are overridden by argparse defaults), heartbeat port on, health check on, the
+image the policy names (`controllerImage`, default names.LMCACHE_CONTROLLER_IMAGE); bound to its stable DNS name so the heartbeat URL it hands
 out survives a reschedule.
 
 NetworkPolicies (both Ingress only): `kvmesh-lookup-<gid>` lets only the group's pods (and
@@ -27,6 +27,8 @@ no user policy selects are then reachable on their P2P ports only (the mesh logs
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from typing import Iterable, Optional
 
 from pydantic import ValidationError
@@ -34,6 +36,9 @@ from pydantic import ValidationError
 from kvmesh.core import names
 from kvmesh.core.groups import PeerGroupId
 from kvmesh.core.policy import LabelSelector, PolicyDefaults
+
+# Pods kvmesh creates run as this non-root user, under PodSecurity `restricted`.
+LOOKUP_UID = 65532
 
 REDIS_IMAGE = "redis:7.2-alpine"
 REDIS_MAXMEMORY_MB = 1024
@@ -43,6 +48,48 @@ REDIS_NOTIFY = names.REDIS_NOTIFY_FLAGS
 # A burst of chunk stores must not drop the controller's subscription (default hard limit
 # 32 MB); a drop costs a full reconciliation.
 REDIS_PUBSUB_BUFFER = "pubsub 256mb 64mb 60"
+# Redis ACLs of a group's lookup Redis.
+# Pods (LMCache) are Redis's `default` user: LMCache 0.3.6's RedisLookupServer connects with
+# `redis.Redis(host=..., port=..., decode_responses=True)` and no credentials
+# (lmcache/v1/lookup_server/redis_server.py:30-32; lookup_url is split as "host:port" at :26,
+# so there is no place for a user or password). It runs GET (:41), SET (:55, :66) and DEL
+# (:73, :82), on keys CacheEngineKey.to_string names "<fmt>@..." with fmt "vllm"
+# (lmcache/utils.py:149-156; lmcache/integration/vllm/vllm_v1_adapter.py:473, utils.py:154).
+# So the default user gets exactly those commands (and PING, for the liveness probe) on
+# `vllm@*` keys: no CONFIG, REPLICAOF, FLUSH*, DEBUG, SCRIPT/EVAL, KEYS, SCAN, SUBSCRIBE, and
+# no access to kvmesh's own `kvmesh:*` index. kvmesh's controller is user `kvmesh` with a
+# password (only its SHA-256 is in the pod spec; the Secret holds it for the controller).
+REDIS_POD_COMMANDS = ("get", "set", "del", "ping")
+REDIS_POD_KEYS = "vllm@*"
+REDIS_KVMESH_USER = "kvmesh"
+# kvmesh's user: everything but the dangerous class, plus the CONFIG subcommands it uses to
+# turn keyevent notifications on (a restarted Redis forgets them).
+REDIS_KVMESH_RULES = ("~*", "&*", "+@all", "-@dangerous", "+config|get", "+config|set",
+                      "+info")
+
+
+def redis_password(master_key: bytes, namespace: str, group: str) -> str:
+    """kvmesh's password for one group's Redis: derived from the master key in kvmesh-system's
+    Secret (names.REDIS_AUTH_SECRET), so a restarted or new leader knows it without storing
+    one per group, and no tenant namespace holds anything that opens another's Redis."""
+    return hmac.new(master_key, f"{namespace}/{group}".encode(), hashlib.sha256).hexdigest()
+
+
+def password_sha256(password: str) -> str:
+    return hashlib.sha256(password.encode()).hexdigest()
+
+
+def redis_acl_args(kvmesh_password_sha256: str) -> list[str]:
+    """redis-server arguments that set both users (see REDIS_POD_COMMANDS)."""
+    if len(kvmesh_password_sha256) != 64 or any(c not in "0123456789abcdef"
+                                                for c in kvmesh_password_sha256):
+        raise ValueError("kvmesh's Redis password must be given as 64 lowercase hex (SHA-256)")
+    return ["--user", "default", "on", "nopass", "resetkeys", "resetchannels",
+            f"~{REDIS_POD_KEYS}", "-@all", *(f"+{c}" for c in REDIS_POD_COMMANDS),
+            "--user", REDIS_KVMESH_USER, "on", f"#{kvmesh_password_sha256}",
+            *REDIS_KVMESH_RULES]
+
+
 CONTROLLER_HTTP_PORT = 9000
 CONTROLLER_HEARTBEAT_PORT = 8500
 HEALTH_CHECK_SECONDS = 5
@@ -70,8 +117,27 @@ def _meta(name: str, namespace: str, gid: PeerGroupId, owner: dict, component: s
 
 
 def _restricted() -> dict:
+    """A container securityContext the PodSecurity `restricted` level admits."""
     return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
-            "runAsNonRoot": True, "runAsUser": 65532, "seccompProfile": {"type": "RuntimeDefault"}}
+            "runAsNonRoot": True, "runAsUser": LOOKUP_UID, "runAsGroup": LOOKUP_UID,
+            "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def _pod_spec(container: dict) -> dict:
+    """Pod spec for a lookup service: `restricted` at pod level too, no API token (neither
+    Redis nor lmcache_controller talks to the API server), a writable emptyDir for /tmp since
+    the image's own directories belong to another user."""
+    return {"automountServiceAccountToken": False,
+            "enableServiceLinks": False,
+            "securityContext": {"runAsNonRoot": True, "runAsUser": LOOKUP_UID,
+                                "runAsGroup": LOOKUP_UID, "fsGroup": LOOKUP_UID,
+                                "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{**container,
+                            "env": [*container.get("env", []),
+                                    {"name": "HOME", "value": "/tmp"}],
+                            "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+                            "securityContext": _restricted()}],
+            "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}}]}
 
 
 def peer_group(namespace: str, gid: PeerGroupId) -> dict:
@@ -87,19 +153,23 @@ def group_of(group_obj: dict) -> PeerGroupId:
     return PeerGroupId(group_obj["spec"]["mode"], group_obj["spec"]["group"])
 
 
-def desired(group_obj: dict, policy: PolicyDefaults, image: str) -> list[dict]:
-    """The lookup service of the group `group_obj` (its KVMeshPeerGroup) stands for."""
+def desired(group_obj: dict, policy: PolicyDefaults,
+            redis_password_sha256: Optional[str] = None) -> list[dict]:
+    """The lookup service of the group `group_obj` (its KVMeshPeerGroup) stands for. Its
+    image comes from the policy (or the fixed default), never from a member pod. With
+    `redis_password_sha256`, the group's Redis enforces the ACLs of redis_acl_args."""
     ns = group_obj["metadata"]["namespace"]
     gid = group_of(group_obj)
     owner = owner_ref(group_obj)
     if gid.mode == names.MODE_REDIS:
         if policy.redis_address:
             return [network_policy(ns, gid, owner, lookup_ports=[])]  # external Redis
-        return _redis(ns, gid, owner, policy)
-    return _lmcache_controller(ns, gid, owner, policy, image)
+        return _redis(ns, gid, owner, policy, redis_password_sha256)
+    return _lmcache_controller(ns, gid, owner, policy, policy.controller_image)
 
 
-def _redis(ns: str, gid: PeerGroupId, owner: dict, policy: PolicyDefaults) -> list[dict]:
+def _redis(ns: str, gid: PeerGroupId, owner: dict, policy: PolicyDefaults,
+           password_sha256: Optional[str] = None) -> list[dict]:
     svc = names.lookup_service_name(gid.mode, gid.group)
     selector = {names.LABEL_LOOKUP_FOR: gid.label}
     objs: list[dict] = []
@@ -110,7 +180,7 @@ def _redis(ns: str, gid: PeerGroupId, owner: dict, policy: PolicyDefaults) -> li
         "spec": {"replicas": 1, "selector": {"matchLabels": selector},
                  "template": {"metadata": {"labels": {**selector,
                                                       "app.kubernetes.io/part-of": "kvmesh"}},
-                              "spec": {"containers": [{
+                              "spec": _pod_spec({
                                   "name": "redis", "image": REDIS_IMAGE,
                                   "args": ["--port", str(port), "--save", "",
                                            "--appendonly", "no",
@@ -118,7 +188,9 @@ def _redis(ns: str, gid: PeerGroupId, owner: dict, policy: PolicyDefaults) -> li
                                            "--maxmemory-policy", "allkeys-lru",
                                            "--notify-keyspace-events", REDIS_NOTIFY,
                                            "--client-output-buffer-limit",
-                                           REDIS_PUBSUB_BUFFER],
+                                           REDIS_PUBSUB_BUFFER,
+                                           *(redis_acl_args(password_sha256)
+                                             if password_sha256 else [])],
                                   "ports": [{"name": "redis", "containerPort": port}],
                                   "readinessProbe": {"tcpSocket": {"port": "redis"},
                                                      "periodSeconds": 5},
@@ -127,9 +199,8 @@ def _redis(ns: str, gid: PeerGroupId, owner: dict, policy: PolicyDefaults) -> li
                                       "periodSeconds": 10},
                                   "resources": {"requests": {"cpu": "100m",
                                                              "memory": "256Mi"},
-                                                "limits": {"memory":
-                                                           f"{REDIS_MAXMEMORY_MB + 256}Mi"}},
-                                  "securityContext": _restricted()}]}}}})
+                                                "limits": {"cpu": "1", "memory":
+                                                           f"{REDIS_MAXMEMORY_MB + 256}Mi"}}})}}})
     objs.append({"apiVersion": "v1", "kind": "Service",
                  "metadata": _meta(svc, ns, gid, owner, "lookup-redis"),
                  "spec": {"selector": selector,
@@ -158,7 +229,7 @@ def _lmcache_controller(ns: str, gid: PeerGroupId, owner: dict, policy: PolicyDe
         "spec": {"replicas": 1, "serviceName": headless, "selector": {"matchLabels": selector},
                  "template": {"metadata": {"labels": {**selector,
                                                       "app.kubernetes.io/part-of": "kvmesh"}},
-                              "spec": {"containers": [{
+                              "spec": _pod_spec({
                                   "name": "lmcache-controller", "image": image,
                                   "command": ["lmcache_controller"],
                                   # Bound to its stable per-pod DNS name: the heartbeat URL
@@ -181,8 +252,9 @@ def _lmcache_controller(ns: str, gid: PeerGroupId, owner: dict, policy: PolicyDe
                                                                 "port": "http"},
                                                     "periodSeconds": 15,
                                                     "failureThreshold": 4},
-                                  "resources": {"requests": {"cpu": "250m", "memory": "1Gi"}},
-                              }]}}}})
+                                  "resources": {"requests": {"cpu": "250m", "memory": "1Gi"},
+                                                "limits": {"cpu": "2", "memory": "4Gi"}},
+                              })}}})
     svc_ports = [{"name": p["name"], "port": p["containerPort"], "targetPort": p["name"]}
                  for p in ports]
     objs.append({"apiVersion": "v1", "kind": "Service",

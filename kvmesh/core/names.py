@@ -40,6 +40,29 @@ PORT_NAME_PREFIX = "kvm-"
 POD_IP_VAR = "KVMESH_POD_IP"
 
 
+# Least privilege: the controller writes (lookup objects, NetworkPolicies, KVMeshPeerGroups,
+# workload opt-in labels) only in namespaces whose admin bound this ClusterRole to its
+# ServiceAccount with a RoleBinding (manifests/20-rbac.yaml).
+CONTROLLER_SERVICE_ACCOUNT = "kvmesh-controller"
+TENANT_CLUSTER_ROLE = "kvmesh-controller-tenant"
+
+
+def grant_command(namespace: str) -> str:
+    """The exact command an admin runs to let kvmesh manage peer groups in ``namespace``."""
+    return (f"kubectl create rolebinding {TENANT_CLUSTER_ROLE} -n {namespace} "
+            f"--clusterrole={TENANT_CLUSTER_ROLE} "
+            f"--serviceaccount={SYSTEM_NAMESPACE}:{CONTROLLER_SERVICE_ACCOUNT}")
+
+
+# Secret in SYSTEM_NAMESPACE holding the master key kvmesh derives each group Redis's password
+# from (core.lookup.redis_password); the controller creates it.
+REDIS_AUTH_SECRET = "kvmesh-redis-auth"
+
+# The lmcache_controller image of controller-mode groups unless a policy's controllerImage says
+# otherwise (the LMCache release of manifests/samples/).
+LMCACHE_CONTROLLER_IMAGE = "lmcache/vllm-openai:v0.3.9"
+
+
 def lookup_service_name(mode: str, group: str) -> str:
     """Name of the Service in front of a peer group's lookup service (same namespace)."""
     return f"kvmesh-{'redis' if mode == MODE_REDIS else 'lmcache'}-{group}"

@@ -16,6 +16,8 @@ from kvmesh.core import groups, names
 
 _HOSTPORT = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?:([0-9]{1,5})$")
 _GROUP = groups.GROUP_NAME
+# An image reference: [registry[:port]/]path[:tag][@digest], nothing a shell or YAML would split.
+_IMAGE = re.compile(r"^[a-z0-9][a-z0-9._/:-]{0,254}(@sha256:[0-9a-f]{64})?\Z")
 
 
 class PolicyDefaults(BaseModel):
@@ -49,6 +51,9 @@ class PolicyDefaults(BaseModel):
     controller_reply_port: int = Field(default=8400, ge=1, le=65535)
     # An external Redis (host:port) instead of the group's own; the controller then purges there.
     redis_address: Optional[str] = None
+    # The image of a controller-mode group's lookup service (lmcache_controller). Chosen here,
+    # never from a member pod: any pod of the namespace could otherwise pick what kvmesh runs.
+    controller_image: str = names.LMCACHE_CONTROLLER_IMAGE
 
     @field_validator("group")
     @classmethod
@@ -58,6 +63,14 @@ class PolicyDefaults(BaseModel):
                 "group must be 1-32 lowercase letters, digits or '-', starting and ending "
                 "with a letter or digit"
             )
+        return v
+
+    @field_validator("controller_image")
+    @classmethod
+    def _controller_image(cls, v: str) -> str:
+        if not _IMAGE.match(v):
+            raise ValueError(f"controllerImage {v[:80]!r} is not an image reference "
+                             "(e.g. lmcache/vllm-openai:v0.3.9 or name@sha256:<64 hex>)")
         return v
 
     @field_validator("redis_address")

@@ -50,6 +50,30 @@ class MeshClient:
     async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
         return await self.kube.delete(api_version, kind, name, namespace)
 
+    async def redis_master_key(self) -> bytes:
+        """The master key of the group Redis passwords (Secret names.REDIS_AUTH_SECRET in
+        kvmesh-system), created on first use; a concurrent creator's key wins."""
+        import base64
+        import os
+        from kvmesh.kube.api import ApiError
+        for _ in range(3):
+            got = await self.kube.get("v1", "Secret", names.REDIS_AUTH_SECRET,
+                                      names.SYSTEM_NAMESPACE)
+            if got is not None:
+                return base64.b64decode((got.get("data") or {})["master-key"])
+            try:
+                await self.kube.create({
+                    "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                    "metadata": {"name": names.REDIS_AUTH_SECRET,
+                                 "namespace": names.SYSTEM_NAMESPACE,
+                                 "labels": {"app.kubernetes.io/part-of": "kvmesh"}},
+                    "data": {"master-key": base64.b64encode(os.urandom(32)).decode()}})
+            except ApiError as e:
+                if e.status != 409:
+                    raise
+        raise RuntimeError(f"Secret {names.SYSTEM_NAMESPACE}/{names.REDIS_AUTH_SECRET} "
+                           "neither readable nor creatable")
+
     async def event(self, involved: dict, reason: str, message: str,
                     type_: str = "Normal") -> None:
         await self.kube.event(involved, reason, message, type_)

@@ -30,6 +30,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from kvmesh.local.children import die_with_parent
 from kvmesh.certs import authority
 from kvmesh.local.net import free_ports
 
@@ -395,6 +396,7 @@ class DevCluster:
             proc = subprocess.Popen(
                 [str(a) for a in argv], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, env=full_env, cwd=self.workdir,
+                preexec_fn=die_with_parent,  # no orphans if whoever started us is SIGKILLed
             )
         finally:
             log.close()

@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 from typing import Optional
 
+from kvmesh.local.children import die_with_parent
 from kvmesh.core import names
 from kvmesh.local.devcluster import DevCluster
 from kvmesh.local.net import free_port
@@ -36,7 +37,8 @@ class Process:
         self.name, self.log_path = name, log
         self._log = open(log, "ab")
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})}, start_new_session=True)
+                                     env={**os.environ, **(env or {})}, start_new_session=True,
+                                     preexec_fn=die_with_parent)
 
     def alive(self) -> bool:
         return self.proc.poll() is None

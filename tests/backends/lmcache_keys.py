@@ -12,7 +12,9 @@ MODEL = "vllm@meta-llama/Llama-3.1-8B-Instruct@1@0@"
 
 
 def key(tag: str, i: int) -> bytes:
-    return f"{MODEL}{tag}{i:060x}".encode()
+    """LMCache 0.3.x's CacheEngineKey.to_string (lmcache/utils.py:149-156): fmt@model@world
+    size@worker id@chunk hash in hex; the tag becomes part of the hash, so it stays a valid key."""
+    return f"{MODEL}{tag.encode().hex()}{i:060x}".encode()
 
 
 async def load(r: aredis.Redis, addr: str, n: int, tag: str) -> list[bytes]:

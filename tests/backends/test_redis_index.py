@@ -114,6 +114,7 @@ async def test_purge_waits_for_indexer_backlog(index, lmcache):
 async def test_startup_reconcile_with_live_provider(redis_server, lmcache):
     await load(lmcache, DEAD, 2000, "d")  # died while nobody watched
     await load(lmcache, LIVE_A, 1000, "a")
+    await S.note_peers(lmcache, [DEAD])  # ... but was seen live by an earlier leader
     swept: list[dict[str, int]] = []
     async with I.AddressIndex(port=redis_server.port, live_addrs=lambda: {LIVE_A},
                               on_reconcile=swept.append) as idx:

@@ -47,6 +47,9 @@ class FakeMeshClient:
         self.deleted.append((kind, namespace, name))
         return True
 
+    async def redis_master_key(self) -> bytes:
+        return b"k" * 32
+
     async def event(self, involved: dict, reason: str, message: str,
                     type_: str = "Normal") -> None:
         self.events.append((involved, reason, message, type_))

@@ -41,6 +41,22 @@ def test_uninjected_pods_are_not_members():
     assert groups.member_from_pod(pod) is None
 
 
+@pytest.mark.parametrize("status", [
+    '{"injected":true,"mode":"redis","group":"%s","container":"vllm"}' % ("g" * 33),
+    '{"injected":true,"mode":"redis","group":"Bad_Name","container":"vllm"}',
+    '{"injected":true,"mode":"redis","group":"ok\\n","container":"vllm"}',
+    '{"injected":true,"mode":"redis","group":["x"],"container":"vllm"}',
+    '{"injected":true,"mode":["redis"],"container":"vllm"}',
+    '["injected"]', "[" * 5000 + "]" * 5000, '"just a string"',
+])
+def test_pod_controlled_status_that_fits_no_object_name_makes_no_member(status):
+    # Anyone who can create a pod writes this annotation: it never yields a group whose
+    # derived object names the API server would refuse, nor an exception in the informer.
+    pod = injected_pod("02-api-server-redis")
+    pod["metadata"]["annotations"][names.ANN_STATUS] = status
+    assert groups.member_from_pod(pod) is None
+
+
 def _changed(mutate):
     old = injected_pod("02-api-server-redis")
     new = copy.deepcopy(old)

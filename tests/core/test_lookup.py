@@ -182,3 +182,82 @@ def test_isolating_policies():
                ["Ingress"]),  # one member is enough
         netpol("unreadable", {"matchExpressions": [{"key": "a", "operator": "Gt"}]}),
     ], MEMBERS) == ["canary-only", "deny-all", "qwen", "unreadable"]
+
+
+# --- what kvmesh creates: names that fit, image by policy, pod security ------------------------
+
+def _objects(mode: str, group: str, **policy) -> list[dict]:
+    from kvmesh.core.policy import PolicyDefaults
+    gid = PeerGroupId(mode, group)
+    cr = {**lookup.peer_group("ns", gid)}
+    cr["metadata"] = {**cr["metadata"], "uid": "u"}
+    return lookup.desired(cr, PolicyDefaults(**policy))
+
+
+LONGEST = "g" * 32
+
+
+def test_group_name_pattern_bounds_every_derived_name():
+    from kvmesh.core.groups import GROUP_NAME
+    assert GROUP_NAME.match(LONGEST) and not GROUP_NAME.match(LONGEST + "g")
+    assert not GROUP_NAME.match("default\n")
+    for mode in names.MODES:
+        for obj in _objects(mode, LONGEST):
+            name = obj["metadata"]["name"]
+            # Service and label values: DNS-1035/1123 labels (63); a StatefulSet's name plus
+            # "-<10-char revision hash>" is a label value too.
+            assert len(name) <= (52 if obj["kind"] == "StatefulSet" else 63), name
+            for v in obj["metadata"]["labels"].values():
+                assert len(v) <= 63
+
+
+def test_lookup_image_from_policy_never_from_members():
+    sts = next(o for o in _objects("controller", "default") if o["kind"] == "StatefulSet")
+    assert sts["spec"]["template"]["spec"]["containers"][0]["image"] == \
+        names.LMCACHE_CONTROLLER_IMAGE
+    sts = next(o for o in _objects("controller", "default",
+                                   controllerImage="registry.local:5000/lmc@sha256:" + "a" * 64)
+               if o["kind"] == "StatefulSet")
+    assert sts["spec"]["template"]["spec"]["containers"][0]["image"].startswith("registry.local")
+
+
+@pytest.mark.parametrize("bad", ["", "Lmcache/X", "img; rm -rf /", "a" * 300, "x:1\n"])
+def test_controller_image_rejects_non_references(bad):
+    from pydantic import ValidationError
+    from kvmesh.core.policy import PolicyDefaults
+    with pytest.raises(ValidationError):
+        PolicyDefaults(controllerImage=bad)
+
+
+@pytest.mark.parametrize("mode", names.MODES)
+def test_lookup_pods_restricted_with_limits_and_probes(mode):
+    for obj in _objects(mode, "default"):
+        if obj["kind"] not in ("Deployment", "StatefulSet"):
+            continue
+        spec = obj["spec"]["template"]["spec"]
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["automountServiceAccountToken"] is False
+        for c in spec["containers"]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
+            assert sc["seccompProfile"] == {"type": "RuntimeDefault"} and sc["runAsNonRoot"]
+            assert set(c["resources"]["limits"]) == {"cpu", "memory"}
+            assert set(c["resources"]["requests"]) == {"cpu", "memory"}
+            assert c["readinessProbe"] and c["livenessProbe"]
+
+
+def test_group_redis_gets_acls_and_only_the_password_hash():
+    from kvmesh.core.policy import PolicyDefaults
+    pw = lookup.redis_password(b"m" * 32, "ns", "default")
+    assert pw == lookup.redis_password(b"m" * 32, "ns", "default")  # any leader derives it
+    assert pw != lookup.redis_password(b"m" * 32, "ns2", "default")  # per namespace/group
+    assert pw != lookup.redis_password(b"n" * 32, "ns", "default")
+    gid = PeerGroupId("redis", "default")
+    cr = {**lookup.peer_group("ns", gid)}
+    cr["metadata"] = {**cr["metadata"], "uid": "u"}
+    dep = lookup.desired(cr, PolicyDefaults(), lookup.password_sha256(pw))[0]
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--user") + 1] == "default" and "~vllm@*" in args
+    assert f"#{lookup.password_sha256(pw)}" in args and pw not in " ".join(args)
+    with pytest.raises(ValueError):
+        lookup.redis_acl_args("not-a-hash")

@@ -50,7 +50,9 @@ def env(pod: dict, container: str = "vllm") -> dict:
 def publish_keys(client, owner: str, address: str, n: int, tag: str = "") -> list[str]:
     """Write n chunk keys the way LMCache 0.3.x does (plain SET <key> "<podIP>:<port>", no
     TTL) and return them."""
-    keys = [f"vllm@m@1@0@{owner}-{tag}{i:x}" for i in range(n)]
+    # LMCache's key name: fmt@model@world size@worker id@chunk hash (hex); the owner and tag
+    # go into the model name, which kvmesh never interprets.
+    keys = [f"vllm@m-{owner}-{tag}@1@0@{i:x}" for i in range(n)]
     with client.pipeline(transaction=False) as pipe:
         for k in keys:
             pipe.set(k, address)

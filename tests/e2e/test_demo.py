@@ -50,7 +50,8 @@ def test_demo_runs_and_stops_cleanly_on_ctrl_c():
         assert out.count("LMCACHE_P2P_HOST=$(KVMESH_POD_IP)   -> 127.64.") == 2, out
         workdir = next(w for w in out.split() if w.endswith("admin.kubeconfig")).rsplit("/", 2)[0]
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
+        # Bounded generously for a busy 2-core machine: each kvmesh process stops within 10 s.
+        proc.wait(timeout=120)
         reader.join(10)  # EOF follows the exit (unless a child kept the pipe open)
         rest = "".join(line for line in list(lines_q.queue) if line is not None)
         assert proc.returncode == 0, rest
@@ -63,3 +64,54 @@ def test_demo_runs_and_stops_cleanly_on_ctrl_c():
     leftovers = subprocess.run(["pgrep", "-f", workdir], capture_output=True, text=True).stdout
     assert leftovers.strip() == "", f"processes left behind: {leftovers}"
     assert not os.path.exists(workdir)
+
+
+def test_demo_sigkilled_leaves_no_orphans():
+    # SIGKILL runs no cleanup: every child dies by its parent-death signal instead.
+    proc = subprocess.Popen([sys.executable, "-m", "kvmesh.cli", "demo"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "KVMESH_LOG_LEVEL": "WARNING"})
+    lines_q: queue.Queue = queue.Queue()
+
+    def pump():
+        for line in proc.stdout:
+            lines_q.put(line)
+        lines_q.put(None)
+    threading.Thread(target=pump, daemon=True).start()
+    lines, workdir = [], None
+    deadline = time.monotonic() + READY_S
+    try:
+        while True:
+            try:
+                line = lines_q.get(timeout=max(deadline - time.monotonic(), 0))
+            except queue.Empty:
+                raise AssertionError(f"demo not ready within {READY_S} s:\n{''.join(lines)}") \
+                    from None
+            assert line is not None, f"demo exited early:\n{''.join(lines)}"
+            lines.append(line)
+            if READY_LINE in line:
+                break
+        out = "".join(lines)
+        workdir = next(w for w in out.split() if w.endswith("admin.kubeconfig")).rsplit("/", 2)[0]
+        before = subprocess.run(["pgrep", "-f", workdir], capture_output=True, text=True).stdout
+        assert len(before.split()) >= 5, before  # etcd, apiserver, ..., webhook, controller
+        proc.kill()
+        proc.wait(10)
+        left = before
+        for _ in range(60):  # the signal is immediate; the exits take a moment under load
+            left = subprocess.run(["pgrep", "-f", workdir], capture_output=True, text=True).stdout
+            if not left.strip():
+                break
+            time.sleep(0.5)
+        assert left.strip() == "", f"orphans after SIGKILL of the demo: {left}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        if workdir:  # a failed run must not leave the control plane behind either
+            for pid in subprocess.run(["pgrep", "-f", workdir], capture_output=True,
+                                      text=True).stdout.split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except OSError:
+                    pass

@@ -10,8 +10,7 @@ import time
 from kvmesh.core import names
 from kvmesh.local.net import free_port
 from helpers import apply, publish_keys, running_pods, vllm_deployment, wait_for
-from support import RedisServer
-from test_mesh import keys_by_value, lookup_pod
+from test_mesh import group_redis, keys_by_value, lookup_pod
 
 
 def holder(cluster) -> str:
@@ -33,7 +32,7 @@ def test_leader_killed_during_deletion_burst(stack, devcluster, namespace, tmp_p
         vllm = running_pods(devcluster, namespace, "app=burst", 6)
         rpod = wait_for("Redis lookup pod", lambda: lookup_pod(devcluster, namespace,
                                                                "redis-default"), 30)
-        server = RedisServer(tmp_path, host=rpod["status"]["podIP"], port=6379).start()
+        server, admin = group_redis(devcluster, namespace, rpod, tmp_path)
         try:
             addr = {p["metadata"]["name"]: f"{p['status']['podIP']}:8200" for p in vllm}
             for name, a in addr.items():
@@ -51,8 +50,8 @@ def test_leader_killed_during_deletion_burst(stack, devcluster, namespace, tmp_p
             failover = time.monotonic() - killed_at
             assert failover < 20, failover  # lease 15 s + one retry period
             wait_for("no stale key of any deleted pod", lambda: not (
-                set(keys_by_value(server.client)) & {addr[d] for d in doomed}), 30, 0.2)
-            kept = keys_by_value(server.client)
+                set(keys_by_value(admin)) & {addr[d] for d in doomed}), 30, 0.2)
+            kept = keys_by_value(admin)
             assert {a: kept.get(a) for a in (addr[s] for s in survivors)} == \
                 {addr[s]: 1000 for s in survivors}
             print(f"\nfailover {failover:.1f}s; stale keys of 4 deleted pods gone, "

@@ -53,6 +53,21 @@ def lookup_pod(cluster, ns, gid):
     return ps[0] if ps else None
 
 
+def group_redis(cluster, namespace: str, rpod: dict, workdir, group: str = "default"):
+    """A real redis-server on the lookup pod's IP started with exactly the arguments of the
+    Deployment kvmesh made (its ACLs included), plus a test-only admin user for inspection.
+    Returns (server, admin client); server.client is a pod-level client, as LMCache's is."""
+    dep = cluster.kubectl_json("get", "deployment", "-n", namespace,
+                               names.lookup_service_name("redis", group))
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--user" in args  # kvmesh's own Redis enforces ACLs
+    server = RedisServer(workdir, *args, "--user", "e2e-admin", "on", "nopass", "~*", "&*",
+                         "+@all", host=rpod["status"]["podIP"], port=6379).start()
+    admin = redis.Redis(server.host, server.port, username="e2e-admin", password="-",
+                        decode_responses=True)
+    return server, admin
+
+
 def keys_by_value(r: redis.Redis) -> dict[str, int]:
     out: dict[str, int] = {}
     for k in r.scan_iter(count=1000):
@@ -90,20 +105,22 @@ def test_redis_group_lifecycle_and_purge(fast_controller, devcluster, namespace,
     assert "from" not in rest and {"protocol": "UDP"} in rest["ports"]
     rpod = wait_for("Redis lookup pod running", lambda: lookup_pod(devcluster, namespace, gid))
 
-    server = RedisServer(tmp_path, host=rpod["status"]["podIP"], port=6379).start()
+    server, admin = group_redis(devcluster, namespace, rpod, tmp_path)
     try:
+        with pytest.raises(redis.exceptions.NoPermissionError):  # pods: no CONFIG
+            server.client.config_set("notify-keyspace-events", "")
         # Two engines publish chunks the way LMCache does: SET <chunk key> <podIP:port>.
         addr = {p["metadata"]["name"]: f"{p['status']['podIP']}:8200" for p in vllm}
         for name, a in addr.items():
             publish_keys(server.client, name, a, 3000)
-        assert keys_by_value(server.client) == {a: 3000 for a in addr.values()}
+        assert keys_by_value(admin) == {a: 3000 for a in addr.values()}
         dead, alive = sorted(addr)
         t0 = time.monotonic()
         devcluster.kubectl("delete", "pod", "-n", namespace, dead, "--wait=false")
         wait_for("dead pod's keys purged",
-                 lambda: addr[dead] not in keys_by_value(server.client), 15, 0.05)
+                 lambda: addr[dead] not in keys_by_value(admin), 15, 0.05)
         elapsed = time.monotonic() - t0
-        assert keys_by_value(server.client).get(addr[alive]) == 3000  # live keys kept
+        assert keys_by_value(admin).get(addr[alive]) == 3000  # live keys kept
         print(f"\npod deletion -> keys purged: {elapsed * 1000:.0f} ms")
         assert elapsed < 5
 
