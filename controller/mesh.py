@@ -333,7 +333,8 @@ class Mesh:
             acl = None
             if gid.mode == names.MODE_REDIS and not defaults.redis_address:
                 acl = lookup.password_sha256(await self._redis_password(ns, gid.group))
-            for obj in lookup.desired(cr, defaults, acl):  # image by policy, never a member
+            images = [m.image for m in g.members.values()]
+            for obj in lookup.desired(cr, defaults, acl, images):  # image chosen by kvmesh
                 await self.api.apply(obj)
             await self.reconcile_peer_policy(gkey, g, lookup.owner_ref(cr))
         peers = g.peers if g else []

@@ -33,7 +33,7 @@ from typing import Iterable, Optional
 
 from pydantic import ValidationError
 
-from kvmesh.core import names
+from kvmesh.core import contract, names
 from kvmesh.core.groups import PeerGroupId
 from kvmesh.core.policy import LabelSelector, PolicyDefaults
 
@@ -154,9 +154,10 @@ def group_of(group_obj: dict) -> PeerGroupId:
 
 
 def desired(group_obj: dict, policy: PolicyDefaults,
-            redis_password_sha256: Optional[str] = None) -> list[dict]:
+            redis_password_sha256: Optional[str] = None,
+            member_images: Iterable[str] = ()) -> list[dict]:
     """The lookup service of the group `group_obj` (its KVMeshPeerGroup) stands for. Its
-    image comes from the policy (or the fixed default), never from a member pod. With
+    image is kvmesh's choice (controller_image), never a member's. With
     `redis_password_sha256`, the group's Redis enforces the ACLs of redis_acl_args."""
     ns = group_obj["metadata"]["namespace"]
     gid = group_of(group_obj)
@@ -165,7 +166,22 @@ def desired(group_obj: dict, policy: PolicyDefaults,
         if policy.redis_address:
             return [network_policy(ns, gid, owner, lookup_ports=[])]  # external Redis
         return _redis(ns, gid, owner, policy, redis_password_sha256)
-    return _lmcache_controller(ns, gid, owner, policy, policy.controller_image)
+    return _lmcache_controller(ns, gid, owner, policy, controller_image(policy, member_images))
+
+
+def controller_image(policy: PolicyDefaults, member_images: Iterable[str]) -> str:
+    """The policy's controllerImage; else LMCache's published image of the newest LMCache
+    version the members' image tags name (lmcache_controller must speak its workers' protocol,
+    whose messages change between releases, so a fixed image would break other versions'
+    groups); else names.LMCACHE_CONTROLLER_IMAGE. A member can choose at most which release of
+    the official image runs, never another image."""
+    if policy.controller_image:
+        return policy.controller_image
+    versions = [v for v in map(contract.lmcache_version_from_image, member_images)
+                if v is not None and contract.mode_for_version(v) == names.MODE_CONTROLLER]
+    if not versions:
+        return names.LMCACHE_CONTROLLER_IMAGE
+    return f"{names.LMCACHE_IMAGE_REPO}:v{contract.fmt_version(max(versions))}"
 
 
 def _redis(ns: str, gid: PeerGroupId, owner: dict, policy: PolicyDefaults,

@@ -58,9 +58,11 @@ def grant_command(namespace: str) -> str:
 # from (core.lookup.redis_password); the controller creates it.
 REDIS_AUTH_SECRET = "kvmesh-redis-auth"
 
-# The lmcache_controller image of controller-mode groups unless a policy's controllerImage says
-# otherwise (the LMCache release of manifests/samples/).
-LMCACHE_CONTROLLER_IMAGE = "lmcache/vllm-openai:v0.3.9"
+# LMCache's published images. The lmcache_controller image of a controller-mode group whose
+# members' tags name no LMCache version, unless a policy's controllerImage says otherwise (the
+# LMCache release of manifests/samples/).
+LMCACHE_IMAGE_REPO = "lmcache/vllm-openai"
+LMCACHE_CONTROLLER_IMAGE = LMCACHE_IMAGE_REPO + ":v0.3.9"
 
 
 def lookup_service_name(mode: str, group: str) -> str:

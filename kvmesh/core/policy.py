@@ -51,9 +51,10 @@ class PolicyDefaults(BaseModel):
     controller_reply_port: int = Field(default=8400, ge=1, le=65535)
     # An external Redis (host:port) instead of the group's own; the controller then purges there.
     redis_address: Optional[str] = None
-    # The image of a controller-mode group's lookup service (lmcache_controller). Chosen here,
-    # never from a member pod: any pod of the namespace could otherwise pick what kvmesh runs.
-    controller_image: str = names.LMCACHE_CONTROLLER_IMAGE
+    # The image of a controller-mode group's lookup service (lmcache_controller). Unset: LMCache's
+    # published image of the group's LMCache version (lookup.controller_image); never a member's
+    # image, since any pod of the namespace could otherwise pick what kvmesh runs.
+    controller_image: Optional[str] = None
 
     @field_validator("group")
     @classmethod
@@ -67,8 +68,8 @@ class PolicyDefaults(BaseModel):
 
     @field_validator("controller_image")
     @classmethod
-    def _controller_image(cls, v: str) -> str:
-        if not _IMAGE.match(v):
+    def _controller_image(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not _IMAGE.match(v):
             raise ValueError(f"controllerImage {v[:80]!r} is not an image reference "
                              "(e.g. lmcache/vllm-openai:v0.3.9 or name@sha256:<64 hex>)")
         return v

@@ -221,6 +221,19 @@ def test_lookup_image_from_policy_never_from_members():
     assert sts["spec"]["template"]["spec"]["containers"][0]["image"].startswith("registry.local")
 
 
+def test_lookup_image_is_the_published_image_of_the_members_lmcache_version():
+    from kvmesh.core.policy import PolicyDefaults
+    pol = PolicyDefaults()
+    # The newest controller-generation version any member names; a member's own repository,
+    # a redis-generation tag or an unversioned image never becomes the image.
+    assert lookup.controller_image(pol, ["evil.example/lmcache:v0.5.6", "lmcache/vllm-openai:v0.3.9"]) \
+        == "lmcache/vllm-openai:v0.5.6"
+    assert lookup.controller_image(pol, ["lmcache/vllm-openai:v0.3.6", "vllm/vllm-openai:v0.10.0"]) \
+        == names.LMCACHE_CONTROLLER_IMAGE
+    assert lookup.controller_image(PolicyDefaults(controllerImage="r/x:1"),
+                                   ["lmcache/vllm-openai:v0.5.6"]) == "r/x:1"
+
+
 @pytest.mark.parametrize("bad", ["", "Lmcache/X", "img; rm -rf /", "a" * 300, "x:1\n"])
 def test_controller_image_rejects_non_references(bad):
     from pydantic import ValidationError
