@@ -38,6 +38,7 @@ SWEPT_MAX = 10_000
 # Groups reconciled at once (each is a few sequential API calls): bounds the controller's
 # request rate while one slow group does not hold up the others.
 WORKERS = 8
+URGENT_WORKERS = 2  # of those, reserved for groups a pod event changed
 EVENT_CONCURRENCY = 4  # Events recorded at once, off the watch path
 PEER_GROUP_API = f"{names.API_GROUP}/{names.API_VERSION}"
 
@@ -487,9 +488,9 @@ class Mesh:
         for gkey in set(self.groups) | set(self.empty_since) | set(self.status_written):
             self.queue.add(gkey, urgent=False)
 
-    async def work_one(self) -> None:
+    async def work_one(self, urgent_only: bool = False) -> None:
         """Take one group off the queue and reconcile it; a failure is retried with backoff."""
-        gkey, urgent = await self.queue.get()
+        gkey, urgent = await self.queue.get(urgent_only)
         t0 = time.perf_counter()
         try:
             await self.reconcile_group(gkey, self.groups.get(gkey), full=not urgent)
@@ -507,9 +508,9 @@ class Mesh:
             if self.metrics:
                 self.metrics.reconcile_seconds.observe(time.perf_counter() - t0)
 
-    async def _worker(self) -> None:
+    async def _worker(self, urgent_only: bool) -> None:
         while True:
-            await self.work_one()
+            await self.work_one(urgent_only)
 
     async def resync_once(self, full: bool = True) -> None:
         """Retry failed purges and work the queue until it is empty (`full`: every group
@@ -535,7 +536,10 @@ class Mesh:
             log.info("peer membership synced: %d members in %d groups", len(self.members),
                      len(self.groups))
             await self.recover()
-            workers = [asyncio.create_task(self._worker()) for _ in range(self.workers)]
+            # Some workers serve only pod events, so a departure never waits for the
+            # low-priority full pass's work in flight (each group is several API calls).
+            workers = [asyncio.create_task(self._worker(i < URGENT_WORKERS))
+                       for i in range(max(self.workers, URGENT_WORKERS + 1))]
             while True:
                 # Pod events queue their own group as they come (see _on_pod); this loop is
                 # the low-priority backstop.

@@ -9,8 +9,9 @@
 A key is queued at most once (adding it again while it waits is free; adding it urgently
 raises a waiting low-priority entry); a key being worked on is never handed to a second worker:
 adding it meanwhile queues it again for when `done` is called, so the last change is always
-seen. Workers take every urgent key before any low-priority one, so a departure never waits
-behind a full pass over all groups, only behind the work already in flight.
+seen. Workers take every urgent key before any low-priority one, and a worker may be reserved
+for urgent keys (`get(urgent_only=True)`), so a departure never waits behind a full pass over
+all groups, not even behind the low-priority work in flight.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class WorkQueue:
         self._low: dict[Hashable, None] = {}
         self._active: set[Hashable] = set()
         self._again: dict[Hashable, bool] = {}  # added while active -> urgent?
-        self._items = asyncio.Semaphore(0)  # == len(_urgent) + len(_low)
+        self._changed = asyncio.Event()
 
     def add(self, key: Hashable, urgent: bool = True) -> None:
         if key in self._active:
@@ -34,24 +35,24 @@ class WorkQueue:
         if key in self._urgent or (not urgent and key in self._low):
             return
         if urgent:
-            if self._low.pop(key, 0) is None:  # raised: already counted
-                self._urgent[key] = None
-                return
+            self._low.pop(key, None)
             self._urgent[key] = None
         else:
             self._low[key] = None
-        self._items.release()
+        self._changed.set()
 
-    async def get(self) -> tuple[Hashable, bool]:
-        await self._items.acquire()
-        if self._urgent:
-            key = next(iter(self._urgent))
-            del self._urgent[key]
-            urgent = True
-        else:
-            key = next(iter(self._low))
-            del self._low[key]
-            urgent = False
+    async def get(self, urgent_only: bool = False) -> tuple[Hashable, bool]:
+        while True:
+            if self._urgent:
+                queue, urgent = self._urgent, True
+                break
+            if self._low and not urgent_only:
+                queue, urgent = self._low, False
+                break
+            self._changed.clear()
+            await self._changed.wait()
+        key = next(iter(queue))
+        del queue[key]
         self._active.add(key)
         return key, urgent
 

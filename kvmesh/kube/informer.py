@@ -171,14 +171,6 @@ def shrink(obj: dict, transform: Optional[Callable[[dict], dict]]) -> dict:
     return out
 
 
-def strip_managed_fields(obj: dict) -> dict:
-    """A transform for caches that never read managedFields (often a third of an object)."""
-    meta = obj.get("metadata")
-    if isinstance(meta, dict):
-        meta.pop("managedFields", None)
-    return obj
-
-
 class Gone(Exception):
     """410: the resourceVersion we asked for is no longer in the server's window; relist."""
 

@@ -31,3 +31,14 @@ async def test_a_key_in_work_is_requeued_once_when_done_never_given_twice():
     assert await asyncio.wait_for(second, 1) == ("g", True)
     q.done("g")
     assert len(q) == 0 and "g" not in q
+
+
+async def test_an_urgent_only_worker_never_takes_low_priority_work():
+    q = WorkQueue()
+    q.add("low", urgent=False)
+    reserved = asyncio.create_task(q.get(urgent_only=True))
+    await asyncio.sleep(0.01)
+    assert not reserved.done()
+    q.add("event")
+    assert await asyncio.wait_for(reserved, 1) == ("event", True)
+    assert await q.get() == ("low", False)
