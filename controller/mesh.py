@@ -507,6 +507,9 @@ class Mesh:
             self.queue.done(gkey)
             if self.metrics:
                 self.metrics.reconcile_seconds.observe(time.perf_counter() - t0)
+                self.metrics.queued_groups.labels("event").set(self.queue.urgent)
+                self.metrics.queued_groups.labels("resync").set(len(self.queue) -
+                                                                self.queue.urgent)
 
     async def _worker(self, urgent_only: bool) -> None:
         while True:
