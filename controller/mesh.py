@@ -9,8 +9,10 @@ urgently, and the periodic full pass queues every group at low priority, so a de
 waits only for the work in flight, never behind a pass over all groups. On the event path a
 group's lookup objects and NetworkPolicy are applied only when what they derive from changed
 (the full pass re-applies them, repairing drift), and its status only when it differs from what
-was last written. A purge that fails (lookup
-service unreachable) is retried by the resync loop until it succeeds; the Redis reverse index
+was last written.
+
+A purge that fails (lookup service unreachable) is retried by the resync loop until it
+succeeds; the Redis reverse index
 additionally reconciles against the live membership on every (re)connection and periodically,
 so a death nobody saw (controller down, watch gap) is still cleaned up.
 """
@@ -496,6 +498,10 @@ class Mesh:
             await self.reconcile_group(gkey, self.groups.get(gkey), full=not urgent)
             self.failures.pop(gkey, None)
         except Exception as e:
+            # What we believe was applied may be gone (a user deleted the KVMeshPeerGroup):
+            # the retry writes everything again.
+            for cache in (self.cr, self.spec_applied, self.status_written):
+                cache.pop(gkey, None)
             n = self.failures[gkey] = self.failures.get(gkey, 0) + 1
             delay = min(self.resync_seconds, 0.2 * 2 ** min(n - 1, 10))
             if self.metrics:

@@ -58,3 +58,28 @@ async def test_a_changed_label_reapplies_the_network_policy_on_the_event_path():
     await m.resync_once(full=False)
     assert len(api.applied) > n
     assert api.applied[-1]["kind"] == "NetworkPolicy"
+
+
+async def test_a_failed_write_forgets_what_was_applied_so_the_retry_writes_it_all():
+    api = FakeMeshClient()
+    m = Mesh(api, PolicyDefaults(redis_address="127.0.0.1:1"))
+    p = pod("a", "p1", "127.64.0.1")
+    await m._on_pod("ADDED", p, None)
+    await m.resync_once(full=False)
+    n = len(api.applied)
+    gkey = next(iter(m.groups))
+    real_apply = api.apply
+
+    async def failing(obj, subresource=None):
+        raise RuntimeError("kvmeshpeergroups.kvmesh.dev not found")
+    api.apply = failing
+    q = copy.deepcopy(p)
+    q["status"]["conditions"] = [{"type": "Ready", "status": "False"}]
+    await m._on_pod("MODIFIED", q, p)
+    await m.work_one()
+    assert m.failures[gkey] == 1 and gkey not in m.cr and gkey not in m.status_written
+    api.apply = real_apply
+    m.queue.add(gkey)  # what the backoff timer does
+    await m.work_one()
+    assert len(api.applied) > n and api.status_applied[-1]["status"]["readyPeers"] == 0
+    assert gkey not in m.failures
