@@ -79,9 +79,11 @@ class Metrics:
                                        buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1,
                                                 2.5, 5, 10), registry=r)
         self.reconcile_seconds = Histogram("kvmesh_controller_reconcile_duration_seconds",
-                                           "Time of one pass over peer groups (all of them "
-                                           "every resync, else those that changed)",
-                                           registry=r)
+                                           "Time to reconcile one peer group (its objects "
+                                           "and status)", registry=r)
+        self.queued_groups = Gauge("kvmesh_controller_queued_groups", "Peer groups waiting "
+                                   "to be reconciled, by priority (event: a pod changed; "
+                                   "resync: the periodic full pass)", ["priority"], registry=r)
         self.members = Gauge("kvmesh_controller_members", "Injected pods known", registry=r)
         self.peers = Gauge("kvmesh_controller_ready_peers", "Running, Ready injected pods "
                            "with an IP", registry=r)

@@ -2,8 +2,17 @@
 being a peer, and one lookup service per peer group with its status.
 
 Purges run on the watch path itself (no queue in between), so the time from a pod's deletion
-to its lookup state being gone is one watch event plus the purge. A purge that fails (lookup
-service unreachable) is retried by the resync loop until it succeeds; the Redis reverse index
+to its lookup state being gone is one watch event plus the purge; the Event that reports it is
+recorded in the background. Group work (KVMeshPeerGroup, lookup objects, NetworkPolicy, status)
+goes through a coalescing work queue served by a few workers: a pod event queues its own group
+urgently, and the periodic full pass queues every group at low priority, so a departure's status
+waits only for the work in flight, never behind a pass over all groups. On the event path a
+group's lookup objects and NetworkPolicy are applied only when what they derive from changed
+(the full pass re-applies them, repairing drift), and its status only when it differs from what
+was last written.
+
+A purge that fails (lookup service unreachable) is retried by the resync loop until it
+succeeds; the Redis reverse index
 additionally reconciles against the live membership on every (re)connection and periodically,
 so a death nobody saw (controller down, watch gap) is still cleaned up.
 """
@@ -21,12 +30,19 @@ from kvmesh.core import groups, lookup, names
 from kvmesh.core.groups import PeerGroupId
 from kvmesh.core.policy import PolicyDefaults
 from kvmesh.kube.api import ApiError
+from kvmesh.controller.workqueue import WorkQueue
+from kvmesh.kube import retry
 from kvmesh.kube.facade import MeshClient
 
 log = logging.getLogger("kvmesh.mesh")
 
 RECONCILE_SECONDS = 300.0
 SWEPT_MAX = 10_000
+# Groups reconciled at once (each is a few sequential API calls): bounds the controller's
+# request rate while one slow group does not hold up the others.
+WORKERS = 8
+URGENT_WORKERS = 2  # of those, reserved for groups a pod event changed
+EVENT_CONCURRENCY = 4  # Events recorded at once, off the watch path
 PEER_GROUP_API = f"{names.API_GROUP}/{names.API_VERSION}"
 
 GroupKey = tuple[str, PeerGroupId]  # (namespace, group)
@@ -54,7 +70,7 @@ class Mesh:
     def __init__(self, api: MeshClient, policy: PolicyDefaults, metrics=None,
                  grace_seconds: float = 300.0, resync_seconds: float = 15.0,
                  manage_lookup: bool = True, policies: Optional[dict] = None,
-                 peer_policy: bool = True):
+                 peer_policy: bool = True, workers: int = WORKERS):
         self.api, self.policy, self.metrics = api, policy, metrics
         # name -> core.policy.Policy, kept current by the policy loop
         self.policies: dict = policies if policies is not None else {}
@@ -65,6 +81,8 @@ class Mesh:
         self.peer_policy = peer_policy
         self.pods = api.peer_pods(self._on_pod)
         self.members: dict[tuple[str, str], groups.Member] = {}
+        # The members by group, kept in step with `members` (never rebuilt from all members).
+        self.groups: dict[GroupKey, groups.Group] = {}
         self.owners: dict[tuple[str, str], list] = {}  # ownerReferences, kept past deletion
         # Incarnations already purged (uid, ip, restarts): "terminating" then "deleted" is one
         # departure, not two.
@@ -76,14 +94,24 @@ class Mesh:
         # got there (it runs when an index (re)connects): credited to that purge's record.
         self.swept: dict[str, int] = {}
         self.empty_since: dict[GroupKey, float] = {}
+        self.empty_at: dict[GroupKey, str] = {}  # the same moment, for the status
         # Per group: does a user's NetworkPolicy select its pods (last applied answer), and
         # which members none selects then (they lose every port but P2P from peers).
         self.user_isolated: dict[GroupKey, bool] = {}
         self.unselected: dict[GroupKey, list[str]] = {}
-        self.dirty: set[GroupKey] = set()
         self.forbidden_reported: dict[str, float] = {}  # namespace -> when last said
         self._redis_key: Optional[bytes] = None  # master key of the group Redis passwords
-        self._wake = asyncio.Event()
+        self.queue = WorkQueue()
+        self.workers = workers
+        self.failures: dict[GroupKey, int] = {}  # consecutive failed reconciles, for backoff
+        # What was last applied for a group, so the event path writes only what changed: the
+        # KVMeshPeerGroup (owner of the lookup objects), the inputs of its lookup objects and
+        # NetworkPolicy, and its status.
+        self.cr: dict[GroupKey, dict] = {}
+        self.spec_applied: dict[GroupKey, tuple] = {}
+        self.status_written: dict[GroupKey, dict] = {}
+        self._event_slots = asyncio.Semaphore(EVENT_CONCURRENCY)
+        self._background: set[asyncio.Task] = set()
 
     # --- membership ---------------------------------------------------------------------------
 
@@ -94,13 +122,21 @@ class Mesh:
         old_m = self.members.get(key)
         self.owners[key] = meta.get("ownerReferences") or []
         d = groups.departure(old_m, new_m)
+        if old_m is not None:
+            g = self.groups.get(old_m.group_key)
+            if g is not None:
+                g.members.pop(old_m.name, None)
+                if not g.members:
+                    del self.groups[old_m.group_key]
         if new_m is None:
             self.members.pop(key, None)
         else:
             self.members[key] = new_m
+            self.groups.setdefault(new_m.group_key, groups.Group(
+                new_m.namespace, new_m.peer_group)).members[new_m.name] = new_m
         for m in (old_m, new_m):
             if m is not None:
-                self.dirty.add(m.group_key)
+                self.queue.add(m.group_key)
         if d is not None:
             inc = (d.member.uid, d.member.ip, d.member.restarts)
             if inc not in self.purged and await self.purge(d):
@@ -112,7 +148,6 @@ class Mesh:
             self.owners.pop(key, None)
             if old_m is not None:
                 self.purged = {i for i in self.purged if i[0] != old_m.uid}
-        self._wake.set()
 
     def live_addresses(self) -> set[str]:
         return groups.live_addresses(list(self.members.values()))
@@ -204,8 +239,7 @@ class Mesh:
             if addr in recorded:
                 gkey, rec = recorded[addr]
                 rec.removed += n
-                self.dirty.add(gkey)
-                self._wake.set()
+                self.queue.add(gkey)
                 continue
             self.swept[addr] = self.swept.pop(addr, 0) + n
         while len(self.swept) > SWEPT_MAX:  # deaths nobody purged explicitly: oldest first
@@ -266,18 +300,18 @@ class Mesh:
         rec = PurgeRecord(f"{m.namespace}/{m.name}", d.reason, d.what, removed, seconds,
                           m.mode)
         self.last_purge[gkey] = rec
-        self.dirty.add(gkey)
+        self.queue.add(gkey)
         if self.metrics:
             self.metrics.purges.labels(m.mode, d.reason).inc()
             self.metrics.purged.labels(m.mode).inc(removed)
             self.metrics.purge_seconds.labels(m.mode).observe(seconds)
         log.info("purged %s of pod %s/%s (%s): %d removed in %.1f ms", d.what, m.namespace,
                  m.name, d.reason, removed, seconds * 1000)
-        await self.event(m, "LookupStatePurged",
+        self.background(self.event(m, "LookupStatePurged",
                          f"kvmesh removed the lookup state of pod {m.name} ({d.reason}): "
                          f"{d.what}, {removed} {'keys' if m.mode == 'redis' else 'ranks'} "
                          f"in {seconds * 1000:.0f} ms, so peers miss cleanly instead of "
-                         "fetching from a dead address")
+                         "fetching from a dead address"))
         return True
 
     # --- events -------------------------------------------------------------------------------
@@ -302,41 +336,67 @@ class Mesh:
 
     async def event(self, m: groups.Member, reason: str, message: str,
                     type_: str = "Normal") -> None:
-        target = await self._workload_of(m) or {
-            "apiVersion": "v1", "kind": "Pod", "name": m.name, "uid": m.uid,
-            "namespace": m.namespace}
-        await self.api.event(target, reason, message, type_)
+        async with self._event_slots:
+            target = await self._workload_of(m) or {
+                "apiVersion": "v1", "kind": "Pod", "name": m.name, "uid": m.uid,
+                "namespace": m.namespace}
+            await self.api.event(target, reason, message, type_)
+
+    def background(self, coro) -> None:
+        """Run best-effort work (Events) off the watch path; bounded by its own semaphore."""
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # --- groups -------------------------------------------------------------------------------
 
     def group_view(self) -> dict[GroupKey, groups.Group]:
-        return groups.groups_of(list(self.members.values()))
+        return self.groups
 
-    async def reconcile_group(self, gkey: GroupKey, g: Optional[groups.Group]) -> None:
+    def _spec_inputs(self, g: groups.Group, defaults: PolicyDefaults) -> tuple:
+        """Everything a group's lookup objects and NetworkPolicy are derived from."""
+        ms = g.members.values()
+        return (tuple(sorted({m.image for m in ms})), defaults.model_dump_json(), self.peer_policy,
+                tuple(sorted({p for m in ms for p in m.p2p_ports})),
+                tuple(sorted({p for m in ms if m.mode == names.MODE_CONTROLLER
+                              for p in m.worker_ports})),
+                tuple(sorted({m.labels for m in ms})))
+
+    async def reconcile_group(self, gkey: GroupKey, g: Optional[groups.Group],
+                              full: bool = True) -> None:
+        """Converge one group's objects and status. `full` re-applies everything (drift
+        repair); otherwise only what changed since it was last applied is written."""
         ns, gid = gkey
         if g is None or not g.members:
             since = self.empty_since.setdefault(gkey, time.monotonic())
+            self.empty_at.setdefault(gkey, _now())
             if time.monotonic() - since >= self.grace:
                 if await self.api.delete(PEER_GROUP_API, names.PEER_GROUP_KIND, ns, gid.label):
                     log.info("peer group %s/%s empty for %.0fs: lookup service removed",
                              ns, gid, self.grace)
-                self.empty_since.pop(gkey, None)
-                self.last_purge.pop(gkey, None)
-                self.user_isolated.pop(gkey, None)
-                self.unselected.pop(gkey, None)
+                for d in (self.empty_since, self.empty_at, self.last_purge, self.user_isolated,
+                          self.unselected, self.cr, self.spec_applied, self.status_written):
+                    d.pop(gkey, None)
                 return
         else:
             self.empty_since.pop(gkey, None)
-        cr = await self.api.apply(lookup.peer_group(ns, gid))
+            self.empty_at.pop(gkey, None)
+        cr = self.cr.get(gkey)
+        if full or cr is None:
+            cr = self.cr[gkey] = await self.api.apply(lookup.peer_group(ns, gid))
         defaults = self.group_defaults(g)
         if g is not None and g.members and self.manage_lookup:
             acl = None
             if gid.mode == names.MODE_REDIS and not defaults.redis_address:
                 acl = lookup.password_sha256(await self._redis_password(ns, gid.group))
-            images = [m.image for m in g.members.values()]
-            for obj in lookup.desired(cr, defaults, acl, images):  # image chosen by kvmesh
-                await self.api.apply(obj)
-            await self.reconcile_peer_policy(gkey, g, lookup.owner_ref(cr))
+            inputs = self._spec_inputs(g, defaults) + (acl,)
+            if full or self.spec_applied.get(gkey) != inputs:
+                self.spec_applied.pop(gkey, None)
+                images = [m.image for m in g.members.values()]
+                for obj in lookup.desired(cr, defaults, acl, images):  # image chosen by kvmesh
+                    await self.api.apply(obj)
+                await self.reconcile_peer_policy(gkey, g, lookup.owner_ref(cr))
+                self.spec_applied[gkey] = inputs
         peers = g.peers if g else []
         # name=token of every peer: a leader taking over compares it with what it sees, to
         # purge peers that died while nobody watched.
@@ -349,13 +409,17 @@ class Mesh:
                 status["lookupAddress"] = f"{idx.host}:{idx.port}"
             except Exception as e:
                 log.debug("lookup Redis of %s/%s not reachable yet: %s", ns, gid, e)
-        if gkey in self.empty_since:
-            status["emptySince"] = dt.datetime.now(dt.timezone.utc).isoformat()
+        if gkey in self.empty_at:
+            status["emptySince"] = self.empty_at[gkey]
         rec = self.last_purge.get(gkey)
         if rec:
             status["lastPurge"] = {k: v for k, v in rec.__dict__.items() if k != "mode"}
+        if self.status_written.get(gkey) == status:
+            return
+        self.status_written.pop(gkey, None)
         await self.api.apply({**lookup.peer_group(ns, gid), "status": status},
                              subresource="status")
+        self.status_written[gkey] = status
 
     async def reconcile_peer_policy(self, gkey: GroupKey, g: groups.Group,
                                     owner: dict) -> None:
@@ -406,9 +470,14 @@ class Mesh:
                      ns, gid, policy, ports)
 
     async def recover(self) -> None:
-        """After taking over: purge peers the previous leader recorded that are gone now."""
+        """After taking over: purge peers the previous leader recorded that are gone now.
+
+        The listing is retried with backoff while the API server is overloaded or unreachable
+        (429, 5xx, connection errors): a departure missed here would otherwise wait for the
+        Redis reconcile backstop (RECONCILE_SECONDS)."""
         try:
-            found = await self.api.peer_groups()
+            found = await retry.call("list KVMeshPeerGroups to recover departures",
+                                     self.api.peer_groups)
         except Exception as e:
             log.error("cannot read KVMeshPeerGroups to recover departures: %s", e)
             return
@@ -422,9 +491,8 @@ class Mesh:
                          ns, d.member.name, d.member.token)
                 await self.purge(d)
 
-    async def resync_once(self, full: bool = True) -> None:
-        """Retry failed purges, then reconcile the groups whose membership changed (`full`:
-        every group, which also repairs drift in lookup objects and NetworkPolicies)."""
+    async def retry_purges(self) -> None:
+        """Retry the purges that failed (lookup service unreachable)."""
         for key, d in list(self.pending.items()):
             owner = next((m for m in self.members.values() if m.token == d.member.token
                           and m.uid != d.member.uid), None)
@@ -436,34 +504,73 @@ class Mesh:
                 self.pending.pop(key, None)
                 continue
             await self.purge(d)
-        view = self.group_view()
-        keys = set(self.dirty) | set(self.empty_since)
-        if full:
-            keys |= set(view)
-        self.dirty.clear()
-        for gkey in keys:
-            try:
-                await self.reconcile_group(gkey, view.get(gkey))
-            except ApiError as e:
-                if e.status != 403:
-                    self._group_failed(gkey, e)
-                    continue
+
+    def queue_all(self) -> None:
+        """The full pass: every known group, at low priority (drift repair, grace timers)."""
+        for gkey in set(self.groups) | set(self.empty_since) | set(self.status_written):
+            self.queue.add(gkey, urgent=False)
+
+    async def work_one(self, urgent_only: bool = False) -> None:
+        """Take one group off the queue and reconcile it; a failure is retried with backoff."""
+        gkey, urgent = await self.queue.get(urgent_only)
+        t0 = time.perf_counter()
+        try:
+            await self.reconcile_group(gkey, self.groups.get(gkey), full=not urgent)
+            self.failures.pop(gkey, None)
+        except ApiError as e:
+            if e.status != 403:
+                self._retry_later(gkey, urgent, e)
+            else:
                 # Not allowed in this namespace (no RoleBinding): retried at the next full
-                # resync only, said once per FORBIDDEN_REPORT_SECONDS, never a hot loop.
+                # pass only, said once per FORBIDDEN_REPORT_SECONDS, never a hot loop.
+                for cache in (self.cr, self.spec_applied, self.status_written):
+                    cache.pop(gkey, None)
                 if self.metrics:
                     self.metrics.errors.labels("forbidden").inc()
-                await self._report_forbidden(gkey, view.get(gkey), e)
-            except Exception as e:
-                self._group_failed(gkey, e)
+                await self._report_forbidden(gkey, self.groups.get(gkey), e)
+        except Exception as e:
+            self._retry_later(gkey, urgent, e)
+        finally:
+            self.queue.done(gkey)
+            if self.metrics:
+                self.metrics.reconcile_seconds.observe(time.perf_counter() - t0)
+                self.metrics.queued_groups.labels("event").set(self.queue.urgent)
+                self.metrics.queued_groups.labels("resync").set(len(self.queue) -
+                                                                self.queue.urgent)
+
+    def _retry_later(self, gkey: GroupKey, urgent: bool, e: Exception) -> None:
+        """A failed reconcile: forget what was applied and queue it again with backoff."""
+        # What we believe was applied may be gone (a user deleted the KVMeshPeerGroup):
+        # the retry writes everything again.
+        for cache in (self.cr, self.spec_applied, self.status_written):
+            cache.pop(gkey, None)
+        n = self.failures[gkey] = self.failures.get(gkey, 0) + 1
+        delay = min(self.resync_seconds, 0.2 * 2 ** min(n - 1, 10))
+        if self.metrics:
+            self.metrics.errors.labels("group").inc()
+        log.error("reconciling peer group %s/%s failed (attempt %d): %s; retrying in "
+                  "%.1fs", gkey[0], gkey[1], n, e, delay)
+        asyncio.get_running_loop().call_later(delay, self.queue.add, gkey, urgent)
+
+    async def _worker(self, urgent_only: bool) -> None:
+        while True:
+            await self.work_one(urgent_only)
+
+    async def resync_once(self, full: bool = True) -> None:
+        """Retry failed purges and work the queue until it is empty (`full`: every group
+        first queued at low priority). The running controller does this continuously with
+        its workers; tests and one-shot callers use this."""
+        await self.retry_purges()
+        if full:
+            self.queue_all()
+        while len(self.queue):
+            await self.work_one()
+        self._gauges()
+
+    def _gauges(self) -> None:
         if self.metrics:
             self.metrics.members.set(len(self.members))
             self.metrics.peers.set(sum(1 for m in self.members.values() if m.is_peer))
-
-    def _group_failed(self, gkey: GroupKey, e: Exception) -> None:
-        self.dirty.add(gkey)
-        if self.metrics:
-            self.metrics.errors.labels("group").inc()
-        log.error("reconciling peer group %s/%s failed: %s", gkey[0], gkey[1], e)
 
     async def _report_forbidden(self, gkey: GroupKey, g: Optional[groups.Group],
                                 e: ApiError) -> None:
@@ -485,30 +592,27 @@ class Mesh:
 
     async def run(self) -> None:
         informer = asyncio.create_task(self.pods.run())
+        workers: list[asyncio.Task] = []
         try:
             await self.pods.has_synced.wait()
-            log.info("peer membership synced: %d members", len(self.members))
+            log.info("peer membership synced: %d members in %d groups", len(self.members),
+                     len(self.groups))
             await self.recover()
-            last_full = -float("inf")
+            # Some workers serve only pod events, so a departure never waits for the
+            # low-priority full pass's work in flight (each group is several API calls).
+            workers = [asyncio.create_task(self._worker(i < URGENT_WORKERS))
+                       for i in range(max(self.workers, URGENT_WORKERS + 1))]
             while True:
-                # A pod event wakes the loop for its own group only (re-applying every group's
-                # objects on each event of a 100-pod rollout would be ~100x the API writes for
-                # nothing); every resync_seconds the pass covers all groups.
-                t0 = time.perf_counter()
-                full = time.monotonic() - last_full >= self.resync_seconds
-                if full:
-                    last_full = time.monotonic()
-                await self.resync_once(full)
-                if self.metrics:
-                    self.metrics.reconcile_seconds.observe(time.perf_counter() - t0)
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), max(
-                        0.0, last_full + self.resync_seconds - time.monotonic()))
-                except asyncio.TimeoutError:
-                    pass
+                # Pod events queue their own group as they come (see _on_pod); this loop is
+                # the low-priority backstop.
+                await self.retry_purges()
+                self.queue_all()
+                self._gauges()
+                await asyncio.sleep(self.resync_seconds)
         finally:
             informer.cancel()
             self.pods.stop()
+            for t in workers + list(self._background):
+                t.cancel()
             for idx in self.redis.values():
                 await idx.stop()

@@ -150,6 +150,19 @@ async def watch_uninjected(kube: Kube, metrics) -> None:
             "(the webhook was unreachable and failurePolicy is Ignore); delete the pod to "
             "have it recreated with injection", "Warning")
 
+    # Injected pods carry the peer-group label and are the membership watch's: excluding them
+    # here keeps one cached copy of each injected pod in the controller, and this watch holds
+    # only the (normally no) pods the webhook missed, as a stub of their metadata.
     await kube.informer("v1", "Pod",
-                        label_selector=f"{names.LABEL_INJECT}={names.INJECT_ENABLED}",
-                        handlers=[on], name="opted-in pods").run()
+                        label_selector=f"{names.LABEL_INJECT}={names.INJECT_ENABLED},"
+                                       f"!{names.LABEL_PEER_GROUP}",
+                        handlers=[on], name="opted-in pods not injected",
+                        transform=_stub).run()
+
+
+def _stub(pod: dict) -> dict:
+    meta = pod.get("metadata") or {}
+    ann = meta.get("annotations") or {}
+    return {"metadata": {"name": meta.get("name"), "namespace": meta.get("namespace"),
+                         "uid": meta.get("uid"),
+                         "annotations": {k: ann[k] for k in (names.ANN_STATUS,) if k in ann}}}

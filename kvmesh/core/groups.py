@@ -101,6 +101,54 @@ def _env(container: dict) -> dict[str, dict]:
     return {e.get("name"): e for e in container.get("env") or [] if isinstance(e, dict)}
 
 
+# The env of the injected container that member_from_pod reads; nothing else of it is kept.
+MEMBER_ENV = ("LMCACHE_DISTRIBUTED_URL", "LMCACHE_LMCACHE_INSTANCE_ID",
+              "LMCACHE_LMCACHE_WORKER_PORTS")
+
+
+def compact_pod(pod: dict) -> dict:
+    """The part of an injected pod the controller reads (member_from_pod, the owner of its
+    Events, the not-injected check): what its pod cache stores instead of the whole object.
+    member_from_pod(compact_pod(p)) == member_from_pod(p) for every pod (tests/core)."""
+    meta = pod.get("metadata") or {}
+    ann = meta.get("annotations") or {}
+    cmeta: dict = {k: meta[k] for k in ("name", "namespace", "uid", "resourceVersion",
+                                        "deletionTimestamp", "labels") if k in meta}
+    if names.ANN_STATUS in ann:
+        cmeta["annotations"] = {names.ANN_STATUS: ann[names.ANN_STATUS]}
+    owners = [{k: o.get(k) for k in ("apiVersion", "kind", "name", "uid", "controller")}
+              for o in meta.get("ownerReferences") or [] if isinstance(o, dict)
+              and o.get("controller")]
+    if owners:
+        cmeta["ownerReferences"] = owners
+    try:
+        wanted = json.loads(ann.get(names.ANN_STATUS, "{}")).get("container")
+    except (ValueError, AttributeError):
+        wanted = None
+    containers = []
+    for c in (pod.get("spec") or {}).get("containers") or []:
+        if not isinstance(c, dict) or c.get("name") != wanted:
+            continue
+        containers.append({
+            "name": c.get("name"), "image": c.get("image", ""),
+            "env": [e for e in c.get("env") or []
+                    if isinstance(e, dict) and e.get("name") in MEMBER_ENV],
+            "ports": [{"name": p.get("name"), "containerPort": p.get("containerPort")}
+                      for p in c.get("ports") or [] if isinstance(p, dict)
+                      and str(p.get("name", "")).startswith(names.PORT_NAME_PREFIX)]})
+    st = pod.get("status") or {}
+    cstatus: dict = {k: st[k] for k in ("phase", "podIP") if k in st}
+    cstatus["conditions"] = [{"type": c.get("type"), "status": c.get("status")}
+                             for c in st.get("conditions") or []
+                             if isinstance(c, dict) and c.get("type") == "Ready"]
+    cstatus["containerStatuses"] = [
+        {"name": cs.get("name"), "restartCount": cs.get("restartCount", 0)}
+        for cs in st.get("containerStatuses") or []
+        if isinstance(cs, dict) and cs.get("name") == wanted]
+    return {"apiVersion": pod.get("apiVersion", "v1"), "kind": pod.get("kind", "Pod"),
+            "metadata": cmeta, "spec": {"containers": containers}, "status": cstatus}
+
+
 def member_from_pod(pod: dict) -> Optional[Member]:
     """The member view of an injected pod, or None if kvmesh did not inject it."""
     meta = pod.get("metadata") or {}

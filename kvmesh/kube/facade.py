@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
-from kvmesh.core import names
+from kvmesh.core import groups, names
 from kvmesh.kube.api import CRD_API, Kube
 from kvmesh.kube.informer import Handler, Informer
 
@@ -25,9 +25,11 @@ class MeshClient:
         self.kube = kube
 
     def peer_pods(self, handler: Handler) -> Informer:
-        """Every pod kvmesh injected (they carry the peer-group label), in all namespaces."""
+        """Every pod kvmesh injected (they carry the peer-group label), in all namespaces,
+        each stored as the compact record the controller reads (groups.compact_pod)."""
         return self.kube.informer("v1", "Pod", label_selector=names.LABEL_PEER_GROUP,
-                                  handlers=[handler], name="kvmesh peer pods")
+                                  handlers=[handler], name="kvmesh peer pods",
+                                  transform=groups.compact_pod)
 
     async def lookup_pods(self, namespace: str, group_label: str) -> list[dict]:
         """The pods of one peer group's lookup service."""

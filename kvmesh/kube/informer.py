@@ -7,9 +7,12 @@
     ...
     pods.stop(); await task
 
-Objects are kept as the raw JSON dicts the API server sent (never kubernetes model objects),
+Objects are kept as the JSON dicts the API server sent (never kubernetes model objects),
 keyed by (namespace, name); cluster-scoped objects have namespace "". Handlers and callers get
-the stored dicts themselves: treat them as read-only.
+the stored dicts themselves: treat them as read-only. A `transform` shrinks each object before
+it is stored or delivered (a parsed pod is ~30 KB of Python objects, most of which no consumer
+reads): it returns the compact dict to keep; the informer keeps metadata name, namespace, uid
+and resourceVersion on it whatever the transform drops, since its own bookkeeping needs them.
 
 Protocol:
   * LIST, paginated (limit/continue), then replace the store, delivering the difference to the
@@ -153,6 +156,21 @@ def next_resource_version(current: str, etype: str, obj: Any) -> str:
     return _rv(obj) or current
 
 
+_IDENTITY = ("name", "namespace", "uid", "resourceVersion")
+
+
+def shrink(obj: dict, transform: Optional[Callable[[dict], dict]]) -> dict:
+    """`transform(obj)`, keeping the metadata the informer itself relies on."""
+    if transform is None:
+        return obj
+    out = transform(obj)
+    meta, kept = obj.get("metadata") or {}, out.setdefault("metadata", {})
+    for k in _IDENTITY:
+        if k in meta:
+            kept.setdefault(k, meta[k])
+    return out
+
+
 class Gone(Exception):
     """410: the resourceVersion we asked for is no longer in the server's window; relist."""
 
@@ -252,8 +270,10 @@ class Informer:
         list_timeout: float = 60.0,
         read_grace: float = 30.0,
         name: Optional[str] = None,
+        transform: Optional[Callable[[dict], dict]] = None,
     ):
         self._list_fn = list_fn
+        self.transform = transform
         self._query: dict[str, Any] = {}
         if namespace is not None:
             self._query["namespace"] = namespace
@@ -419,7 +439,7 @@ class Informer:
                     it.setdefault("kind", item_kind)
                     if api_version:
                         it.setdefault("apiVersion", api_version)
-                items.append(it)
+                items.append(shrink(it, self.transform))
             meta = body.get("metadata") or {}
             rv = meta.get("resourceVersion") or rv
             cont = meta.get("continue")
@@ -495,7 +515,7 @@ class Informer:
         if etype not in (ADDED, MODIFIED, DELETED) or not isinstance(obj, dict):
             log.warning("informer %s: ignoring unexpected watch event %r", self.name, etype)
             return
-        changes = event_changes(self._store, etype, obj)
+        changes = event_changes(self._store, etype, shrink(obj, self.transform))
         self.resource_version = next_resource_version(self.resource_version, etype, obj)
         await self._deliver_all(changes)
 

@@ -31,8 +31,7 @@ async def test_forbidden_namespace_reported_once_with_the_grant_command(caplog):
     for ns in ("team-a", "team-b"):
         pod = injected_pod(name=f"p-{ns}", uid=f"u-{ns}")
         pod["metadata"]["namespace"] = ns
-        mem = groups.member_from_pod(pod)
-        m.members[mem.key] = mem
+        await m._on_pod("ADDED", pod, None)
     with caplog.at_level(logging.WARNING, logger="kvmesh"):
         await m.resync_once(full=True)
         await m.resync_once(full=True)
@@ -44,7 +43,7 @@ async def test_forbidden_namespace_reported_once_with_the_grant_command(caplog):
         "kvmesh-controller-tenant --serviceaccount=kvmesh-system:kvmesh-controller")
     warnings = [e for e in api.events if e[1] == "LookupForbidden"]
     assert len(warnings) == 1 and warnings[0][3] == "Warning"
-    assert not m.dirty  # no hot retry: the next full resync tries again
+    assert not m.failures  # no hot retry with backoff: the next full pass tries again
     # team-a was served regardless.
     assert any(o["metadata"].get("namespace") == "team-a" for o in api.applied)
     # The admin grants it: the next full pass creates the group's objects.

@@ -1,30 +1,85 @@
-"""Mesh.resync_once: a pod event's pass reconciles only the groups that changed; the periodic
-pass covers every group (drift repair)."""
+"""Mesh's group work: a pod event queues its own group; the event path writes only what
+changed (the status, and lookup objects only when their inputs change); the full pass re-applies
+every group's objects (drift repair) but still no unchanged status."""
+
+import copy
 
 from fake_api import FakeMeshClient
-from kvmesh.core import groups
 from kvmesh.controller.mesh import Mesh
 from kvmesh.core.policy import PolicyDefaults
 from support import injected_pod
 
 
-async def test_event_pass_touches_only_dirty_groups(monkeypatch):
-    m = Mesh(FakeMeshClient(), PolicyDefaults())
-    for ns in ("a", "b"):
-        pod = injected_pod(name=f"p-{ns}", uid=f"u-{ns}")
-        pod["metadata"]["namespace"] = ns
-        mem = groups.member_from_pod(pod)
-        m.members[mem.key] = mem
-    seen = []
+def pod(ns, name, ip):
+    p = injected_pod(name=name, uid=f"u-{ns}-{name}", ip=ip)
+    p["metadata"]["namespace"] = ns
+    return p
 
-    async def reconcile_group(gkey, g):
-        seen.append(gkey[0])
-    monkeypatch.setattr(m, "reconcile_group", reconcile_group)
-    m.dirty.add(m.members[("a", "p-a")].group_key)
+
+async def test_event_pass_touches_only_the_changed_group_and_writes_only_changes():
+    api = FakeMeshClient()
+    m = Mesh(api, PolicyDefaults(redis_address="127.0.0.1:1"))
+    pods = {(ns, n): pod(ns, n, f"127.64.{i}.{j}") for i, ns in enumerate(("a", "b"))
+            for j, n in enumerate(("p1", "p2"), 1)}
+    for p in pods.values():
+        await m._on_pod("ADDED", p, None)
     await m.resync_once(full=False)
-    assert seen == ["a"] and not m.dirty
-    seen.clear()
+    assert sorted(s["metadata"]["namespace"] for s in api.status_applied) == ["a", "b"]
+    spec_writes = len(api.applied)
+    assert spec_writes > 2  # the groups, their lookup objects, their NetworkPolicies
+
     await m.resync_once(full=False)  # nothing changed since
-    assert seen == []
-    await m.resync_once(full=True)
-    assert sorted(seen) == ["a", "b"]
+    assert len(api.status_applied) == 2 and len(api.applied) == spec_writes
+
+    gone = pods[("a", "p1")]
+    await m._on_pod("DELETED", gone, gone)
+    assert ("a", next(iter(m.groups))[1]) in m.queue and len(m.queue) == 1
+    await m.resync_once(full=False)
+    # One status write for the departure, in its own group, and nothing else re-applied.
+    assert len(api.status_applied) == 3 and len(api.applied) == spec_writes
+    last = api.status_applied[-1]
+    assert last["metadata"]["namespace"] == "a" and last["status"]["readyPeers"] == 1
+    assert [p.split("=")[0] for p in last["status"]["peers"]] == ["p2"]
+
+    await m.resync_once(full=True)  # drift repair: every group's objects again
+    assert len(api.applied) > spec_writes and len(api.status_applied) == 3
+
+
+async def test_a_changed_label_reapplies_the_network_policy_on_the_event_path():
+    api = FakeMeshClient()
+    m = Mesh(api, PolicyDefaults(redis_address="127.0.0.1:1"))
+    p = pod("a", "p1", "127.64.0.1")
+    await m._on_pod("ADDED", p, None)
+    await m.resync_once(full=False)
+    n = len(api.applied)
+    q = copy.deepcopy(p)
+    q["metadata"]["labels"]["tier"] = "canary"
+    await m._on_pod("MODIFIED", q, p)
+    await m.resync_once(full=False)
+    assert len(api.applied) > n
+    assert api.applied[-1]["kind"] == "NetworkPolicy"
+
+
+async def test_a_failed_write_forgets_what_was_applied_so_the_retry_writes_it_all():
+    api = FakeMeshClient()
+    m = Mesh(api, PolicyDefaults(redis_address="127.0.0.1:1"))
+    p = pod("a", "p1", "127.64.0.1")
+    await m._on_pod("ADDED", p, None)
+    await m.resync_once(full=False)
+    n = len(api.applied)
+    gkey = next(iter(m.groups))
+    real_apply = api.apply
+
+    async def failing(obj, subresource=None):
+        raise RuntimeError("kvmeshpeergroups.kvmesh.dev not found")
+    api.apply = failing
+    q = copy.deepcopy(p)
+    q["status"]["conditions"] = [{"type": "Ready", "status": "False"}]
+    await m._on_pod("MODIFIED", q, p)
+    await m.work_one()
+    assert m.failures[gkey] == 1 and gkey not in m.cr and gkey not in m.status_written
+    api.apply = real_apply
+    m.queue.add(gkey)  # what the backoff timer does
+    await m.work_one()
+    assert len(api.applied) > n and api.status_applied[-1]["status"]["readyPeers"] == 0
+    assert gkey not in m.failures

@@ -14,7 +14,7 @@ async def test_swept_after_the_purge_is_added_to_its_record():
     m = M.Mesh(FakeMeshClient(), PolicyDefaults())
     m.last_purge[GKEY] = M.PurgeRecord("team-a/a", "deleted", DEAD, 100, 0.1)
     m._on_swept({DEAD: 50, OTHER: 7})
-    assert m.last_purge[GKEY].removed == 150 and GKEY in m.dirty
+    assert m.last_purge[GKEY].removed == 150 and GKEY in m.queue
     assert m.swept == {OTHER: 7}  # nobody purged OTHER yet: held for its departure
 
 

@@ -557,3 +557,28 @@ async def test_outage_backs_off_and_recovers(devcluster, namespace, caplog):
     finally:
         await close(api)
         await proxy.stop()
+
+
+async def test_transform_shrinks_listed_and_watched_objects_keeping_identity(
+        devcluster, namespace, pods):
+    await create(devcluster, namespace, "t0")
+    seen = []
+
+    def only_ip(obj):
+        seen.append(obj["metadata"]["name"])
+        return {"status": {"podIP": (obj.get("status") or {}).get("podIP")}}
+    inf = Informer(pods, namespace=namespace, watch_timeout=30, transform=only_ip)
+    rec = Recorder(inf)
+    inf.add_handler(rec)
+    async with running(inf):
+        await create(devcluster, namespace, "t1")
+        await wait_until(lambda: ((inf.get(namespace, "t1") or {}).get("status") or {})
+                         .get("podIP"), 10, "t1 running, seen through the watch")
+        await delete(devcluster, namespace, "t0", grace=0)
+        await wait_until(lambda: rec.has(DELETED, "t0"), 10, "t0 DELETED")
+        for obj in inf.items():
+            assert set(obj) == {"metadata", "status"} and set(obj["status"]) == {"podIP"}
+            assert set(obj["metadata"]) == {"name", "namespace", "uid", "resourceVersion"}
+        assert {"t0", "t1"} <= set(seen) and rec.problems == []
+        want = await server_state(devcluster, namespace)
+        await wait_until(lambda: cache_state(inf) == want, 5, "cache == server")

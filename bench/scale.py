@@ -1,0 +1,577 @@
+"""The controller at scale: memory, status convergence and purge latency with thousands of
+injected pods on the local control plane (KWOK fake nodes), kvmesh's real webhook and
+controller processes, and one real redis-server as every group's lookup Redis (policy
+`redisAddress`).
+
+    .venv/bin/python bench/scale.py                      # 500 -> 2,500 -> 5,000 pods, 50 groups
+    .venv/bin/python bench/scale.py --pods 1000          # the same ramp, scaled to 1,000 pods
+    .venv/bin/python bench/scale.py --pods 1000 --soak 20m
+    .venv/bin/python bench/scale.py --memory-only        # per-pod cost of the pod cache
+
+Each ramp step creates bare pods opted in by label (through the webhook), 50 redis-mode groups
+round robin, waits until all are Running and Ready, and gives each pod K keys in Redis under
+its address (as LMCache does). It then records the controller's RSS and how long after the
+last pod became Ready every KVMeshPeerGroup's status was right. At the top step pods are
+deleted at --rate per second; for each deletion the bench records when its group's status
+stopped listing it (status convergence), when its keys were gone (purge), and, as the floor
+any controller can reach, when its own watch saw the deletion. The baseline columns come from
+the same run: the controller's RSS before any pod existed, and a naive purge (SCAN the whole
+keyspace, GET every value) of one address at that size.
+
+--soak DURATION replaces the deletion phase by continuous churn at --rate (a create and a
+delete alternately) for that long, then checks that no key of a departed pod is left, that
+every group's status lists exactly the Ready pods the API server has, and the RSS growth.
+
+Controller-mode groups are not included: their purge needs a real lmcache_controller per
+group bound to the group's lookup pod IP (tests/e2e/test_mesh.py does this for one group).
+
+--controller-tree DIR runs the webhook and controller from another checkout's sources (e.g.
+`git archive <commit> | tar -x -C DIR`), for a before/after comparison on one machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import statistics
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+from kvmesh.core import groups, names  # noqa: E402
+
+NS = "scale"
+GROUP_COUNT = 50
+KEYS_PER_POD = 20
+IMAGE = "lmcache/vllm-openai:v0.3.6"  # a redis-mode (0.3.x) image
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def pct(xs: list[float], p: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def ms(x: float) -> str:
+    return "—" if x != x else f"{x * 1000:.0f} ms"
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def duration(text: str) -> float:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smh]?)", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 90s, 20m, 1h)")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+def pod_manifest(name: str, group: str) -> dict:
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": NS,
+                         "labels": {"app": "scale", names.LABEL_INJECT: names.INJECT_ENABLED},
+                         "annotations": {names.ANN_GROUP: group, names.ANN_MODE: "redis"}},
+            "spec": {"containers": [{"name": "vllm", "image": IMAGE,
+                                     "command": ["vllm", "serve", "Qwen/Qwen2.5-0.5B-Instruct"]}]}}
+
+
+def member(pod: dict):
+    try:
+        return groups.member_from_pod(pod)
+    except Exception:  # noqa: BLE001 - a pod the webhook did not inject
+        return None
+
+
+def keys_of(name: str) -> list[str]:
+    return [f"vllm@m@1@0@{name}-{i:x}" for i in range(KEYS_PER_POD)]
+
+
+# --------------------------------------------------------------------------- per-pod memory
+
+
+def memory_per_pod(n: int = 2000) -> None:
+    """tracemalloc over n synthetic injected pods (the webhook's own output, with the fields a
+    real API server adds): the full parsed pod (what each watch kept before) vs the compact
+    record and Member the controller keeps now."""
+    from support import injected_pod
+    base = injected_pod(name="p", uid="u")
+    base["metadata"].update(
+        resourceVersion="123456", creationTimestamp="2026-01-01T00:00:00Z",
+        generateName="m-7d9f8-", ownerReferences=[{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                                                    "name": "m-7d9f8", "uid": "r" * 36,
+                                                    "controller": True,
+                                                    "blockOwnerDeletion": True}],
+        managedFields=[{"manager": m, "operation": "Update", "apiVersion": "v1",
+                        "time": "2026-01-01T00:00:00Z", "fieldsType": "FieldsV1",
+                        "fieldsV1": {"f:metadata": {"f:labels": {f"f:{k}": {} for k in "abcdef"}},
+                                     "f:spec": {"f:containers": {f"k:{{\"name\":\"c{i}\"}}": {
+                                         "f:env": {f"k:{{\"name\":\"E{j}\"}}": {} for j in range(12)}}
+                                         for i in range(2)}}}}
+                       for m in ("kube-controller-manager", "kubelet", "kvmesh")])
+    base["spec"].update(nodeName="node-1", serviceAccountName="default", schedulerName="default",
+                        tolerations=[{"key": "node.kubernetes.io/not-ready", "operator": "Exists",
+                                      "effect": "NoExecute", "tolerationSeconds": 300}] * 2,
+                        volumes=[{"name": "kube-api-access", "projected": {"sources": [
+                            {"serviceAccountToken": {"path": "token"}},
+                            {"configMap": {"name": "kube-root-ca.crt"}}]}}])
+    raw = json.dumps(base)
+
+    def measure(keep) -> float:
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        held = [keep(json.loads(raw.replace('"u"', f'"u{i}"'))) for i in range(n)]
+        used = tracemalloc.get_traced_memory()[0] - before
+        tracemalloc.stop()
+        del held
+        return used / n
+
+    full = measure(lambda p: p)
+    compact = measure(groups.compact_pod)
+    both = measure(lambda p: (lambda c: (c, groups.member_from_pod(c)))(groups.compact_pod(p)))
+    print(f"\nper-pod memory (tracemalloc, {n} synthetic injected pods, "
+          f"{len(raw)} bytes of JSON each, {len(json.dumps(base['metadata']['managedFields']))} "
+          "of it managedFields):")
+    print(f"  full parsed pod (kept by each of the two pod watches before): {full / 1024:.1f} KB")
+    print(f"  compact record (the one pod watch now):                      {compact / 1024:.1f} KB")
+    print(f"  compact record + Member (all the controller keeps per pod):   {both / 1024:.1f} KB")
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class Run:
+    def __init__(self, args, cluster, stack, kube, redis_client):
+        self.args, self.cluster, self.stack, self.kube, self.r = args, cluster, stack, kube, redis_client
+        self.pods: dict[str, dict] = {}  # name -> compact pod (the bench's own watch)
+        self.ready_at: dict[str, float] = {}
+        self.published: set[str] = set()
+        self.status: dict[str, set[str]] = {}  # group label -> peer names in its status
+        self.deleted_at: dict[str, float] = {}  # name -> when the delete was sent
+        self.group_of: dict[str, str] = {}
+        self.seen_gone: dict[str, float] = {}  # the bench's watch saw terminating/deleted
+        self.status_gone: dict[str, float] = {}
+        self.purged: dict[str, float] = {}
+        self.errors: list[str] = []
+        self.created = 0
+        self.inflight: set[asyncio.Task] = set()
+
+    # -- watches
+
+    async def on_pod(self, type_, obj, old):
+        name = obj["metadata"]["name"]
+        if type_ == "DELETED" or obj["metadata"].get("deletionTimestamp"):
+            if name in self.deleted_at and name not in self.seen_gone:
+                self.seen_gone[name] = time.monotonic()
+            if type_ == "DELETED":
+                self.pods.pop(name, None)
+                return
+        self.pods[name] = obj
+        m = member(obj)
+        if m is not None and m.is_peer and name not in self.ready_at:
+            self.ready_at[name] = time.monotonic()
+            self.group_of[name] = m.peer_group.label
+            if name not in self.deleted_at:
+                self.spawn(self.publish(name, m.address))
+
+    def on_group(self, type_, obj, old):
+        label = obj["metadata"]["name"]
+        peers = {p.split("=", 1)[0] for p in (obj.get("status") or {}).get("peers") or []}
+        if type_ == "DELETED":
+            peers = set()
+        self.status[label] = peers
+        now = time.monotonic()
+        for name, t0 in self.deleted_at.items():
+            if name not in self.status_gone and self.group_of.get(name) == label \
+                    and name not in peers:
+                self.status_gone[name] = now
+
+    def spawn(self, coro):
+        t = asyncio.create_task(coro)
+        self.inflight.add(t)
+        t.add_done_callback(self.inflight.discard)
+
+    async def publish(self, name: str, address: str):
+        async with self.r.pipeline(transaction=False) as p:
+            for k in keys_of(name):
+                p.set(k, address)
+            await p.execute()
+        self.published.add(name)
+
+    # -- actions
+
+    async def create(self, n: int, slots: asyncio.Semaphore):
+        async def one(i):
+            async with slots:
+                name = f"p-{i:05d}"
+                try:
+                    await self.kube.create(pod_manifest(name, f"g{i % GROUP_COUNT:02d}"))
+                except Exception as e:  # noqa: BLE001
+                    self.errors.append(f"create {name}: {e}")
+        start = self.created
+        self.created += n
+        await asyncio.gather(*(one(i) for i in range(start, start + n)))
+
+    async def delete(self, name: str):
+        self.deleted_at[name] = time.monotonic()
+        try:
+            await self.kube.delete("v1", "Pod", name, NS)
+        except Exception as e:  # noqa: BLE001
+            self.errors.append(f"delete {name}: {e}")
+
+    async def wait(self, what, probe, timeout):
+        deadline = time.monotonic() + timeout
+        while not probe():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+            if not self.stack.controller.alive():
+                raise RuntimeError(f"the controller exited:\n{self.stack.controller.tail()}")
+            await asyncio.sleep(0.05)
+        return time.monotonic()
+
+    def live_peers(self) -> dict[str, set[str]]:
+        out: dict[str, set[str]] = {}
+        for name, p in self.pods.items():
+            m = member(p)
+            if m is not None and m.is_peer:
+                out.setdefault(m.peer_group.label, set()).add(name)
+        return out
+
+    def status_right(self) -> bool:
+        want = self.live_peers()
+        return all(self.status.get(g, set()) == want.get(g, set())
+                   for g in set(want) | {g for g, s in self.status.items() if s})
+
+    async def controller_metrics(self) -> dict[str, float]:
+        import aiohttp
+        out: dict[str, float] = {}
+        url = f"http://127.0.0.1:{self.stack.controller_metrics_port}/metrics"
+        async with aiohttp.ClientSession() as s, s.get(url) as r:
+            for line in (await r.text()).splitlines():
+                if line.startswith("#") or " " not in line:
+                    continue
+                k, v = line.rsplit(" ", 1)
+                base = k.split("{", 1)[0]
+                if base in ("kvmesh_controller_errors_total", "kvmesh_controller_api_calls_total"):
+                    out[base] = out.get(base, 0.0) + float(v)
+        return out
+
+    async def apiserver_calls(self) -> float:
+        """Requests the API server served on the kinds only kvmesh's controller writes here
+        (its own metrics: the same count with any controller version)."""
+        try:
+            resp = await self.kube._raw("GET", "/metrics", timeout=120)
+            try:
+                text = (await resp.read()).decode()
+            finally:
+                resp.release()
+        except Exception as e:  # noqa: BLE001 - a figure missing, not a failed run
+            print(f"  (API server metrics unreadable: {type(e).__name__} {e}; calls per event "
+                  "left out)", flush=True)
+            return float("nan")
+        total = 0.0
+        for line in text.splitlines():
+            if not line.startswith("apiserver_request_total{"):
+                continue
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+            if labels.get("verb") in ("WATCH", "CONNECT"):
+                continue
+            res, grp = labels.get("resource"), labels.get("group", "")
+            if res in ("kvmeshpeergroups", "networkpolicies", "replicasets") or \
+                    (res == "events" and grp == ""):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    async def naive_scan_seconds(self) -> float:
+        """The baseline purge: SCAN everything, GET each value, delete what matches."""
+        target = next(iter(self.published), None)
+        t0 = time.perf_counter()
+        cursor, n = 0, 0
+        while True:
+            cursor, ks = await self.r.scan(cursor=cursor, count=1000)
+            if ks:
+                vals = await self.r.mget(ks)
+                n += sum(1 for v in vals if v == target)
+            if cursor == 0:
+                break
+        return time.perf_counter() - t0
+
+    async def poll_purges(self, stop: asyncio.Event):
+        while not stop.is_set() or any(n not in self.purged for n in self.deleted_at
+                                       if n in self.published):
+            waiting = [n for n in self.deleted_at if n in self.published and n not in self.purged]
+            if waiting:
+                # One key per pod per poll (the bench must not load the Redis it measures);
+                # a pod whose first key is gone is confirmed with all of them.
+                async with self.r.pipeline(transaction=False) as p:
+                    for n in waiting:
+                        p.exists(keys_of(n)[0])
+                    first = await p.execute()
+                gone = [n for n, c in zip(waiting, first) if c == 0]
+                if gone:
+                    async with self.r.pipeline(transaction=False) as p:
+                        for n in gone:
+                            p.exists(*keys_of(n))
+                        counts = await p.execute()
+                    now = time.monotonic()
+                    for n, c in zip(gone, counts):
+                        if c == 0:
+                            self.purged[n] = now
+            await asyncio.sleep(0.01)
+            if stop.is_set() and time.monotonic() > self.purge_deadline:
+                return
+
+    # -- phases
+
+    async def ramp(self, targets: list[int]) -> list[dict]:
+        slots = asyncio.Semaphore(self.args.create_concurrency)
+        rows = []
+        for target in targets:
+            t_create = time.monotonic()
+            await self.create(target - self.created, slots)
+            created = time.monotonic() - t_create
+            await self.wait(f"{target} Ready pods",
+                            lambda: sum(1 for n in self.ready_at if n in self.pods) >= target
+                            and len(self.published) >= target, timeout=60 + target * 0.2)
+            last_ready = max(self.ready_at.values())
+            t_ok = await self.wait("every group's status right", self.status_right, 120)
+            rows.append({"pods": target, "rss": rss_mb(self.stack.controller.proc.pid),
+                         "converged": t_ok - last_ready, "create_s": created,
+                         "naive": await self.naive_scan_seconds(), "load": load()})
+            print(f"  step {target} pods: created in {created:.0f}s, status right "
+                  f"{rows[-1]['converged']:.2f}s after the last pod Ready, RSS "
+                  f"{rows[-1]['rss']:.0f} MB, load {load()}", flush=True)
+        return rows
+
+    async def churn(self, deletions: int, rate: float, soak: float = 0.0) -> dict:
+        stop = asyncio.Event()
+        self.purge_deadline = float("inf")
+        poller = asyncio.create_task(self.poll_purges(stop))
+        m0 = await self.controller_metrics()
+        a0 = await self.apiserver_calls()
+        rss0 = rss_mb(self.stack.controller.proc.pid)
+        t_end = time.monotonic() + soak
+        slots = asyncio.Semaphore(self.args.create_concurrency)
+        n = 0
+        next_at = time.monotonic()
+        while (n < deletions) if not soak else (time.monotonic() < t_end):
+            if soak and n % 2 == 1:
+                self.spawn(self.create(1, slots))
+            else:
+                victims = [p for p in self.published if p in self.pods
+                           and p not in self.deleted_at]
+                if victims:
+                    self.spawn(self.delete(random.choice(victims)))
+            n += 1
+            next_at += 1.0 / rate
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+        await asyncio.gather(*list(self.inflight), return_exceptions=True)
+        stop.set()
+        self.purge_deadline = time.monotonic() + 30
+        done = lambda: all(x in self.status_gone and (x in self.purged or x not in self.published)  # noqa: E731
+                           for x in self.deleted_at)
+        try:
+            await self.wait("every deletion's status and purge", done, 30)
+        except TimeoutError as e:
+            self.errors.append(str(e))
+        await poller
+        m1 = await self.controller_metrics()
+        a1 = await self.apiserver_calls()
+        d = list(self.deleted_at)
+        status = [self.status_gone[x] - self.deleted_at[x] for x in d if x in self.status_gone]
+        purge = [self.purged[x] - self.deleted_at[x] for x in d if x in self.purged]
+        seen = [self.seen_gone[x] - self.deleted_at[x] for x in d if x in self.seen_gone]
+        share = [self.status_gone[x] - self.seen_gone[x] for x in d
+                 if x in self.seen_gone and x in self.status_gone]
+        missing = [x for x in d if x not in self.status_gone]
+        calls = a1 - a0
+        events = 2 * len(d) + (len(d) if soak else 0)  # terminating + deleted (+ a creation)
+        return {"deletions": len(d), "status": status, "purge": purge, "seen": seen,
+                "share": share,
+                "missing": missing, "unpurged": [x for x in d if x in self.published
+                                                 and x not in self.purged],
+                "ctrl_errors": m1.get("kvmesh_controller_errors_total", 0)
+                - m0.get("kvmesh_controller_errors_total", 0),
+                "calls_per_event": calls / events if events else float("nan"),
+                "rss0": rss0, "rss1": rss_mb(self.stack.controller.proc.pid)}
+
+    async def soak_checks(self) -> dict:
+        """After the churn: stale keys of departed pods, status vs the API server."""
+        await asyncio.sleep(3)
+        departed = [x for x in self.deleted_at if x not in self.pods]
+        stale = 0
+        for i in range(0, len(departed), 200):
+            async with self.r.pipeline(transaction=False) as p:
+                for x in departed[i:i + 200]:
+                    p.exists(*keys_of(x))
+                stale += sum(await p.execute())
+        pods = await self.kube.list("v1", "Pod", NS)
+        want: dict[str, set[str]] = {}
+        for p in pods:
+            m = member(p)
+            if m is not None and m.is_peer:
+                want.setdefault(m.peer_group.label, set()).add(p["metadata"]["name"])
+        crs = await self.kube.list(f"{names.API_GROUP}/{names.API_VERSION}",
+                                   names.PEER_GROUP_KIND, NS)
+        mismatched = 0
+        for cr in crs:
+            have = {x.split("=", 1)[0] for x in (cr.get("status") or {}).get("peers") or []}
+            mismatched += have != want.get(cr["metadata"]["name"], set())
+        return {"departed": len(departed), "stale_keys": stale, "groups": len(crs),
+                "status_mismatches": mismatched}
+
+
+def print_report(args, idle_rss, rows, churn, soak_result=None):
+    print(f"\n=== kvmesh controller at scale: {rows[-1]['pods']} pods, {GROUP_COUNT} redis-mode "
+          f"groups, one real redis-server, {KEYS_PER_POD} keys/pod, deletions at "
+          f"{args.rate:g}/s (load average at the end: {load()}, {os.cpu_count()} cores)")
+    print(f"\n| pods | controller RSS (baseline: idle {idle_rss:.0f} MB) | status right after "
+          "the last pod Ready | naive purge of one address (SCAN+GET) | load avg |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['pods']:,} | {r['rss']:.0f} MB | {r['converged']:.2f} s | "
+              f"{ms(r['naive'])} | {r['load']} |")
+    c = churn
+    label = "soak churn" if soak_result else f"{c['deletions']} deletions"
+    print(f"\n| {label} at {rows[-1]['pods']:,} pods | p50 | p99 | max |")
+    print("|---|---|---|---|")
+    for what, xs in (("status convergence (pod gone from its group's status)", c["status"]),
+                     ("purge (all its keys gone from Redis)", c["purge"]),
+                     ("baseline: the bench's own watch sees the deletion", c["seen"]),
+                     ("status convergence minus that baseline (per pod)", c["share"])):
+        print(f"| {what} | {ms(pct(xs, 50))} | {ms(pct(xs, 99))} | {ms(max(xs) if xs else float('nan'))} |")
+    print(f"\nAPI calls per pod event: {c['calls_per_event']:.2f}   controller errors: "
+          f"{c['ctrl_errors']:.0f}   missed status: {len(c['missing'])}   unpurged: "
+          f"{len(c['unpurged'])}   bench errors: {len(args.errors)}   RSS {c['rss0']:.0f} -> "
+          f"{c['rss1']:.0f} MB")
+    if soak_result:
+        s = soak_result
+        print(f"soak {args.soak:.0f}s: {s['departed']} departed pods, stale keys {s['stale_keys']}, "
+              f"groups {s['groups']}, status mismatches {s['status_mismatches']}, RSS growth "
+              f"{c['rss1'] - c['rss0']:+.1f} MB")
+    for e in args.errors[:10]:
+        print("  error:", e)
+
+
+async def run_async(args, cluster, stack, redis_port):
+    import redis.asyncio as aredis
+    from kvmesh.kube import connect
+    from kvmesh.kube.api import CRD_API
+    kube = await connect.api_client(cluster.kubeconfig)
+    r = aredis.Redis(host="127.0.0.1", port=redis_port, decode_responses=True)
+    run = Run(args, cluster, stack, kube, r)
+    args.errors = run.errors
+    pods_inf = kube.informer("v1", "Pod", namespace=NS, handlers=[run.on_pod],
+                             name="bench pods", transform=groups.compact_pod)
+    crs_inf = kube.informer(CRD_API, names.PEER_GROUP_KIND, namespace=NS,
+                            handlers=[run.on_group], name="bench peer groups")
+    tasks = [asyncio.create_task(pods_inf.run()), asyncio.create_task(crs_inf.run())]
+    try:
+        await pods_inf.has_synced.wait()
+        await crs_inf.has_synced.wait()
+        await asyncio.sleep(5)  # the controller leads and settles
+        idle = rss_mb(stack.controller.proc.pid)
+        top = args.pods
+        targets = sorted({max(1, top // 10), max(1, top // 2), top})
+        print(f"controller idle: RSS {idle:.0f} MB, load {load()}", flush=True)
+        rows = await run.ramp(targets)
+        if args.soak:
+            churn = await run.churn(0, args.rate, soak=args.soak)
+            soak = await run.soak_checks()
+        else:
+            churn = await run.churn(args.deletions or max(10, top * 600 // 5000), args.rate)
+            soak = None
+        print_report(args, idle, rows, churn, soak)
+        bad = churn["missing"] or churn["unpurged"] or run.errors or churn["ctrl_errors"] \
+            or (soak and (soak["stale_keys"] or soak["status_mismatches"]))
+        return 1 if bad else 0
+    finally:
+        for i in (pods_inf, crs_inf):
+            i.stop()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await r.aclose()
+        await kube.close()
+
+
+def stage_tree(src: Path, dst: Path) -> Path:
+    """A checkout's sources as an importable `kvmesh` package (the repo maps kvmesh.webhook,
+    .controller and .certs to top-level folders, see pyproject.toml)."""
+    import shutil
+    shutil.copytree(src / "kvmesh", dst / "kvmesh")
+    for sub in ("webhook", "controller", "certs"):
+        shutil.copytree(src / sub, dst / "kvmesh" / sub)
+    return dst
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pods", type=int, default=5000, help="top of the ramp (steps at 1/10, "
+                    "1/2 and all of it)")
+    ap.add_argument("--deletions", type=int, default=0,
+                    help="deletions at the top (default: 600 per 5,000 pods)")
+    ap.add_argument("--rate", type=float, default=10.0, help="pod events sent per second")
+    ap.add_argument("--soak", type=duration, default=0.0, help="churn this long (e.g. 20m)")
+    ap.add_argument("--create-concurrency", type=int, default=16)
+    ap.add_argument("--controller-tree", type=Path, help="run webhook/controller from here")
+    ap.add_argument("--keep-logs", type=Path, help="copy the webhook/controller logs here")
+    ap.add_argument("--memory-only", action="store_true", help="only the per-pod memory figure")
+    args = ap.parse_args()
+    memory_per_pod()
+    if args.memory_only:
+        return 0
+    from kvmesh.local.devcluster import DevCluster, build_binaries
+    from kvmesh.local.localstack import LocalStack
+    from support import RedisServer
+    with tempfile.TemporaryDirectory(prefix="kvmesh-scale-") as tmp:
+        tmp = Path(tmp)
+        redis_server = RedisServer(tmp, "--maxmemory", "0")
+        redis_server.start()
+        policy = tmp / "policy.yaml"
+        policy.write_text(f"redisAddress: 127.0.0.1:{redis_server.port}\nmode: redis\n")
+        if args.controller_tree:
+            os.environ["PYTHONPATH"] = str(stage_tree(args.controller_tree.resolve(),
+                                                      tmp / "tree"))
+            os.chdir(tmp)  # `python -m` puts the working directory first on the path
+        cluster = DevCluster(build_binaries(), nodes=max(2, args.pods // 100 + 1),
+                             workdir=tmp / "c")
+        cluster.start()
+        stack = LocalStack(cluster, tmp / "s")
+        try:
+            stack.apply_manifests()
+            stack.restart(controller_args=("--policy", str(policy)),
+                          webhook_args=("--policy", str(policy)))
+            cluster.create_namespace(NS)
+            return asyncio.run(run_async(args, cluster, stack, redis_server.port))
+        finally:
+            stack.down()
+            cluster.stop()
+            redis_server.stop()
+            if args.keep_logs:
+                import shutil
+                shutil.copytree(tmp / "s", args.keep_logs, dirs_exist_ok=True,
+                                ignore=shutil.ignore_patterns("certs"))
+                print(f"webhook and controller logs: {args.keep_logs}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
