@@ -311,13 +311,14 @@ class Mesh:
                          f"kvmesh removed the lookup state of pod {m.name} ({d.reason}): "
                          f"{d.what}, {removed} {'keys' if m.mode == 'redis' else 'ranks'} "
                          f"in {seconds * 1000:.0f} ms, so peers miss cleanly instead of "
-                         "fetching from a dead address"))
+                         "fetching from a dead address", owners=list(self.owners.get(m.key) or [])))
         return True
 
     # --- events -------------------------------------------------------------------------------
 
-    async def _workload_of(self, m: groups.Member) -> Optional[dict]:
-        owners = self.owners.get(m.key) or []
+    async def _workload_of(self, m: groups.Member, owners: Optional[list] = None
+                           ) -> Optional[dict]:
+        owners = owners if owners is not None else self.owners.get(m.key) or []
         ref = next((o for o in owners if o.get("controller")), None)
         if ref is None:
             return None
@@ -335,9 +336,11 @@ class Mesh:
                 "name": ref.get("name"), "uid": ref.get("uid"), "namespace": m.namespace}
 
     async def event(self, m: groups.Member, reason: str, message: str,
-                    type_: str = "Normal") -> None:
+                    type_: str = "Normal", owners: Optional[list] = None) -> None:
+        """`owners`: the pod's ownerReferences taken when the event was decided (a background
+        event may run after the pod's DELETED has dropped them)."""
         async with self._event_slots:
-            target = await self._workload_of(m) or {
+            target = await self._workload_of(m, owners) or {
                 "apiVersion": "v1", "kind": "Pod", "name": m.name, "uid": m.uid,
                 "namespace": m.namespace}
             await self.api.event(target, reason, message, type_)

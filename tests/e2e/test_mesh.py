@@ -132,10 +132,13 @@ def test_redis_group_lifecycle_and_purge(fast_controller, devcluster, namespace,
             return st if st.get("removed", 0) >= 3000 else None
         st = wait_for("status shows the purge of all 3000 keys", last_purge, 10)
         assert st["pod"] == f"{namespace}/{dead}" and st["removed"] == 3000
-        events = devcluster.kubectl_json("get", "events", "-n", namespace,
-                                         "--field-selector", "reason=LookupStatePurged")
-        assert any(e["involvedObject"]["kind"] == "Deployment"
-                   and e["involvedObject"]["name"] == "mistral" for e in events["items"])
+
+        def purge_event():  # Events are recorded in the background, after the purge
+            events = devcluster.kubectl_json("get", "events", "-n", namespace,
+                                             "--field-selector", "reason=LookupStatePurged")
+            return any(e["involvedObject"]["kind"] == "Deployment"
+                       and e["involvedObject"]["name"] == "mistral" for e in events["items"])
+        wait_for("a LookupStatePurged Event on the Deployment", purge_event, 15)
     finally:
         server.stop()
 
