@@ -3,6 +3,7 @@ Ctrl-C, leaving no process behind."""
 
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,12 +16,12 @@ READY_LINE = "Ctrl-C stops everything"
 READY_S = 180
 
 
-def test_demo_runs_and_stops_cleanly_on_ctrl_c():
+def start_demo():
+    """`kvmesh demo` with its output fed to a queue by a reader thread, so every wait on it is
+    bounded: a demo that stalls without printing fails at the deadline, never hangs."""
     proc = subprocess.Popen([sys.executable, "-m", "kvmesh.cli", "demo"], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "KVMESH_LOG_LEVEL": "WARNING"})
-    # A reader thread feeds a queue so every wait is bounded: a demo that stalls without
-    # printing fails at the deadline instead of hanging on readline().
     lines_q: queue.Queue = queue.Queue()
 
     def pump():
@@ -29,26 +30,40 @@ def test_demo_runs_and_stops_cleanly_on_ctrl_c():
         lines_q.put(None)  # EOF
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
+    return proc, lines_q, reader
+
+
+def wait_ready(proc, lines_q) -> tuple[str, str]:
+    """The demo's output up to READY_LINE, and its work directory."""
     lines = []
     deadline = time.monotonic() + READY_S
+    while True:
+        try:
+            line = lines_q.get(timeout=max(deadline - time.monotonic(), 0))
+        except queue.Empty:
+            raise AssertionError(f"demo printed no {READY_LINE!r} within {READY_S} s "
+                                 f"(stalled); output so far:\n{''.join(lines)}") from None
+        if line is None:
+            raise AssertionError(f"demo exited (rc={proc.wait(10)}) before "
+                                 f"{READY_LINE!r}:\n{''.join(lines)}")
+        lines.append(line)
+        if READY_LINE in line:
+            out = "".join(lines)
+            return out, next(w for w in out.split()
+                             if w.endswith("admin.kubeconfig")).rsplit("/", 2)[0]
+
+
+def pids_of(workdir: str) -> str:
+    return subprocess.run(["pgrep", "-f", workdir], capture_output=True, text=True).stdout
+
+
+def test_demo_runs_and_stops_cleanly_on_ctrl_c():
+    proc, lines_q, reader = start_demo()
+    workdir = None
     try:
-        while True:
-            left = deadline - time.monotonic()
-            try:
-                line = lines_q.get(timeout=max(left, 0))
-            except queue.Empty:
-                raise AssertionError(f"demo printed no {READY_LINE!r} within {READY_S} s "
-                                     f"(stalled); output so far:\n{''.join(lines)}") from None
-            if line is None:
-                raise AssertionError(f"demo exited (rc={proc.wait(10)}) before "
-                                     f"{READY_LINE!r}:\n{''.join(lines)}")
-            lines.append(line)
-            if READY_LINE in line:
-                break
-        out = "".join(lines)
+        out, workdir = wait_ready(proc, lines_q)
         assert "2 pods created by the ReplicaSet controller" in out, out
         assert out.count("LMCACHE_P2P_HOST=$(KVMESH_POD_IP)   -> 127.64.") == 2, out
-        workdir = next(w for w in out.split() if w.endswith("admin.kubeconfig")).rsplit("/", 2)[0]
         proc.send_signal(signal.SIGINT)
         # Bounded generously for a busy 2-core machine: each kvmesh process stops within 10 s.
         proc.wait(timeout=120)
@@ -61,45 +76,24 @@ def test_demo_runs_and_stops_cleanly_on_ctrl_c():
             proc.kill()
             proc.wait(10)
     time.sleep(0.5)
-    leftovers = subprocess.run(["pgrep", "-f", workdir], capture_output=True, text=True).stdout
+    leftovers = pids_of(workdir)
     assert leftovers.strip() == "", f"processes left behind: {leftovers}"
     assert not os.path.exists(workdir)
 
 
 def test_demo_sigkilled_leaves_no_orphans():
     # SIGKILL runs no cleanup: every child dies by its parent-death signal instead.
-    proc = subprocess.Popen([sys.executable, "-m", "kvmesh.cli", "demo"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "KVMESH_LOG_LEVEL": "WARNING"})
-    lines_q: queue.Queue = queue.Queue()
-
-    def pump():
-        for line in proc.stdout:
-            lines_q.put(line)
-        lines_q.put(None)
-    threading.Thread(target=pump, daemon=True).start()
-    lines, workdir = [], None
-    deadline = time.monotonic() + READY_S
+    proc, lines_q, _ = start_demo()
+    workdir = None
     try:
-        while True:
-            try:
-                line = lines_q.get(timeout=max(deadline - time.monotonic(), 0))
-            except queue.Empty:
-                raise AssertionError(f"demo not ready within {READY_S} s:\n{''.join(lines)}") \
-                    from None
-            assert line is not None, f"demo exited early:\n{''.join(lines)}"
-            lines.append(line)
-            if READY_LINE in line:
-                break
-        out = "".join(lines)
-        workdir = next(w for w in out.split() if w.endswith("admin.kubeconfig")).rsplit("/", 2)[0]
-        before = subprocess.run(["pgrep", "-f", workdir], capture_output=True, text=True).stdout
+        _, workdir = wait_ready(proc, lines_q)
+        before = pids_of(workdir)
         assert len(before.split()) >= 5, before  # etcd, apiserver, ..., webhook, controller
         proc.kill()
         proc.wait(10)
         left = before
         for _ in range(60):  # the signal is immediate; the exits take a moment under load
-            left = subprocess.run(["pgrep", "-f", workdir], capture_output=True, text=True).stdout
+            left = pids_of(workdir)
             if not left.strip():
                 break
             time.sleep(0.5)
@@ -109,9 +103,9 @@ def test_demo_sigkilled_leaves_no_orphans():
             proc.kill()
             proc.wait(10)
         if workdir:  # a failed run must not leave the control plane behind either
-            for pid in subprocess.run(["pgrep", "-f", workdir], capture_output=True,
-                                      text=True).stdout.split():
+            for pid in pids_of(workdir).split():
                 try:
                     os.kill(int(pid), signal.SIGKILL)
                 except OSError:
                     pass
+            shutil.rmtree(workdir, ignore_errors=True)  # SIGKILL left the demo no time to clean
