@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from kvmesh.certs import authority, store
 from kvmesh.controller import optin, policies
+from kvmesh.runtime import exit_watchdog
 from kvmesh.controller.mesh import Mesh
 from kvmesh.core import names
 from kvmesh.core.policy import PolicyDefaults
@@ -37,18 +38,6 @@ log = logging.getLogger("kvmesh.controller")
 RELEASE_SECONDS = 4.0
 CLOSE_SECONDS = 2.0
 SHUTDOWN_HARD_SECONDS = 9.0
-
-
-def _hard_exit_later(seconds: float) -> threading.Timer:
-    """A backstop that does not depend on the event loop (which may be the thing stuck)."""
-    def bail() -> None:
-        log.error("shutdown did not finish within %.0fs of SIGTERM; exiting now", seconds)
-        logging.shutdown()
-        os._exit(1)
-    t = threading.Timer(seconds, bail)
-    t.daemon = True
-    t.start()
-    return t
 
 
 async def _bounded(what: str, aw, seconds: float) -> None:
@@ -146,7 +135,7 @@ async def run(kubeconfig: Optional[str], metrics_port: int, cert_interval: float
 
     def on_signal() -> None:
         if not watchdog:
-            watchdog.append(_hard_exit_later(SHUTDOWN_HARD_SECONDS))
+            watchdog.append(exit_watchdog(SHUTDOWN_HARD_SECONDS))
         stop.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):

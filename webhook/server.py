@@ -25,7 +25,6 @@ import resource
 import signal
 import ssl
 import sys
-import threading
 import time
 from asyncio import sslproto
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +39,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from kvmesh.runtime import exit_watchdog
 from kvmesh.webhook import admission
 from kvmesh.core.policy import PolicyDefaults
 
@@ -642,18 +642,6 @@ async def _watch_loop(metrics: Metrics, period: float = 0.05) -> None:
         if lag > worst:
             worst = lag
             metrics.loop_lag_max.set(lag)
-
-
-def exit_watchdog(seconds: float) -> None:
-    """Last resort after SIGTERM: if the process has not exited within `seconds` (a blocked
-    loop, a hung library call), exit anyway; the kubelet would SIGKILL it later."""
-    def fire() -> None:
-        log.error("still running %g s after SIGTERM; exiting now", seconds)
-        logging.shutdown()
-        os._exit(1)
-    t = threading.Timer(seconds, fire)
-    t.daemon = True
-    t.start()
 
 
 async def serve(host: str, port: int, cert: str, key: str,

@@ -2,6 +2,7 @@
 inside functions), so the architecture holds by test instead of by memory.
 
     kvmesh.core       pure: contract, policy, overrides, launch, inject, workloads, groups, lookup
+    kvmesh.runtime    OS-level helpers both processes share (the exit watchdog) -> nothing
     kvmesh.kube       the only importer of kubernetes_asyncio            -> core
     kvmesh.backends   lookup-tier clients (Redis index, LMCache controller) -> core
     kvmesh.certs      CA and serving certificates                        -> core, kube
@@ -24,15 +25,17 @@ REPO = Path(__file__).resolve().parents[2]
 ROOTS = {"kvmesh": "kvmesh", "webhook": "kvmesh.webhook", "controller": "kvmesh.controller",
          "certs": "kvmesh.certs"}
 
-LAYERS = ("kvmesh.core", "kvmesh.kube", "kvmesh.backends", "kvmesh.certs", "kvmesh.webhook",
-          "kvmesh.controller", "kvmesh.local")
+LAYERS = ("kvmesh.core", "kvmesh.runtime", "kvmesh.kube", "kvmesh.backends", "kvmesh.certs",
+          "kvmesh.webhook", "kvmesh.controller", "kvmesh.local")
 MAY_IMPORT = {
     "kvmesh.core": set(),
+    "kvmesh.runtime": set(),
     "kvmesh.kube": {"kvmesh.core"},
     "kvmesh.backends": {"kvmesh.core"},
     "kvmesh.certs": {"kvmesh.core", "kvmesh.kube"},
-    "kvmesh.webhook": {"kvmesh.core", "kvmesh.kube", "kvmesh.certs"},
-    "kvmesh.controller": {"kvmesh.core", "kvmesh.kube", "kvmesh.backends", "kvmesh.certs"},
+    "kvmesh.webhook": {"kvmesh.core", "kvmesh.runtime", "kvmesh.kube", "kvmesh.certs"},
+    "kvmesh.controller": {"kvmesh.core", "kvmesh.runtime", "kvmesh.kube", "kvmesh.backends",
+                          "kvmesh.certs"},
     "kvmesh.local": {"kvmesh.core", "kvmesh.certs"},
 }
 # Third-party packages that mean I/O; the core may import none of them.
