@@ -548,7 +548,7 @@ class Mesh:
         for cache in (self.cr, self.spec_applied, self.status_written):
             cache.pop(gkey, None)
         n = self.failures[gkey] = self.failures.get(gkey, 0) + 1
-        delay = min(self.resync_seconds, 0.2 * 2 ** min(n - 1, 10))
+        delay = min(self.resync_seconds, retry.DEFAULT_BACKOFF(n))
         if self.metrics:
             self.metrics.errors.labels("group").inc()
         log.error("reconciling peer group %s/%s failed (attempt %d): %s; retrying in "

@@ -26,7 +26,8 @@ import pytest
 from kvmesh.local import node as realnode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_real_node import require, wait  # noqa: E402
+from support import wait_for as wait  # noqa: E402
+from test_real_node import require  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED_IMAGE = "ghcr.io/kvmesh/kvmesh:0.1.0"
@@ -290,7 +291,7 @@ def test_benchmark_pod_create_to_ready_with_and_without_the_webhook(deployed):
             wait(f"pod {label}-{i} Ready", lambda: any(
                 x.get("type") == "Ready" and x.get("status") == "True"
                 for x in c.api("GET", f"/api/v1/namespaces/bench/pods/{label}-{i}").get("status", {}).get("conditions", [])),
-                timeout=60, every=0.05)
+                timeout=60, interval=0.05)
             times.append(time.monotonic() - t0)
             c.api("DELETE", f"/api/v1/namespaces/bench/pods/{label}-{i}?gracePeriodSeconds=0")
         times.sort()

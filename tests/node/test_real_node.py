@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from kvmesh.local import node as realnode
+from support import wait_for as wait
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,17 +36,6 @@ def pod(name: str, image: str, command: list[str], **spec) -> dict:
             "spec": {"containers": [{"name": "c", "image": image, "command": command,
                                      "imagePullPolicy": "Never"}],
                      "nodeSelector": {"kvmesh.dev/real-node": "true"}, **spec}}
-
-
-def wait(what: str, probe, timeout: float = 60, every: float = 0.3):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(every)
 
 
 def pod_ready(c, name: str, ns: str = "default") -> bool:
