@@ -26,6 +26,12 @@ ANN_INJECT = PREFIX + "inject"
 MODE_REDIS = "redis"
 MODE_CONTROLLER = "controller"
 MODES = (MODE_REDIS, MODE_CONTROLLER)
+# LMCache's multiprocess generation (issue 11; docs/mp-mode.md): a per-pod `lmcache server`
+# sidecar and one `lmcache coordinator` per group. Joins MODES once injection handles it.
+MODE_MP = "mp"
+MP_SIDECAR = "kvm-lmcache-server"
+# `lmcache coordinator`'s default HTTP port; the Service kvmesh-mp-<group> exposes it.
+COORDINATOR_PORT = 9300
 
 DEFAULT_GROUP = "default"
 
@@ -34,6 +40,8 @@ PORT_NAME_DISTRIBUTED = "kvm-dist"
 PORT_NAME_INIT = "kvm-init-{rank}"
 PORT_NAME_LOOKUP = "kvm-look-{rank}"
 PORT_NAME_WORKER = "kvm-work-{rank}"
+PORT_NAME_MP_RPC = "kvm-mp-rpc"
+PORT_NAME_MP_P2P = "kvm-mp-p2p"
 PORT_NAME_PREFIX = "kvm-"
 
 # The env variable kvmesh adds for the pod IP when the container has none of its own.
@@ -67,7 +75,8 @@ LMCACHE_CONTROLLER_IMAGE = LMCACHE_IMAGE_REPO + ":v0.3.9"
 
 def lookup_service_name(mode: str, group: str) -> str:
     """Name of the Service in front of a peer group's lookup service (same namespace)."""
-    return f"kvmesh-{'redis' if mode == MODE_REDIS else 'lmcache'}-{group}"
+    tier = {MODE_REDIS: "redis", MODE_MP: "mp"}.get(mode, "lmcache")
+    return f"kvmesh-{tier}-{group}"
 
 
 def lookup_host(mode: str, group: str, namespace: str) -> str:
@@ -101,6 +110,12 @@ PEER_POLICY_PREFIX = "kvmesh-peers-"
 PEER_GROUP_KIND = "KVMeshPeerGroup"
 API_GROUP = "kvmesh.dev"
 API_VERSION = "v1alpha1"
+
+
+def mp_instance_id(pod_uid: str, incarnation: int) -> str:
+    """The MP server's `--instance-id` (docs/mp-mode.md §5): the controller knows from the pod
+    alone which coordinator registration belongs to which incarnation, and deletes it."""
+    return f"kvm-{pod_uid}-{incarnation}"
 
 
 def group_id(mode: str, group: str) -> str:
