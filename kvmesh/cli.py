@@ -65,6 +65,22 @@ def _read_docs(path: str) -> list:
         raise UsageError(f"{path} is not valid YAML: {e}") from None
 
 
+def _namespace(docs: list, given: Optional[str]) -> str:
+    """The namespace for documents that name none. Like kubectl, refuse a document whose own
+    namespace differs from an explicit -n (kubectl: "the namespace from the provided object
+    ... does not match the namespace ...")."""
+    if given is None:
+        return "default"
+    for d in docs:
+        meta = d.get("metadata") if isinstance(d, dict) else None
+        own = meta.get("namespace") if isinstance(meta, dict) else None
+        if own and own != given:
+            kind = d.get("kind", "document")
+            raise UsageError(f"{kind} {meta.get('name', '')!s} names namespace {own!r}, which "
+                             f"does not match -n {given!r}; remove one of them")
+    return given
+
+
 def _label(r: workloads.DocResult) -> str:
     return f"{r.kind}/{r.namespace}/{r.name}" if r.name else f"{r.kind} in {r.namespace}"
 
@@ -72,7 +88,8 @@ def _label(r: workloads.DocResult) -> str:
 def cmd_inject(args: argparse.Namespace) -> int:
     policy = _policy(args)
     docs = _read_docs(args.file)
-    results = [workloads.process(d, policy, args.namespace, args.selected) for d in docs]
+    ns = _namespace(docs, args.namespace)
+    results = [workloads.process(d, policy, ns, args.selected) for d in docs]
     denied = [r for r in results if r.result and r.result.action == inject.DENY]
     for r in results:
         if r.result:
@@ -90,8 +107,9 @@ def cmd_inject(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     policy = _policy(args)
     denied = False
-    for r in (workloads.process(d, policy, args.namespace, args.selected)
-              for d in _read_docs(args.file)):
+    docs = _read_docs(args.file)
+    ns = _namespace(docs, args.namespace)
+    for r in (workloads.process(d, policy, ns, args.selected) for d in docs):
         if r.result is None:
             if r.kind:
                 print(f"{r.kind}: passed through (not a workload kvmesh injects)")
@@ -186,8 +204,9 @@ def parser() -> argparse.ArgumentParser:
                             ("explain", cmd_explain, "say per workload what kvmesh would do")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("-f", "--file", required=True, help="YAML file, or - for stdin")
-        p.add_argument("-n", "--namespace", default="default",
-                       help="namespace of documents that name none (default: default)")
+        p.add_argument("-n", "--namespace", default=None,
+                       help="namespace of documents that name none (default: default); a "
+                            "document naming another one is refused, as kubectl does")
         p.add_argument("--selected", action="store_true",
                        help="treat workloads as selected by their namespace or a policy "
                             "(inject without the kvmesh.dev/inject label)")
