@@ -26,6 +26,14 @@ CONNECTOR_V1 = "LMCacheConnectorV1"
 # V0 connector: vLLM 0.8.0-0.10.0 with LMCache < 0.3.0 only (imports lmcache.experimental).
 CONNECTOR_V0 = "LMCacheConnector"
 LMCACHE_CONNECTORS = (CONNECTOR_V1, CONNECTOR_V0)
+# LMCache's multiprocess mode (vLLM >= 0.33): also what `--kv-offloading-backend lmcache` sets.
+CONNECTOR_MP = "LMCacheMPConnector"
+OFFLOAD_BACKEND_LMCACHE = "lmcache"
+# vLLM's own CPU offloading; vLLM's config also rewrites the connector for --kv-offloading-*.
+NATIVE_OFFLOAD_CONNECTORS = ("OffloadingConnector", "SimpleCPUOffloadConnector")
+# Disaggregated prefill: the roles of a producer/consumer pair, and LMCache's PD settings.
+PD_ROLES = ("kv_producer", "kv_consumer")
+PD_ENV = ("LMCACHE_ENABLE_NIXL", "LMCACHE_ENABLE_PD", "LMCACHE_NIXL_ROLE", "LMCACHE_PD_ROLE")
 VLLM_DEFAULT_PORT = 8000
 
 
@@ -113,6 +121,29 @@ def quantity_to_gb(v: str) -> Optional[float]:
     return round(gb, 3) if gb > 0 else None
 
 
+_MEMORY = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)(?:e([0-9]+))?\s*(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E|m)?\s*$")
+_MEMORY_UNIT = {None: 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15,
+                "E": 1e18, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50,
+                "Ei": 2**60}
+
+
+def memory_gb(quantity: str) -> Optional[float]:
+    """A Kubernetes memory quantity ("2Gi", "9000Mi", "20G", "2147483648" bytes) in GB."""
+    m = _MEMORY.match(quantity)
+    if not m:
+        return None
+    n = float(m.group(1)) * (10 ** int(m.group(2)) if m.group(2) else 1)
+    return n * _MEMORY_UNIT[m.group(3)] / 1e9
+
+
+def check_cache_fits(v: str, max_gb: float) -> Optional[str]:
+    problem = check_gb(v)
+    if problem is None and max_gb and float(v) > max_gb:
+        return (f"more than the {format_gb(max_gb)} GB that fit in the container's memory "
+                "beside vLLM")
+    return problem
+
+
 def format_gb(gb: float) -> str:
     return str(int(gb)) if float(gb).is_integer() else repr(float(gb))
 
@@ -174,6 +205,7 @@ class Plan(NamedTuple):
     pull_port: int
     reply_port: int
     cpu_cache_gb: float
+    max_cpu_cache_gb: float  # 0: no memory bound known
     chunk_size: int
     hash_seed: int
     heartbeat_seconds: int
@@ -194,7 +226,7 @@ def _env_specs(p: Plan) -> list[EnvSpec]:
         EnvSpec("LMCACHE_LOCAL_CPU", TRUE,
                 why="P2P serves only from the local CPU tier (LMCache#2347)"),
         EnvSpec("LMCACHE_MAX_LOCAL_CPU_SIZE", format_gb(p.cpu_cache_gb), tuning=True,
-                check=check_gb),
+                check=functools.partial(check_cache_fits, max_gb=p.max_cpu_cache_gb)),
         EnvSpec("LMCACHE_CHUNK_SIZE", str(p.chunk_size), tuning=True, check=check_positive_int),
         EnvSpec("PYTHONHASHSEED", str(p.hash_seed), tuning=True, check=check_hash_seed),
         # Telemetry: any user value is the user's choice (tuning without a check).
@@ -265,6 +297,23 @@ GENERATION_VARS = {
         "LMCACHE_LMCACHE_WORKER_HEARTBEAT_TIME",
     ),
 }
+# Only these mark the redis generation in a pod's own env: its address variables. Not
+# LMCACHE_USE_EXPERIMENTAL, which charts set for every generation up to 0.3.11
+# (tests/golden/real/ANALYSIS.md, "A correction to the issue").
+REDIS_GENERATION_MARKERS = ("LMCACHE_LOOKUP_URL", "LMCACHE_DISTRIBUTED_URL")
+# Addresses kvmesh sets to its own lookup service: another value there is someone else's.
+OWN_ADDRESS_VARS = ("LMCACHE_CONTROLLER_PULL_URL", "LMCACHE_CONTROLLER_REPLY_URL",
+                    "LMCACHE_CONTROLLER_URL", "LMCACHE_LOOKUP_URL")
+# A tier or config kvmesh does not run or see (a remote cache server; a config file LMCache
+# reads instead of the env).
+OTHER_TIER_VARS = ("LMCACHE_REMOTE_URL", "LMCACHE_CONFIG_FILE")
+
+# Memory left beside LMCache's CPU cache in the container: vLLM's own process (Python, CUDA
+# context, tokenizer, request buffers) and LMCache's engine. vLLM's CPU backend adds its
+# VLLM_CPU_KVCACHE_SPACE on top. A cache under MIN_CACHE_GB is not worth sharing.
+CACHE_HEADROOM_GB = 4.0
+MIN_CACHE_GB = 1.0
+
 # Deprecated aliases that LMCache 0.5.6 drops as unknown keys (docs/lmcache-contract.md,
 # controller mode).
 BROKEN_ALIASES = ("LMCACHE_CONTROLLER_URL", "LMCACHE_LMCACHE_WORKER_PORT")

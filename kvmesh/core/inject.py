@@ -6,12 +6,16 @@ output changes nothing (the webhook's reinvocationPolicy: IfNeeded relies on it)
 
 `decide` runs the pod through PIPELINE, one named step after another:
 
-    prepare -> opt_in -> target -> parallelism -> connector -> ports -> env
-            -> container_ports -> flag -> stamp
+    prepare -> opt_in -> target -> evidence -> other_injector -> image -> roles
+            -> offloading -> connector -> elsewhere -> mode -> understood -> parallelism
+            -> memory -> ports -> env -> container_ports -> flag -> stamp
 
 Each step reads what earlier steps found on a `_Pod` and adds to it. A step ends the pipeline
 by raising `_Deny` (the pod is refused) or `_Skip` (admitted untouched; once the target
-container is known, with the reason in the status annotation).
+container is known, with the reason and message in the status annotation). The rule: kvmesh
+injects only what it fully understands. The steps from other_injector to understood each
+name one thing it does not, in the order a user should fix them (what no setting can change
+first). The reasons, and what a user does about each new one, are named once below.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -28,7 +33,7 @@ import orjson
 from kvmesh import __version__
 
 from kvmesh.core import names
-from kvmesh.core import contract, launch, limits, overrides
+from kvmesh.core import contract, images, launch, limits, overrides
 from kvmesh.core.policy import PolicyDefaults
 
 INJECT, SKIP, DENY = "inject", "skip", "deny"
@@ -43,13 +48,47 @@ R_DATA_PARALLEL = "data-parallel-unsupported"
 R_FOREIGN_CONNECTOR = "foreign-connector"
 R_SCRIPT = "script-not-editable"
 R_LIMIT = "limit-exceeded"  # the pod is larger than kvmesh configures (kvmesh.core.limits)
+R_OTHER_INJECTOR = "other-injector"
+R_IMAGE = "image-unsupported"
+R_DISAGG = "disaggregated-prefill"
+R_NATIVE_OFFLOAD = "vllm-native-offloading"
+R_KV_UNKNOWN = "kv-transfer-config-unknown"
+R_ELSEWHERE = "lmcache-configured-elsewhere"
+R_MODE_UNKNOWN = "mode-unknown"
+R_MODE_UNSUPPORTED = "mode-unsupported"
+R_ARGS_UNKNOWN = "vllm-args-unknown"
+R_CACHE_FIT = "cache-does-not-fit"
 # Denial reasons.
 R_INVALID_ANNOTATION = "invalid-annotation"
 R_AMBIGUOUS = "ambiguous-container"
 R_CONTAINER_NOT_FOUND = "container-not-found"
 R_CONNECTOR_CONFLICT = "connector-mode-conflict"
+R_MODE_CONFLICT = "mode-evidence-conflict"
+R_NOT_VLLM_SERVER = "container-not-a-vllm-server"
 R_BAD_KV_CONFIG = "invalid-kv-transfer-config"
 R_MALFORMED = "malformed-pod"
+
+# What the user does about each of the newer skips (the message says what was found).
+ADVICE = {
+    R_OTHER_INJECTOR: "kvmesh leaves pods another injector manages alone; remove the "
+                      "kvmesh.dev/inject label or the other injector's",
+    R_IMAGE: f"use an image that runs LMCache (lmcache/vllm-openai, vllm/vllm-openai >= "
+             f"v0.9.2 on CUDA), or set {names.ANN_IMAGE_SUPPORTED}: \"true\" if this one does",
+    R_DISAGG: "prefill/decode pods exchange KV through their own connector and LMCache "
+              "refuses P2P beside it (\"PD only supports enable_p2p=False\"); kvmesh leaves "
+              "them alone",
+    R_NATIVE_OFFLOAD: "vLLM then replaces the kv-transfer-config kvmesh would set; remove "
+                      "those settings to share KV through kvmesh",
+    R_KV_UNKNOWN: "kvmesh cannot see which connector it names at admission; give "
+                  f"{contract.KV_TRANSFER_FLAG} literally, or remove it to let kvmesh set it",
+    R_ELSEWHERE: "kvmesh would cut that setup off; remove those variables to share KV "
+                 "through kvmesh",
+    R_MODE_UNKNOWN: "",
+    R_MODE_UNSUPPORTED: "",
+    R_ARGS_UNKNOWN: "give vLLM's flags literally, or through env values kvmesh can read",
+    R_CACHE_FIT: f"raise the memory limit or set a smaller {names.ANN_CPU_CACHE_GB}",
+}
+OTHER_INJECTOR_PREFIX = "lmcache.ai/"  # LMCache's operator (label lmcache.ai/lmcache-inject)
 
 
 @dataclass(frozen=True)
@@ -96,11 +135,14 @@ class _Pod:
 
     __slots__ = ("ctx", "warnings", "pod", "meta", "annotations", "labels", "spec",
                  "containers", "ov", "c", "launch", "env_in", "mode", "mode_reason", "version",
-                 "flags", "ranks", "user_kv", "v0", "ports", "dist", "init", "look", "work")
+                 "flags", "ranks", "user_kv", "v0", "ports", "dist", "init", "look", "work",
+                 "kv_problem", "pod_modes", "choice", "cache_gb", "cache_max", "cache_note")
 
     def __init__(self, pod: dict, ctx: Context, warnings: list[str]):
         self.pod, self.ctx, self.warnings = pod, ctx, warnings
         self.c: Optional[dict] = None  # the target container (a copy), once known
+        self.mode: Optional[str] = None
+        self.mode_reason = ""
 
 
 def decide(pod: Any, ctx: Context) -> Result:
@@ -232,22 +274,27 @@ def opt_in(s: _Pod) -> None:
                                     "neither the namespace nor a policy selects the pod")
 
 
-# --- target: the vLLM container, how it starts, and the LMCache mode ------------------------
+# --- target: the vLLM container and how it starts (its effective argv) ----------------------
 
 def target(s: _Pod) -> None:
     idx, ln = _find_container(s.containers, s.ov)
     containers = s.spec["containers"] = list(s.containers)
     c = s.c = containers[idx] = dict(containers[idx])
     s.launch = ln
+    s.flags = ln.flags
     s.env_in = c.get("env") or []
-    s.mode, s.mode_reason, s.version = _mode(s.ov, s.ctx.policy, str(c.get("image", "")))
     if len(s.env_in) > limits.MAX_ENV_ENTRIES:
         raise _Skip(R_LIMIT, f"container {c['name']!r} has {len(s.env_in):,} env entries; "
                              f"kvmesh edits containers with at most {limits.MAX_ENV_ENTRIES:,}")
-    if ln.script_error:
-        raise _Skip(R_SCRIPT, f"container {c['name']!r}: cannot edit its shell script safely "
-                              f"({ln.script_error}); start vLLM with command/args, or add "
-                              f"{contract.KV_TRANSFER_FLAG} to the script yourself")
+
+
+def _literal_env(c: dict) -> launch.Env:
+    """The container's env values known at admission (not valueFrom), for expansions."""
+    env = c.get("env") or ()
+    if len(env) > limits.MAX_ENV_ENTRIES:
+        return ()
+    return tuple((e["name"], e["value"]) for e in env
+                 if isinstance(e.get("name"), str) and isinstance(e.get("value"), str))
 
 
 def _classify(c: dict, budget: list[int]) -> Optional[launch.Launch]:
@@ -262,7 +309,7 @@ def _classify(c: dict, budget: list[int]) -> Optional[launch.Launch]:
             return launch.Launch("shell", (), "command", 0, None, why) if "vllm" in script \
                 else None
         budget[0] -= len(script)
-    return launch.classify(command, args, str(c.get("image", "")))
+    return launch.classify(command, args, str(c.get("image", "")), _literal_env(c))
 
 
 def _find_container(containers: list[dict], ov: overrides.Overrides
@@ -271,14 +318,16 @@ def _find_container(containers: list[dict], ov: overrides.Overrides
     if ov.container:
         for i, c in enumerate(containers):
             if c["name"] == ov.container:
-                return i, _classify(c, budget) or launch.UNKNOWN
+                return i, _classify(c, budget) or _named(c)
         raise _Deny(R_CONTAINER_NOT_FOUND,
                     f"annotation {names.ANN_CONTAINER}={ov.container!r} names no container of "
                     f"this pod; containers: {', '.join(c['name'] for c in containers)}")
     found = [(i, ln) for i, c in enumerate(containers) if (ln := _classify(c, budget))]
     if not found:
+        runs = "; ".join(f"{c['name']!r} runs {_runs(c)}" for c in containers[:4])
         raise _Skip(R_NO_VLLM, "no container runs the vLLM OpenAI server (vllm serve, "
-                               "python -m vllm.entrypoints.openai.api_server, or a vLLM image); "
+                               "python -m vllm.entrypoints.openai.api_server, or args to an "
+                               f"image whose entrypoint is the server): {runs}; if one does, "
                                f"name it with the annotation {names.ANN_CONTAINER}")
     if len(found) > 1:
         raise _Deny(R_AMBIGUOUS,
@@ -288,30 +337,255 @@ def _find_container(containers: list[dict], ov: overrides.Overrides
     return found[0]
 
 
-def _mode(ov: overrides.Overrides, policy: PolicyDefaults, image: str
-          ) -> tuple[str, str, Optional[tuple[int, int, int]]]:
-    version = contract.lmcache_version_from_image(image)
+def _runs(c: dict) -> str:
+    return launch.runs(c.get("command") or (), c.get("args") or (), str(c.get("image", "")))
+
+
+def _named(c: dict) -> launch.Launch:
+    """The launch of a container the annotation names although kvmesh does not recognise it:
+    args to an image whose entrypoint kvmesh does not know are taken as vLLM's (the user
+    vouches for it); a command that runs something else is a denial."""
+    command, args = c.get("command") or (), c.get("args") or ()
+    first = args[0] if args else ""
+    program = launch.base(first) in launch.SHELLS or launch.is_python(launch.base(first)) \
+        or first.startswith("/")
+    if not command and not program:
+        return launch.args_only(args, _literal_env(c))
+    raise _Deny(R_NOT_VLLM_SERVER,
+                f"annotation {names.ANN_CONTAINER}={c['name']!r} names a container that runs "
+                f"{_runs(c)}, not the vLLM OpenAI server; kvmesh adds "
+                f"{contract.KV_TRANSFER_FLAG} to vLLM's command line, so name the container "
+                "that runs `vllm serve` (or the api_server module), or remove the annotation")
+
+
+# --- evidence: the user's kv-transfer-config and the LMCache generation ---------------------
+
+def evidence(s: _Pod) -> None:
+    """Read what the pod says (no decision yet: the steps below raise in their order)."""
+    s.user_kv, s.kv_problem = _user_kv(s.flags)
+    s.pod_modes = _pod_modes(s.user_kv, s.flags, s.env_in)
+    s.choice = choose_mode(s.ov, s.ctx.policy, str(s.c.get("image", "")), s.pod_modes)
+    s.mode, s.mode_reason, s.version = s.choice.mode, s.choice.reason, s.choice.version
+
+
+def _user_kv(flags: launch.Flags) -> tuple[Optional[dict], Optional[tuple[str, str]]]:
+    raw = flags.kv_transfer
+    if raw is not None and "$" in raw:
+        return None, (R_KV_UNKNOWN, f"{contract.KV_TRANSFER_FLAG} {raw[:80]!r} is computed when "
+                                    "the container starts")
+    user_kv: Optional[dict] = None
+    if raw is not None:
+        try:
+            user_kv = json.loads(raw)
+        except ValueError:
+            return None, (R_BAD_KV_CONFIG, f"{contract.KV_TRANSFER_FLAG} {raw!r} is not valid "
+                                           "JSON")
+        if not isinstance(user_kv, dict):
+            return None, (R_BAD_KV_CONFIG, f"{contract.KV_TRANSFER_FLAG} must be a JSON object")
+    if flags.kv_transfer_dotted:
+        user_kv = {**(user_kv or {}), **flags.kv_transfer_dotted}
+    return user_kv, None
+
+
+def _connectors(kv: Optional[dict]) -> list[dict]:
+    """The connector and, for a MultiConnector, the ones it combines."""
+    if not kv:
+        return []
+    out = [kv]
+    extra = kv.get("kv_connector_extra_config")
+    if isinstance(extra, dict) and isinstance(extra.get("connectors"), list):
+        out += [c for c in extra["connectors"] if isinstance(c, dict)]
+    return out
+
+
+def _pod_modes(kv: Optional[dict], flags: launch.Flags, env_in: list[dict]
+               ) -> tuple[tuple[str, str], ...]:
+    """(mode, field) for every part of the pod's own configuration that names a generation:
+    first what vLLM loads (a connector only one generation provides), then env variables
+    only one generation reads (left-overs are harmless, so they never contradict)."""
+    found = []
+    for conn in _connectors(kv):
+        kind = conn.get("kv_connector")
+        if kind == contract.CONNECTOR_V0:
+            found.append((names.MODE_REDIS, f"{contract.KV_TRANSFER_FLAG} kv_connector {kind} "
+                                            "(V0, LMCache < 0.3.0)"))
+        elif kind == contract.CONNECTOR_MP:
+            found.append((names.MODE_MP, f"{contract.KV_TRANSFER_FLAG} kv_connector {kind}"))
+    if (flags.offload_backend or "").lower() == contract.OFFLOAD_BACKEND_LMCACHE:
+        found.append((names.MODE_MP, f"--kv-offloading-backend {flags.offload_backend}"))
+    for e in env_in:
+        if e.get("name") in contract.REDIS_GENERATION_MARKERS:
+            found.append((names.MODE_REDIS, f"env {e['name']}"))
+    return tuple(found)
+
+
+@dataclass(frozen=True)
+class ModeChoice:
+    mode: Optional[str]
+    reason: str  # which evidence decided (recorded as modeReason)
+    version: Optional[tuple[int, int, int]] = None
+    problem: Optional[tuple[str, str, str]] = None  # (action, reason, message) for step `mode`
+
+
+def choose_mode(ov: overrides.Overrides, policy: PolicyDefaults, image: str,
+                pod: tuple[tuple[str, str], ...]) -> ModeChoice:
+    """The LMCache generation from the best evidence: annotation > policy > image tag > the
+    pod's own configuration > policy default. The pod's configuration is what it will run, so
+    a choice it contradicts (or that contradicts itself) is refused, naming the fields."""
+    tag_mode, tag_why, version = images.lmcache_generation(image)
     if ov.mode:
-        return ov.mode, f"annotation {names.ANN_MODE}", version
-    if policy.mode:
-        return policy.mode, "policy", version
-    if version is not None:
-        m = contract.mode_for_version(version)
-        return m, f"image tag: LMCache {contract.fmt_version(version)}", version
-    return policy.default_mode, "policy default (the image tag names no LMCache version)", None
+        mode, why = ov.mode, f"annotation {names.ANN_MODE}"
+    elif policy.mode:
+        mode, why = policy.mode, "policy"
+    elif tag_mode == "":
+        return ModeChoice(None, tag_why, None, (SKIP, R_MODE_UNKNOWN, (
+            f"{tag_why}; kvmesh cannot tell which LMCache generation it carries: set "
+            f"{names.ANN_MODE} to redis or controller")))
+    elif tag_mode:
+        mode, why = tag_mode, tag_why
+    elif pod:
+        mode, why = pod[0][0], f"pod configuration: {pod[0][1]}"
+    else:
+        mode, why = policy.default_mode, "policy default (the image tag names no LMCache version)"
+    disagree = [f"{f} needs {m} mode" for m, f in pod if m != mode and not f.startswith("env ")]
+    if disagree:
+        return ModeChoice(mode, why, version, (DENY, _conflict_reason(disagree), (
+            f"{'; '.join(disagree)}, but the mode is {mode} ({why}); make them agree: set "
+            f"{names.ANN_MODE} to the generation the image runs and use that generation's "
+            "connector")))
+    if mode not in names.MODES:
+        return ModeChoice(mode, why, version, (SKIP, R_MODE_UNSUPPORTED, (
+            f"{why} means LMCache's {mode} mode, which this kvmesh does not inject")))
+    return ModeChoice(mode, why, version)
+
+
+def _conflict_reason(fields: list[str]) -> str:
+    return R_CONNECTOR_CONFLICT if any("kv_connector" in f for f in fields) else R_MODE_CONFLICT
+
+
+# --- the pod's own setup: things kvmesh does not understand are skips, each with its reason --
+
+def other_injector(s: _Pod) -> None:
+    keys = sorted(k for d in (s.labels, s.annotations) for k in d
+                  if k.startswith(OTHER_INJECTOR_PREFIX))
+    if keys:
+        raise _Skip(R_OTHER_INJECTOR, f"the pod carries {', '.join(keys[:3])}: LMCache's operator "
+                                      "configures its LMCache; " + ADVICE[R_OTHER_INJECTOR])
+
+
+def image(s: _Pod) -> None:
+    c = s.c
+    img = str(c.get("image", ""))
+    env_names = frozenset(e.get("name") for e in s.env_in if isinstance(e.get("name"), str))
+    plat, plat_why = images.platform(img, c.get("resources") or {}, env_names)
+    why = images.unsupported(img, plat, plat_why)
+    if why and not s.ov.image_supported:
+        raise _Skip(R_IMAGE, f"container {c['name']!r}: {why}; " + ADVICE[R_IMAGE])
+
+
+def roles(s: _Pod) -> None:
+    found = [f"kv_role {conn.get('kv_role')} ({conn.get('kv_connector')})"
+             for conn in _connectors(s.user_kv) if conn.get("kv_role") in contract.PD_ROLES]
+    for e in s.env_in:
+        n, v = e.get("name"), e.get("value")
+        if n in contract.PD_ENV and (not isinstance(v, str) or n.endswith("_ROLE")
+                                     or contract.is_true(v)):
+            found.append(f"env {n}" + (f"={v}" if isinstance(v, str) else ""))
+    if found:
+        raise _Skip(R_DISAGG, f"container {s.c['name']!r} is part of a disaggregated prefill "
+                              f"setup ({', '.join(found[:3])}); " + ADVICE[R_DISAGG])
+
+
+def offloading(s: _Pod) -> None:
+    f = s.flags
+    backend = (f.offload_backend or "").lower()
+    found = []
+    if f.offload_size is not None and backend != contract.OFFLOAD_BACKEND_LMCACHE:
+        found.append(f"--kv-offloading-size {f.offload_size}")
+    if f.offload_backend is not None and backend != contract.OFFLOAD_BACKEND_LMCACHE:
+        found.append(f"--kv-offloading-backend {f.offload_backend}")
+    found += [f"kv_connector {conn.get('kv_connector')}" for conn in _connectors(s.user_kv)
+              if conn.get("kv_connector") in contract.NATIVE_OFFLOAD_CONNECTORS]
+    if found:
+        raise _Skip(R_NATIVE_OFFLOAD, f"container {s.c['name']!r} uses vLLM's own KV offloading "
+                                      f"({', '.join(found)}); " + ADVICE[R_NATIVE_OFFLOAD])
+
+
+def connector(s: _Pod) -> None:
+    name = s.c["name"]
+    if s.kv_problem:
+        reason, why = s.kv_problem
+        if reason == R_BAD_KV_CONFIG:
+            raise _Deny(reason, f"container {name!r}: {why}")
+        raise _Skip(reason, f"container {name!r}: {why}; " + ADVICE[reason])
+    kind = (s.user_kv or {}).get("kv_connector")
+    if s.user_kv is not None and kind not in contract.LMCACHE_CONNECTORS + (contract.CONNECTOR_MP,):
+        raise _Skip(R_FOREIGN_CONNECTOR, f"container {name!r} already uses kv_connector "
+                                         f"{kind!r}; kvmesh does not replace another connector")
+
+
+def elsewhere(s: _Pod) -> None:
+    group = s.ov.group or s.ctx.policy.group
+    own = (names.lookup_service_name(names.MODE_CONTROLLER, group),
+           names.lookup_service_name(names.MODE_REDIS, group))
+    redis = s.ctx.policy.redis_address
+    found = []
+    for e in s.env_in:
+        n = e.get("name")
+        if n in contract.OWN_ADDRESS_VARS:
+            v = e.get("value")
+            if not isinstance(v, str):
+                found.append(f"{n} from valueFrom")
+            elif v and v != redis and not _host(v).startswith(own):
+                found.append(f"{n}={v}")
+        elif n in contract.OTHER_TIER_VARS and (e.get("value") or "valueFrom" in e):
+            found.append(f"{n}={e.get('value', '(valueFrom)')}")
+    if found:
+        raise _Skip(R_ELSEWHERE, f"container {s.c['name']!r}: LMCache is already configured "
+                                 f"toward something kvmesh does not run ({', '.join(found[:3])}); "
+                                 + ADVICE[R_ELSEWHERE])
+
+
+def _host(url: str) -> str:
+    rest = url.split("://", 1)[-1]
+    return rest.rsplit(":", 1)[0] if ":" in rest else rest
+
+
+def mode(s: _Pod) -> None:
+    if s.choice.problem:
+        action, reason, message = s.choice.problem
+        message = f"container {s.c['name']!r}: {message}"
+        raise (_Deny if action == DENY else _Skip)(reason, message)
+    s.v0 = any(conn.get("kv_connector") == contract.CONNECTOR_V0
+               for conn in _connectors(s.user_kv)) or (
+        s.mode == names.MODE_REDIS and s.version is not None
+        and s.version < contract.V0_CONNECTOR_BELOW)
+
+
+def understood(s: _Pod) -> None:
+    ln, name = s.launch, s.c["name"]
+    if ln.script_error:
+        raise _Skip(R_SCRIPT, f"container {name!r}: cannot edit its shell script safely "
+                              f"({ln.script_error}); start vLLM with command/args, or add "
+                              f"{contract.KV_TRANSFER_FLAG} to the script yourself")
+    if ln.unresolved:
+        raise _Skip(R_ARGS_UNKNOWN, f"container {name!r}: vLLM's command line holds "
+                                    f"{', '.join(map(repr, ln.unresolved[:3]))}, known only "
+                                    "when the container starts, which may set flags kvmesh "
+                                    "must see; " + ADVICE[R_ARGS_UNKNOWN])
 
 
 # --- parallelism: ranks from the vLLM command line -------------------------------------------
 
 def parallelism(s: _Pod) -> None:
-    flags = s.flags = s.launch.flags
+    flags = s.flags
     name, warnings = s.c["name"], s.warnings
     if flags.has_config_file:
         warnings.append("vLLM reads a --config file kvmesh cannot see: keep tensor/pipeline "
                         "parallel 1 and no other kv-transfer-config there")
-    tp = _flag_int(flags.tp, "--tensor-parallel-size", s.env_in, warnings)
-    pp = _flag_int(flags.pp, "--pipeline-parallel-size", s.env_in, warnings)
-    dp = _flag_int(flags.dp, "--data-parallel-size", s.env_in, warnings)
+    tp = _flag_int(flags.tp, "--tensor-parallel-size", name, warnings)
+    pp = _flag_int(flags.pp, "--pipeline-parallel-size", name, warnings)
+    dp = _flag_int(flags.dp, "--data-parallel-size", name, warnings)
     if dp > 1:
         raise _Skip(R_DATA_PARALLEL, f"container {name!r} runs --data-parallel-size {dp}: "
                                      "several LMCache engines in one pod would share one "
@@ -327,70 +601,78 @@ def parallelism(s: _Pod) -> None:
             raise _Skip(R_LIMIT, f"container {name!r} runs tensor-parallel {tp} x "
                                  f"pipeline-parallel {pp} = {s.ranks:,} ranks; kvmesh configures "
                                  f"at most {limits.MAX_RANKS} ranks (three ports each) per pod")
-        warnings.append(f"{names.ANN_ALLOW_PARALLEL}: injecting for {s.ranks} ranks although "
-                        "upstream LMCache P2P does not work across ranks (LMCache#2405)")
 
 
-_REF = re.compile(r"^\$\(([A-Za-z_][A-Za-z0-9_]*)\)$")
-
-
-def _flag_int(raw: Optional[str], flag: str, env: list[dict], warnings: list[str]) -> int:
+def _flag_int(raw: Optional[str], flag: str, name: str, warnings: list[str]) -> int:
     if raw is None:
         return 1
-    value = raw
-    m = _REF.match(raw)
-    if m:  # the kubelet expands $(VAR) in args from the container env
-        for e in env:
-            if e.get("name") == m.group(1) and isinstance(e.get("value"), str):
-                value = e["value"]
+    if "$" in raw:
+        raise _Skip(R_ARGS_UNKNOWN, f"container {name!r}: {flag} {raw!r} is known only when the "
+                                    "container starts; " + ADVICE[R_ARGS_UNKNOWN])
     try:
-        return int(value)
+        return int(raw)
     except ValueError:
         warnings.append(f"kvmesh cannot read {flag} {raw!r}; assuming 1")
         return 1
 
 
-# --- connector: the user's kv-transfer-config, if any ----------------------------------------
+# --- memory: the CPU cache fits the container's memory ---------------------------------------
 
-def connector(s: _Pod) -> None:
-    flags, name, mode = s.flags, s.c["name"], s.mode
-    user_kv: Optional[dict] = None
-    if flags.kv_transfer is not None:
-        try:
-            user_kv = json.loads(flags.kv_transfer)
-        except ValueError:
-            raise _Deny(R_BAD_KV_CONFIG, f"container {name!r}: {contract.KV_TRANSFER_FLAG} "
-                                         f"{flags.kv_transfer!r} is not valid JSON") from None
-        if not isinstance(user_kv, dict):
-            raise _Deny(R_BAD_KV_CONFIG, f"container {name!r}: {contract.KV_TRANSFER_FLAG} "
-                                         "must be a JSON object")
-    if flags.kv_transfer_dotted:
-        user_kv = {**(user_kv or {}), **flags.kv_transfer_dotted}
-    s.user_kv = user_kv
-    s.v0 = mode == names.MODE_REDIS and s.version is not None \
-        and s.version < contract.V0_CONNECTOR_BELOW
-    if user_kv is None:
+def memory(s: _Pod) -> None:
+    c, pol = s.c, s.ctx.policy
+    s.cache_gb, s.cache_max, s.cache_note = s.ov.cpu_cache_gb or pol.cpu_cache_gb, 0.0, None
+    limit, which = _memory_of(c)
+    mem_gb = contract.memory_gb(limit) if limit is not None else None
+    if mem_gb is None:
         return
-    kind = user_kv.get("kv_connector")
-    if kind not in contract.LMCACHE_CONNECTORS:
-        raise _Skip(R_FOREIGN_CONNECTOR, f"container {name!r} already uses kv_connector "
-                                         f"{kind!r}; kvmesh does not replace another connector")
-    if kind == contract.CONNECTOR_V0 and mode == names.MODE_CONTROLLER:
-        raise _Deny(R_CONNECTOR_CONFLICT,
-                    f"container {name!r} uses the V0 {contract.CONNECTOR_V0}, which needs "
-                    f"LMCache < 0.3.0 (redis mode), but the mode is controller "
-                    f"({s.mode_reason}); set {names.ANN_MODE}: redis or use "
-                    f"{contract.CONNECTOR_V1}")
-    s.v0 = kind == contract.CONNECTOR_V0
+    headroom = contract.CACHE_HEADROOM_GB + _vllm_cpu_kv_gb(s.env_in)
+    fit = mem_gb - headroom
+    want = _user_cache_gb(s.env_in) or s.cache_gb
+    if fit < contract.MIN_CACHE_GB:
+        raise _Skip(R_CACHE_FIT, f"container {c['name']!r}: its memory {which} {limit} leaves "
+                                 f"{max(fit, 0):.1f} GB after {headroom:g} GB of headroom for "
+                                 f"vLLM and the engine, less than {contract.MIN_CACHE_GB:g} GB "
+                                 "of LMCache CPU cache; " + ADVICE[R_CACHE_FIT])
+    if want > fit:
+        s.cache_gb = s.cache_max = math.floor(fit * 2) / 2
+        s.cache_note = (f"container {c['name']!r}: LMCache CPU cache reduced from {want:g} GB to "
+                        f"{s.cache_gb:g} GB to fit its memory {which} {limit} with {headroom:g} "
+                        "GB of headroom for vLLM and the engine")
+        s.warnings.append(s.cache_note)
+
+
+def _memory_of(c: dict) -> tuple[Optional[str], str]:
+    res = c.get("resources") or {}
+    for which in ("limits", "requests"):
+        q = (res.get(which) or {}).get("memory") if isinstance(res.get(which), dict) else None
+        if isinstance(q, (str, int)):
+            return str(q), which[:-1]
+    return None, ""
+
+
+def _vllm_cpu_kv_gb(env_in: list[dict]) -> float:
+    for e in env_in:  # vLLM's CPU backend holds its own KV cache of this many GiB
+        if e.get("name") == "VLLM_CPU_KVCACHE_SPACE" and isinstance(e.get("value"), str):
+            try:
+                return round(float(e["value"]) * 2**30 / 1e9, 3)
+            except ValueError:
+                return 0.0
+    return 0.0
+
+
+def _user_cache_gb(env_in: list[dict]) -> Optional[float]:
+    for e in env_in:
+        if e.get("name") == "LMCACHE_MAX_LOCAL_CPU_SIZE" and isinstance(e.get("value"), str):
+            v = e["value"]
+            return float(v) if contract.check_gb(v) is None else contract.quantity_to_gb(v)
+    return None
 
 
 # --- ports: free ports for LMCache, avoiding every port the pod already uses -----------------
 
 def ports(s: _Pod) -> None:
     pol = s.ctx.policy
-    vllm_port = _flag_int(s.flags.port, "--port", s.env_in, s.warnings) if s.flags.port else \
-        contract.VLLM_DEFAULT_PORT
-    used = _used_ports(s.spec, s.c, vllm_port)
+    used = _used_ports(s.spec, s.c, _vllm_port(s))
     s.dist = s.init = s.look = s.work = ()
     if s.mode == names.MODE_REDIS:
         s.dist = (_pick(pol.distributed_port, used),)
@@ -402,6 +684,19 @@ def ports(s: _Pod) -> None:
     look = s.look = tuple([_pick(pol.p2p_lookup_port + r, used) for r in ranks])
     work = s.work = tuple([_pick(pol.worker_port + r, used) for r in ranks])
     s.ports = [port for r in ranks for port in zip(_port_names(r), (init[r], look[r], work[r]))]
+
+
+def _vllm_port(s: _Pod) -> int:
+    raw = s.flags.port
+    if raw is None:
+        return contract.VLLM_DEFAULT_PORT
+    try:
+        return int(raw)
+    except ValueError:
+        s.warnings.append(f"kvmesh cannot read vLLM's --port {raw!r} at admission; its own "
+                          f"ports avoid {contract.VLLM_DEFAULT_PORT} and every port the pod "
+                          "declares, so declare vLLM's port on the container")
+        return contract.VLLM_DEFAULT_PORT
 
 
 def _used_ports(spec: dict, target: dict, vllm_port: int) -> limits.PortSet:
@@ -460,7 +755,6 @@ def env(s: _Pod) -> None:
     instance_ok = (contract.INSTANCE_FROM_UID,) if reuse_names else \
         (contract.INSTANCE_FROM_UID, contract.INSTANCE_FROM_NAME)
     c["env"] = _merge_env(entries, index, specs, pod_ip_var, instance_ok, warnings)
-    _check_memory(c, warnings)
 
 
 def _plan(s: _Pod, pod_ip_var: str, reuse_names: bool) -> contract.Plan:
@@ -473,7 +767,7 @@ def _plan(s: _Pod, pod_ip_var: str, reuse_names: bool) -> contract.Plan:
         redis_address=pol.redis_address, distributed_port=s.dist[0] if s.dist else 0,
         init_ports=s.init, lookup_ports=s.look, worker_ports=s.work, redis_port=pol.redis_port,
         pull_port=pol.controller_pull_port, reply_port=pol.controller_reply_port,
-        cpu_cache_gb=ov.cpu_cache_gb or pol.cpu_cache_gb, chunk_size=pol.chunk_size,
+        cpu_cache_gb=s.cache_gb, max_cpu_cache_gb=s.cache_max, chunk_size=pol.chunk_size,
         hash_seed=pol.hash_seed, heartbeat_seconds=pol.heartbeat_seconds,
         worker_timeout_seconds=pol.worker_timeout_seconds,
         instance_field=contract.INSTANCE_FROM_UID if reuse_names
@@ -565,7 +859,7 @@ def _reconcile(spec: contract.EnvSpec, old: dict, want: dict, instance_ok: tuple
         return old, None
     if spec.name == "LMCACHE_MAX_LOCAL_CPU_SIZE":
         gb = contract.quantity_to_gb(old["value"])
-        if gb is not None:
+        if gb is not None and spec.check(contract.format_gb(gb)) is None:
             want = {"name": spec.name, "value": contract.format_gb(gb)}
             problem += f"; converted to {want['value']} GB"
     return want, problem
@@ -608,29 +902,13 @@ def _replace_message(spec: contract.EnvSpec, old: dict, problem: Optional[str]) 
 
 def _reuses_names(meta: dict, ctx: Context) -> bool:
     """True when a later pod may carry this pod's name (StatefulSets, fixed-name pods)."""
-    if ctx.owner_kind is not None:
-        return ctx.owner_kind in ("StatefulSet", "Pod")
+    # A Pod document is judged by its own metadata, as the webhook judges the pod it receives.
+    if ctx.owner_kind is not None and ctx.owner_kind != "Pod":
+        return ctx.owner_kind == "StatefulSet"
     for o in meta.get("ownerReferences") or []:
         if isinstance(o, dict) and o.get("kind") == "StatefulSet":
             return True
     return not meta.get("generateName")
-
-
-def _check_memory(c: dict, warnings: list[str]) -> None:
-    limit = ((c.get("resources") or {}).get("limits") or {}).get("memory")
-    if not isinstance(limit, (str, int)):
-        return
-    cache_gb = None
-    for e in c["env"]:
-        if e.get("name") == "LMCACHE_MAX_LOCAL_CPU_SIZE" and isinstance(e.get("value"), str):
-            try:
-                cache_gb = float(e["value"])
-            except ValueError:
-                return
-    limit_gb = contract.quantity_to_gb(str(limit))
-    if cache_gb is not None and limit_gb is not None and cache_gb >= limit_gb:
-        warnings.append(f"container {c['name']!r}: the LMCache CPU cache ({cache_gb} GB) does not "
-                        f"fit in its memory limit ({limit}); the pod would be OOM-killed")
 
 
 # --- container_ports: declare LMCache's ports on the container --------------------------------
@@ -657,13 +935,10 @@ def flag(s: _Pod) -> None:
     value = contract.kv_transfer_json(contract.CONNECTOR_V0 if s.v0 else contract.CONNECTOR_V1)
     if ln.form in ("exec", "args-only"):
         c["args"] = list(c.get("args") or []) + [contract.KV_TRANSFER_FLAG, value]
-    elif ln.form == "shell":
+    else:  # shell: after the vLLM command's last word, so after a "$@" it passes
         holder = c[ln.script_field] = list(c[ln.script_field])
         holder[ln.script_index] = launch.insert_into_script(
             holder[ln.script_index], ln.script, contract.KV_TRANSFER_FLAG, value)
-    else:
-        s.warnings.append(f"kvmesh found no vLLM command in container {c['name']!r}; add "
-                          f"{contract.KV_TRANSFER_FLAG} '{value}' to its vLLM command line")
 
 
 # --- stamp: the peer-group label and the status annotation -----------------------------------
@@ -673,11 +948,16 @@ def stamp(s: _Pod) -> None:
     # The controller watches injected pods by this label (one watch, no annotation scans).
     s.meta["labels"] = s.labels
     s.labels[names.LABEL_PEER_GROUP] = names.group_id(s.mode, group)
+    if s.ranks > 1:  # only now: a pod skipped later must not read "injecting"
+        s.warnings.append(f"{names.ANN_ALLOW_PARALLEL}: injecting for {s.ranks} ranks although "
+                          "upstream LMCache P2P does not work across ranks (LMCache#2405)")
     status = {"injected": True, "mode": s.mode, "modeReason": s.mode_reason,
               "container": s.c["name"], "group": group, "version": __version__,
               "hash": _hash(s.mode, s.c)}
     if s.ctx.policy_name:
         status["policy"] = s.ctx.policy_name
+    if s.cache_note:  # an adjustment the owner should see (the controller makes it an Event)
+        status["adjusted"] = s.cache_note
     _set_status(s.annotations, status)
 
 
@@ -694,5 +974,6 @@ def _hash(mode: str, c: dict) -> str:
     return "sha256:" + digest[:16]
 
 
-PIPELINE = (prepare, opt_in, target, parallelism, connector, ports, env, container_ports, flag,
-            stamp)
+PIPELINE = (prepare, opt_in, target, evidence, other_injector, image, roles, offloading,
+            connector, elsewhere, mode, understood, parallelism, memory, ports, env,
+            container_ports, flag, stamp)

@@ -4,9 +4,14 @@ Launch forms recognised:
   exec:      command/args contain `vllm serve` or `python -m vllm.entrypoints.openai.api_server`
              (also behind wrappers like `tini --`, `env`, `uv run`), split anyhow between
              command and args;
-  args-only: no command, a vLLM image (its entrypoint is the server), flags in args;
-  shell:     `sh -c "<script>"` whose script runs one of the exec forms; the flag is inserted
-             into that simple command of the script.
+  args-only: no command, an image whose entrypoint is known to be the vLLM server
+             (images.SERVER_IMAGES), flags in args; never decided from a name alone;
+  shell:     `sh -c "<script>" [$0 ARGS...]` whose script runs one of the exec forms; the flag
+             is inserted into that simple command of the script.
+What vLLM is given is read as the container would run it (its effective argv): the kubelet's
+`$(VAR)` and the script's `$VAR`/`${VAR}` from the container's literal env values, the args a
+script receives through `"$@"`/`$*`/`${@}`, and the command line an `eval` builds. Words that
+stay unknown at admission are kept in `Launch.unresolved` when they could hide flags.
 `classify` tells a container's form; `parse_flags` reads what kvmesh needs from vLLM's
 arguments; `insert_into_script` edits a shell script.
 """
@@ -17,7 +22,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from kvmesh.core import limits
+from kvmesh.core import images, limits
 
 SHELLS = {"sh", "bash", "dash", "ash", "zsh", "ksh"}
 _PY = re.compile(r"^python(\d+(\.\d+)*)?$")
@@ -25,8 +30,20 @@ _API_MODULES = {"vllm.entrypoints.openai.api_server"}
 _CLI_MODULE = "vllm.entrypoints.cli.main"
 
 
-def _base(word: str) -> str:
+def base(word: str) -> str:
     return word[word.rfind("/") + 1:]
+
+
+_base = base
+
+
+def is_python(program: str) -> bool:
+    return bool(_PY.match(program))
+
+
+def args_only(args: Sequence[str], env: "Env" = ()) -> "Launch":
+    """vLLM's arguments given as a container's args to the image's entrypoint."""
+    return _launch("args-only", kubelet_expand(args, env))
 
 
 def server_start(words: Sequence[str]) -> Optional[int]:
@@ -52,15 +69,6 @@ def server_start(words: Sequence[str]) -> Optional[int]:
     return None
 
 
-def is_vllm_image(image: str) -> bool:
-    """Images whose entrypoint is the vLLM OpenAI server (so args-only containers are vLLM)."""
-    repo = image.split("@", 1)[0]
-    if ":" in repo.rsplit("/", 1)[-1]:
-        repo = repo.rsplit(":", 1)[0]
-    name = repo.rsplit("/", 1)[-1].lower()
-    return "vllm" in name and "router" not in name
-
-
 @dataclass(frozen=True, slots=True)
 class Launch:
     """How a container starts the vLLM server, and where kvmesh's flag can go."""
@@ -71,6 +79,9 @@ class Launch:
     script_index: int = 0
     script: Optional[ScriptLaunch] = None
     script_error: Optional[str] = None  # shell form kvmesh cannot edit safely: why
+    # Words of vLLM's command line unknown at admission that may expand to flags (a variable
+    # with no literal value, a command substitution), as written.
+    unresolved: tuple[str, ...] = ()
     flags: Flags = field(init=False, compare=False)  # parsed from words (read-only)
 
     def __post_init__(self) -> None:
@@ -82,40 +93,88 @@ _CLASSIFIED = limits.ByteLRU(limits.SCRIPT_CACHE_BYTES)
 _MISSING = object()
 
 
-def classify(command: Sequence[str], args: Sequence[str], image: str) -> Optional[Launch]:
+Env = tuple[tuple[str, str], ...]  # the container's literal env values, in order
+
+
+def classify(command: Sequence[str], args: Sequence[str], image: str, env: Env = ()
+             ) -> Optional[Launch]:
     """The container's launch form, or None when it does not run the vLLM server.
 
     Cached by the exact strings (a pure function of them, and the answer is immutable): every
     replica of a workload starts vLLM the same way, and a shell script costs a parse. The cache
     is bounded in bytes (each entry costed at ~10x its text, for the parsed words)."""
-    command, args = tuple(command), tuple(args)
-    size = sum(map(len, command)) + sum(map(len, args)) + len(image)
+    command, args, env = tuple(command), tuple(args), tuple(env)
+    size = sum(map(len, command)) + sum(map(len, args)) + len(image) + \
+        sum(len(n) + len(v) for n, v in env)
     if size > _CACHE_CHARS:
-        return _classify(command, args, image)
-    key = (command, args, image)
+        return _classify(command, args, image, env)
+    key = (command, args, image, env)
     hit = _CLASSIFIED.get(key, _MISSING)
     if hit is _MISSING:
-        hit = _classify(command, args, image)
+        hit = _classify(command, args, image, env)
         _CLASSIFIED.put(key, hit, 200 + 10 * size)
     return hit
 
 
-def _classify(command: tuple[str, ...], args: tuple[str, ...], image: str
+def _classify(command: tuple[str, ...], args: tuple[str, ...], image: str, env: Env
               ) -> Optional[Launch]:
     argv = command + args
     at = server_start(argv)
     if at is not None:
-        return Launch("exec", argv[at:])
+        return _launch("exec", kubelet_expand(argv[at:], env))
     for i, w in enumerate(argv):
         if _base(w) in SHELLS:  # only the first shell word can carry the script
             at = _script_at(argv, i)
-            if at is not None:
+            if at is not None:  # argv[at + 1] is $0; the rest are "$@"
                 return _shell_launch(argv[at], "command" if at < len(command) else "args",
-                                     at if at < len(command) else at - len(command))
+                                     at if at < len(command) else at - len(command),
+                                     kubelet_expand(argv[at + 2:], env), env)
             break
-    if not command and is_vllm_image(image):
-        return Launch("args-only", args)
+    if not command and images.is_server_image(image):
+        return _launch("args-only", kubelet_expand(args, env))
     return None
+
+
+def runs(command: Sequence[str], args: Sequence[str], image: str) -> str:
+    """What a container runs, in a few words, for messages."""
+    argv = list(command) + list(args)
+    script = script_in(argv)
+    if script is not None:
+        first = script.strip().splitlines()[0] if script.strip() else ""
+        return f"a shell script starting {first[:60]!r}"
+    if not command:
+        return f"args {' '.join(args[:4])[:80]!r} to the entrypoint of {image}"
+    return repr(" ".join(argv[:6])[:100])
+
+
+def _launch(form: str, words: tuple[str, ...], *rest, **kw) -> Launch:
+    return Launch(form, words, *rest, unresolved=unresolved(words), **kw)
+
+
+def unresolved(words: Sequence[str]) -> tuple[str, ...]:
+    """Dynamic words that may expand to flags: not a flag itself (`--port=$P`), not the value
+    right after a flag, not the model in first place."""
+    out = []
+    for i, w in enumerate(words):
+        if "$" not in w or w.startswith("-") or i == 0:
+            continue
+        prev = words[i - 1]
+        if prev.startswith("-") and "=" not in prev:
+            continue
+        out.append(w)
+    return tuple(out)
+
+
+_KUBELET_REF = re.compile(r"(?<!\$)\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+
+
+def kubelet_expand(words: Sequence[str], env: Env) -> tuple[str, ...]:
+    """`$(VAR)` in command/args as the kubelet expands them, from literal env values only."""
+    if not env:
+        return tuple(words)
+    values = dict(env)
+    return tuple(_KUBELET_REF.sub(lambda m: values.get(m.group(1), m.group(0)), w)
+                 if "$(" in w else w for w in words)
 
 
 def _script_at(argv: Sequence[str], shell: int) -> Optional[int]:
@@ -137,20 +196,50 @@ def script_in(argv: Sequence[str]) -> Optional[str]:
     return None
 
 
-def _shell_launch(script: str, where: str, index: int) -> Optional[Launch]:
+def _shell_launch(script: str, where: str, index: int, positional: tuple[str, ...] = (),
+                  env: Env = ()) -> Optional[Launch]:
     if len(script) > limits.MAX_SCRIPT_BYTES:  # never parsed: bounded work per admission
         why = (f"the script is {len(script):,} bytes; kvmesh parses scripts of at most "
                f"{limits.kib(limits.MAX_SCRIPT_BYTES)}")
         return Launch("shell", (), where, index, None, why) if "vllm" in script else None
     try:
-        found = find_in_script(script)
+        found = find_in_script(script, positional, env)
     except ScriptError as e:
         # A script that mentions vLLM but cannot be edited is a skip with the reason; one
         # that does not is not kvmesh's business.
         return Launch("shell", (), where, index, None, str(e)) if "vllm" in script else None
     if found is None:
         return None
-    return Launch("shell", found.server_words, where, index, found)
+    words = shell_words(found.words[found.server_at:], positional, env)
+    if found.via_eval:
+        return _launch("shell", words, where, index, None,
+                       "the vLLM command is built by eval, whose text kvmesh cannot edit")
+    return _launch("shell", words, where, index, found)
+
+
+_POSITIONAL = {"$@", "$*", "${@}", "${*}"}
+_SHELL_VAR = re.compile(r"^\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))$")
+
+
+def shell_words(words: Sequence[Word], positional: Sequence[str], env: Env) -> tuple[str, ...]:
+    """The words a shell passes for `words`: "$@" spliced, `$VAR`/`${VAR}` from literal env
+    values (split on blanks unless quoted), the kubelet's `$(VAR)` expanded first."""
+    values = dict(env)
+    out: list[str] = []
+    for w in words:
+        text = kubelet_expand((w.text,), env)[0] if "$(" in w.text else w.text
+        if text in _POSITIONAL:
+            out.extend(positional)
+            continue
+        m = _SHELL_VAR.match(text)
+        value = values.get(m.group(1) or m.group(2)) if m else None
+        if value is None:
+            out.append(text)
+        elif w.quoted:
+            out.append(value)
+        else:
+            out.extend(value.split())
+    return tuple(out)
 
 
 # --- flags -------------------------------------------------------------------------------
@@ -168,6 +257,8 @@ class Flags:
     kv_transfer: Optional[str] = None  # the JSON string as given
     kv_transfer_dotted: dict = field(default_factory=dict)  # --kv-transfer-config.key=value
     has_config_file: bool = False
+    offload_size: Optional[str] = None  # vLLM's native offloading (--kv-offloading-*)
+    offload_backend: Optional[str] = None
 
 
 _ALIASES = {
@@ -176,6 +267,8 @@ _ALIASES = {
     "--data-parallel-size": "dp", "-dp": "dp",
     "--port": "port",
     "--kv-transfer-config": "kv_transfer",
+    "--kv-offloading-size": "offload_size",
+    "--kv-offloading-backend": "offload_backend",
 }
 
 
@@ -211,7 +304,6 @@ def parse_flags(words: Sequence[str]) -> Flags:
     return f
 
 
-UNKNOWN = Launch("unknown", ())  # a named container whose launch kvmesh cannot read
 
 
 # --- shell scripts -----------------------------------------------------------------------
@@ -227,6 +319,7 @@ class Word:
     start: int
     end: int  # offset just past the word in the script
     dynamic: bool  # contains $ expansion or command substitution
+    quoted: bool = False  # had quotes (a shell does not split its expansions)
 
 
 _OPERATOR_CHARS = ";&|()\n"
@@ -275,7 +368,7 @@ def split_script(script: str) -> list[list[Word]]:
 def _read_word(script: str, start: int) -> Word:
     """The word starting at `start`, with its quotes removed."""
     buf: list[str] = []
-    dynamic = False
+    dynamic = quoted = False
     i, n = start, len(script)
     while i < n and script[i] not in " \t" and not (i > start and _is_operator(script, i)):
         m = _PLAIN.match(script, i)
@@ -295,12 +388,14 @@ def _read_word(script: str, start: int) -> Word:
                 buf.append(script[i + 1])
             i += 2
         elif c == "'":
+            quoted = True
             j = script.find("'", i + 1)
             if j < 0:
                 raise ScriptError("the script has an unterminated single quote")
             buf.append(script[i + 1:j])
             i = j + 1
         elif c == '"':
+            quoted = True
             i, dynamic = _double_quoted(script, i, buf, dynamic)
         elif c == "`":
             raise ScriptError("the script uses a backquote command substitution")
@@ -312,7 +407,7 @@ def _read_word(script: str, start: int) -> Word:
         else:
             buf.append(c)
             i += 1
-    return Word("".join(buf), start, i, dynamic)
+    return Word("".join(buf), start, i, dynamic, quoted)
 
 
 def _double_quoted(script: str, i: int, buf: list[str], dynamic: bool) -> tuple[int, bool]:
@@ -355,6 +450,7 @@ def _substitution_end(script: str, i: int) -> int:
 class ScriptLaunch:
     words: list[Word]  # the vLLM simple command's words
     server_at: int  # index in words where vLLM's own arguments start
+    via_eval: bool = False  # words of the command an `eval` builds (not editable text)
     # Derived once (classify caches the object): vLLM's arguments as text, and the offset
     # where insert_into_script puts the flag.
     server_words: tuple[str, ...] = field(init=False)
@@ -365,7 +461,8 @@ class ScriptLaunch:
         self.insert_at = _insert_offset(self.words)
 
 
-def find_in_script(script: str) -> Optional[ScriptLaunch]:
+def find_in_script(script: str, positional: Sequence[str] = (), env: Env = ()
+                   ) -> Optional[ScriptLaunch]:
     """The one vLLM invocation of a script; None when there is none; ScriptError if unsafe."""
     found = []
     for cmd in split_script(script):
@@ -373,13 +470,63 @@ def find_in_script(script: str) -> Optional[ScriptLaunch]:
         at = server_start(texts)
         if at is not None:
             found.append(ScriptLaunch(cmd, at))
+        elif texts[0] == "eval" and "vllm" in " ".join(texts):
+            found.extend(_in_eval(texts[1:], positional, env))
     if not found:
-        if "vllm" in script and ("$(" in script):
+        if _in_substitution(script):
             raise ScriptError("the vLLM command is inside a command substitution")
         return None
     if len(found) > 1:
         raise ScriptError(f"the script starts vLLM {len(found)} times")
     return found[0]
+
+
+def _in_eval(texts: Sequence[str], positional: Sequence[str], env: Env) -> list[ScriptLaunch]:
+    """The vLLM command an `eval` runs: its arguments expanded (literal env values, "$@"),
+    joined and parsed again, as the shell does."""
+    values = dict(env)
+    quoted = " ".join(shell_quote(p) for p in positional)
+
+    def sub(m: re.Match) -> str:
+        name = m.group(1) or m.group(2)
+        if name in ("@", "*"):
+            return quoted
+        return values.get(name, m.group(0))
+    text = _EXPANSION.sub(sub, " ".join(texts))
+    try:
+        cmds = split_script(text)
+    except ScriptError:
+        return []
+    return [ScriptLaunch(cmd, at, via_eval=True) for cmd in cmds
+            if (at := server_start([w.text for w in cmd])) is not None]
+
+
+_EXPANSION = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*|[@*])\}|([A-Za-z_][A-Za-z0-9_]*|[@*]))")
+
+
+def shell_quote(word: str) -> str:
+    if word and re.fullmatch(r"[A-Za-z0-9_@%+=:,./-]+", word):
+        return word
+    return "'" + word.replace("'", "'\"'\"'") + "'"
+
+
+def _in_substitution(script: str) -> bool:
+    """True when a `$( ... )` of the script runs the vLLM server (the kubelet's `$(VAR)` and
+    other substitutions do not)."""
+    i = script.find("$(")
+    while i >= 0:
+        try:
+            end = _substitution_end(script, i)
+        except ScriptError:
+            return "vllm" in script[i:]
+        body = script[i + 2:end - 1]
+        try:
+            if any(server_start([w.text for w in c]) is not None for c in split_script(body)):
+                return True
+        except ScriptError:
+            pass
+        i = script.find("$(", end)
+    return False
 
 
 _REDIRECT = re.compile(r"^[0-9]*(>>|>&|<&|&>|>\||<>|>|<)(.*)$")

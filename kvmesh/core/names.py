@@ -19,6 +19,9 @@ ANN_CONTAINER = PREFIX + "container"
 ANN_ALLOW_PARALLEL = PREFIX + "allow-parallel"
 ANN_GROUP = PREFIX + "group"
 ANN_CPU_CACHE_GB = PREFIX + "cpu-cache-gb"
+# "true": the user vouches that the image runs LMCache's V1 connector where kvmesh's image
+# facts say it cannot (a custom build).
+ANN_IMAGE_SUPPORTED = PREFIX + "image-supported"
 ANN_STATUS = PREFIX + "status"
 # Written by the controller on Deployments/StatefulSets; read there, accepted on pods too.
 ANN_INJECT = PREFIX + "inject"

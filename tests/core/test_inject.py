@@ -21,7 +21,12 @@ def pod(*containers, labels=None, annotations=None, **spec):
 
 
 def vllm(image="lmcache/vllm-openai:v0.3.9", command=("vllm", "serve", "m"), **kw):
-    return {"name": kw.pop("name", "vllm"), "image": image, "command": list(command), **kw}
+    c = {"name": kw.pop("name", "vllm"), "image": image, **kw}
+    if command is not None:
+        c["command"] = list(command)
+    if isinstance(c.get("args"), tuple):
+        c["args"] = list(c["args"])
+    return c
 
 
 def env_of(result, container=0):
@@ -225,12 +230,21 @@ def test_not_opted_in_and_opted_out_leave_pod_untouched():
     assert decide(p, Context("ns", selected=True)).reason == inject.R_OPTED_OUT
 
 
-def test_named_container_without_vllm_command_gets_env_and_a_warning():
+def test_named_container_running_something_else_is_denied_naming_what_it_runs():
+    # Class 8 of issue 9: it used to be marked injected, with env and ports but no flag.
     r = decide(pod(vllm(command=("/start.sh",), name="engine"),
                    annotations={names.ANN_CONTAINER: "engine"}), CTX)
-    assert r.action == "inject" and "LMCACHE_ENABLE_P2P" in env_map(r)
-    assert any("--kv-transfer-config" in w for w in r.warnings)
-    assert "args" not in r.pod["spec"]["containers"][0]
+    assert (r.action, r.reason) == ("deny", inject.R_NOT_VLLM_SERVER)
+    assert "'engine'" in r.message and "/start.sh" in r.message
+
+
+def test_named_args_only_container_of_an_unknown_image_gets_the_flag_in_args():
+    # The annotation vouches that the image's entrypoint is vLLM: its args are vLLM's.
+    r = decide(pod(vllm(image="example.com/team/engine:1", command=None,
+                        args=("--model", "m"), name="engine"),
+                   annotations={names.ANN_CONTAINER: "engine"}), CTX)
+    assert r.action == "inject"
+    assert r.pod["spec"]["containers"][0]["args"][2] == "--kv-transfer-config"
 
 
 def test_no_vllm_container_is_a_skip():

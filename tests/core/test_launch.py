@@ -61,9 +61,11 @@ def test_insert_goes_after_last_argument_before_redirections():
     assert words[7] == '{"a":1}'
 
 
-def test_vllm_image_detection():
-    assert launch.is_vllm_image("vllm/vllm-openai:v0.10.1")
-    assert launch.is_vllm_image("registry:5000/team/vllm-cpu@sha256:abc")
-    assert not launch.is_vllm_image("lmcache/lmstack-router:latest")
-    assert not launch.is_vllm_image("vllm/production-stack-router:1")
-    assert not launch.is_vllm_image("redis:7")
+def test_args_only_only_for_images_whose_entrypoint_is_the_server():
+    # Issue 9 class 1: a name with "vllm" in it says nothing about the entrypoint.
+    assert launch.classify((), ("--model", "m"), "vllm/vllm-openai:v0.10.1").form == "args-only"
+    assert launch.classify((), ("--model", "m"), "docker.io/lmcache/vllm-openai:v0.3.9")
+    for image in ("registry:5000/team/vllm-cpu@sha256:abc", "lmcache/lmstack-router:latest",
+                  "vllm/production-stack-router:1", "redis:7",
+                  "nvcr.io/nvidia/ai-dynamo/vllm-runtime:0.7.1"):
+        assert launch.classify((), ("-m", "dynamo.frontend"), image) is None, image
