@@ -342,20 +342,17 @@ def _runs(c: dict) -> str:
 
 
 def _named(c: dict) -> launch.Launch:
-    """The launch of a container the annotation names although kvmesh does not recognise it:
-    args to an image whose entrypoint kvmesh does not know are taken as vLLM's (the user
-    vouches for it); a command that runs something else is a denial."""
-    command, args = c.get("command") or (), c.get("args") or ()
-    first = args[0] if args else ""
-    program = launch.base(first) in launch.SHELLS or launch.is_python(launch.base(first)) \
-        or first.startswith("/")
-    if not command and not program:
-        return launch.args_only(args, _literal_env(c))
+    """A container the annotation names although it runs no vLLM server kvmesh can see: the
+    user's request cannot be honoured (kvmesh could not put its flag on vLLM's command line).
+    Args to an entrypoint kvmesh does not know count as unknown too: the fix is a command."""
+    unknown = "" if c.get("command") else (
+        " (kvmesh does not know that image's entrypoint: if it is vLLM, give the command, "
+        "`vllm serve MODEL ...`)")
     raise _Deny(R_NOT_VLLM_SERVER,
                 f"annotation {names.ANN_CONTAINER}={c['name']!r} names a container that runs "
-                f"{_runs(c)}, not the vLLM OpenAI server; kvmesh adds "
-                f"{contract.KV_TRANSFER_FLAG} to vLLM's command line, so name the container "
-                "that runs `vllm serve` (or the api_server module), or remove the annotation")
+                f"{_runs(c)}, not the vLLM OpenAI server{unknown}; name the container that "
+                f"runs vLLM (kvmesh adds {contract.KV_TRANSFER_FLAG} to its command line), or "
+                "remove the annotation")
 
 
 # --- evidence: the user's kv-transfer-config and the LMCache generation ---------------------

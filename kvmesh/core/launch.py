@@ -30,20 +30,8 @@ _API_MODULES = {"vllm.entrypoints.openai.api_server"}
 _CLI_MODULE = "vllm.entrypoints.cli.main"
 
 
-def base(word: str) -> str:
+def _base(word: str) -> str:
     return word[word.rfind("/") + 1:]
-
-
-_base = base
-
-
-def is_python(program: str) -> bool:
-    return bool(_PY.match(program))
-
-
-def args_only(args: Sequence[str], env: "Env" = ()) -> "Launch":
-    """vLLM's arguments given as a container's args to the image's entrypoint."""
-    return _launch("args-only", kubelet_expand(args, env))
 
 
 def server_start(words: Sequence[str]) -> Optional[int]:

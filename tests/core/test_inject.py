@@ -238,13 +238,11 @@ def test_named_container_running_something_else_is_denied_naming_what_it_runs():
     assert "'engine'" in r.message and "/start.sh" in r.message
 
 
-def test_named_args_only_container_of_an_unknown_image_gets_the_flag_in_args():
-    # The annotation vouches that the image's entrypoint is vLLM: its args are vLLM's.
+def test_named_args_only_container_of_an_unknown_entrypoint_is_denied_with_the_fix():
     r = decide(pod(vllm(image="example.com/team/engine:1", command=None,
                         args=("--model", "m"), name="engine"),
                    annotations={names.ANN_CONTAINER: "engine"}), CTX)
-    assert r.action == "inject"
-    assert r.pod["spec"]["containers"][0]["args"][2] == "--kv-transfer-config"
+    assert r.reason == inject.R_NOT_VLLM_SERVER and "give the command" in r.message
 
 
 def test_no_vllm_container_is_a_skip():
