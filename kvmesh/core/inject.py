@@ -522,9 +522,10 @@ def connector(s: _Pod) -> None:
 
 
 def elsewhere(s: _Pod) -> None:
-    group = s.ov.group or s.ctx.policy.group
-    own = (names.lookup_service_name(names.MODE_CONTROLLER, group),
-           names.lookup_service_name(names.MODE_REDIS, group))
+    # kvmesh's lookup Services of any group (a template re-injected into another group
+    # carries the old group's address, which kvmesh then rewrites).
+    own = tuple(names.lookup_service_name(m, "") for m in (names.MODE_CONTROLLER,
+                                                            names.MODE_REDIS, names.MODE_MP))
     redis = s.ctx.policy.redis_address
     found = []
     for e in s.env_in:
@@ -624,17 +625,19 @@ def memory(s: _Pod) -> None:
         return
     headroom = contract.CACHE_HEADROOM_GB + _vllm_cpu_kv_gb(s.env_in)
     fit = mem_gb - headroom
-    want = _user_cache_gb(s.env_in) or s.cache_gb
     if fit < contract.MIN_CACHE_GB:
         raise _Skip(R_CACHE_FIT, f"container {c['name']!r}: its memory {which} {limit} leaves "
                                  f"{max(fit, 0):.1f} GB after {headroom:g} GB of headroom for "
                                  f"vLLM and the engine, less than {contract.MIN_CACHE_GB:g} GB "
                                  "of LMCache CPU cache; " + ADVICE[R_CACHE_FIT])
-    if want > fit:
-        s.cache_gb = s.cache_max = math.floor(fit * 2) / 2
-        s.cache_note = (f"container {c['name']!r}: LMCache CPU cache reduced from {want:g} GB to "
-                        f"{s.cache_gb:g} GB to fit its memory {which} {limit} with {headroom:g} "
-                        "GB of headroom for vLLM and the engine")
+    # The bound also replaces a user's LMCACHE_MAX_LOCAL_CPU_SIZE above it (env step). The
+    # note depends on the annotation/policy size only, so re-injection reproduces it.
+    s.cache_max = math.floor(fit * 2) / 2
+    if s.cache_gb > s.cache_max:
+        s.cache_note = (f"container {c['name']!r}: LMCache CPU cache reduced from "
+                        f"{s.cache_gb:g} GB to {s.cache_max:g} GB to fit its memory {which} "
+                        f"{limit} with {headroom:g} GB of headroom for vLLM and the engine")
+        s.cache_gb = s.cache_max
         s.warnings.append(s.cache_note)
 
 
@@ -655,14 +658,6 @@ def _vllm_cpu_kv_gb(env_in: list[dict]) -> float:
             except ValueError:
                 return 0.0
     return 0.0
-
-
-def _user_cache_gb(env_in: list[dict]) -> Optional[float]:
-    for e in env_in:
-        if e.get("name") == "LMCACHE_MAX_LOCAL_CPU_SIZE" and isinstance(e.get("value"), str):
-            v = e["value"]
-            return float(v) if contract.check_gb(v) is None else contract.quantity_to_gb(v)
-    return None
 
 
 # --- ports: free ports for LMCache, avoiding every port the pod already uses -----------------

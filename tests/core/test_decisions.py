@@ -142,6 +142,16 @@ def test_kvmesh_own_addresses_are_not_elsewhere():
     assert again.action == "inject" and again.pod == first.pod
 
 
+def test_a_template_moved_to_another_group_is_reinjected_not_skipped():
+    first = decide(pod(c()), CTX)
+    moved = first.pod
+    moved["metadata"]["annotations"] = {**moved["metadata"]["annotations"],
+                                        names.ANN_GROUP: "other"}
+    r = decide(moved, CTX)
+    env = {e["name"]: e.get("value") for e in r.pod["spec"]["containers"][0]["env"]}
+    assert r.action == "inject" and "kvmesh-lmcache-other" in env["LMCACHE_CONTROLLER_PULL_URL"]
+
+
 def test_image_supported_annotation_vouches_for_a_custom_build():
     p = pod(c(image="vllm/vllm-openai:v0.8.5"), annotations={names.ANN_IMAGE_SUPPORTED: "true"})
     assert decide(p, CTX).action == "inject"
