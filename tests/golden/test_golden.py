@@ -2,6 +2,10 @@
 inject` process) and the HTTPS webhook (a real `kvmesh webhook` process); they must agree,
 match the reviewed expected output, and not change when injected again.
 
+Two sets: cases/ (synthetic, one behaviour each) and real/cases/ (public manifests of other
+projects, each with its source in a header; real/ANALYSIS.md says what each one shows). Each
+set's expected outputs sit in its own expected/ folder.
+
 Regenerate the expected files after a deliberate change with KVMESH_UPDATE_GOLDEN=1, then
 review the diff like code.
 """
@@ -18,12 +22,12 @@ from kvmesh.core import names, workloads
 from support import apply_response, run_cli
 
 HERE = Path(__file__).parent
-CASES = sorted((HERE / "cases").glob("*.yaml"))
+CASES = sorted((HERE / "cases").glob("*.yaml")) + sorted((HERE / "real" / "cases").glob("*.yaml"))
 UPDATE = os.environ.get("KVMESH_UPDATE_GOLDEN") == "1"
 
 
 def _expected(case: Path, suffix: str) -> Path:
-    return HERE / "expected" / (case.stem + suffix)
+    return case.parent.parent / "expected" / (case.stem + suffix)
 
 
 def _check(path: Path, actual: str) -> None:
@@ -33,7 +37,11 @@ def _check(path: Path, actual: str) -> None:
     assert actual == path.read_text(), f"{path.name} differs from the reviewed golden"
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.stem for c in CASES])
+def _id(case: Path) -> str:
+    return ("real-" if case.parent.parent.name == "real" else "") + case.stem
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
 def test_golden_cli_webhook_agree(case: Path, webhook) -> None:
     cli = run_cli("inject", "-f", str(case))
     denied = _expected(case, ".denied.txt")
