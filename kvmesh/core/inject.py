@@ -157,13 +157,16 @@ def decide(pod: Any, ctx: Context) -> Result:
     except _Deny as d:
         return Result(DENY, d.reason, str(d), pod, warnings)
     except _Skip as skip:
-        if s.c is None:  # before the target container is known: nothing to record
+        if skip.reason in (R_NOT_OPTED_IN, R_OPTED_OUT):  # not kvmesh's pod: untouched
             return Result(SKIP, skip.reason, str(skip), pod, warnings)
+        # An opted-in pod always says why it was not injected (the controller takes an
+        # opted-in pod without status for one the webhook never saw).
+        name = s.c["name"] if s.c is not None else None
         _set_status(s.annotations, {"injected": False, "reason": skip.reason,
                                     "message": str(skip), "mode": s.mode,
-                                    "modeReason": s.mode_reason, "container": s.c["name"]})
+                                    "modeReason": s.mode_reason, "container": name})
         return Result(SKIP, skip.reason, str(skip), s.pod, warnings, s.mode, s.mode_reason,
-                      s.c["name"])
+                      name)
     c = s.c
     return Result(INJECT, R_INJECTED,
                   f"injected {s.mode} mode into container {c['name']!r} ({s.mode_reason})",

@@ -44,6 +44,9 @@ def test_args_to_a_vllm_named_image_of_unknown_entrypoint_are_not_vllm():
     r = decide(pod(c(image="nvcr.io/nvidia/ai-dynamo/vllm-runtime:0.7.1", command=None,
                      args=("python3", "-m", "dynamo.frontend"))), CTX)
     assert r.reason == inject.R_NO_VLLM and "dynamo.frontend" in r.message
+    # Recorded: an opted-in pod without status is one the webhook never saw (controller).
+    assert status(r) == {"injected": False, "reason": inject.R_NO_VLLM, "message": r.message,
+                         "mode": None, "modeReason": "", "container": None}
 
 
 def test_flags_through_dollar_at_are_read_like_the_shell_passes_them():
