@@ -129,9 +129,16 @@ def _v(v: tuple[int, int, int]) -> str:
     return ".".join(map(str, v))
 
 
-@functools.lru_cache(maxsize=256)
 def unsupported(image: str, plat: str, plat_evidence: str) -> Optional[str]:
-    """Why this image cannot run LMCache's V1 connector, with the evidence; None if it may."""
+    """Why this image cannot run LMCache's V1 connector, with the evidence; None if it may.
+    Cached (a cluster runs few images), unless the reference is very long."""
+    if len(image) > 512:
+        return _unsupported.__wrapped__(image, plat, plat_evidence)
+    return _unsupported(image, plat, plat_evidence)
+
+
+@functools.lru_cache(maxsize=256)
+def _unsupported(image: str, plat: str, plat_evidence: str) -> Optional[str]:
     if plat != CUDA:
         return (f"platform {plat} ({plat_evidence}): no {plat} vLLM image is known to bundle "
                 "LMCache, and LMCache's NIXL transfer channel is unverified there")

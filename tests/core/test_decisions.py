@@ -271,3 +271,8 @@ def test_a_pod_document_gets_the_instance_id_the_webhook_gives_it():
     cli = decide(p, Context("ns", owner_kind="Pod"))
     hook = decide(p, Context("ns"))
     assert cli.pod == hook.pod
+
+
+def test_a_very_long_image_reference_is_decided_without_caching_it():
+    r = decide(pod(c(image="example.com/" + "a" * 5000 + ":20240101")), CTX)
+    assert r.reason == inject.R_IMAGE and images._unsupported.cache_info().currsize < 256
