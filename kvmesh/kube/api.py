@@ -45,6 +45,7 @@ RESOURCES: dict[tuple[str, str], tuple[str, bool]] = {
     ("apps/v1", "Deployment"): ("deployments", True),
     ("apps/v1", "StatefulSet"): ("statefulsets", True),
     ("apps/v1", "ReplicaSet"): ("replicasets", True),
+    ("batch/v1", "Job"): ("jobs", True),
     ("networking.k8s.io/v1", "NetworkPolicy"): ("networkpolicies", True),
     ("coordination.k8s.io/v1", "Lease"): ("leases", True),
     (ADMISSION_API, "MutatingWebhookConfiguration"): ("mutatingwebhookconfigurations", False),
