@@ -117,11 +117,13 @@ async def run(kubeconfig: Optional[str], metrics_port: int, cert_interval: float
                             names.LEADER_LEASE, identity)
     elector.on_change = lambda leading: metrics.leader.set(1 if leading else 0)
 
+    # Outside lead(): what was said survives losing and regaining the Lease in this process.
+    events = workload_events.WorkloadEvents(kube, metrics)
+
     async def lead() -> None:
         mesh = Mesh(MeshClient(kube), policy or PolicyDefaults(), metrics,
                     grace_seconds=grace_seconds, resync_seconds=resync_seconds,
                     peer_policy=peer_network_policy)
-        events = workload_events.WorkloadEvents(kube, metrics)
         mesh.pods.add_handler(events.on_pod)  # injected pods: reductions and warnings
         loops = [mesh.run(), optin.run(kube, metrics),
                  optin.watch_uninjected(kube, metrics, events),

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from kvmesh.core import names
+from kvmesh.kube.api import EVENT_SOURCE
 
 log = logging.getLogger("kvmesh.workload-events")
 
@@ -190,6 +191,9 @@ class WorkloadEvents:
                 wkey = (target.get("uid"), f.kind, f.dedupe)
                 if self._said.get(wkey):
                     return  # e.g. a rollout's new ReplicaSet, same Deployment
+                if await self._on_record(target, f):
+                    self._said.put(wkey)  # said before a restart or by the previous leader
+                    return
                 if not self._take():
                     self._seen.drop(key)  # said when the next pod of it comes
                     if self.metrics:
@@ -213,6 +217,22 @@ class WorkloadEvents:
             return False
         self._tokens -= 1
         return True
+
+    async def _on_record(self, target: dict, f: Finding) -> bool:
+        """Whether the API server still holds this Event on `target` (it keeps Events about
+        as long as REPEAT_SECONDS): one LIST per new (workload, kind, reason) in this
+        process, so a restarted controller or a new leader does not say it all again."""
+        sel = f"involvedObject.uid={target.get('uid')},reason={EVENT_REASON[f.kind]}"
+        try:
+            items = await self.kube.list("v1", "Event", target["namespace"],
+                                         field_selector=sel)
+        except Exception as e:  # unknown: say it (a duplicate beats silence)
+            log.debug("could not list Events of %s %s/%s: %s", target["kind"],
+                      target["namespace"], target["name"], e)
+            return False
+        mark = _marker(f)
+        return any((e.get("source") or {}).get("component") == EVENT_SOURCE
+                   and mark in (e.get("message") or "") for e in items)
 
     async def workload(self, start: dict) -> dict:
         """The top of `start`'s controller chain: `start` itself when nothing is above it or
@@ -263,9 +283,15 @@ def _controller(meta: dict) -> Optional[dict]:
             "uid": o.get("uid"), "namespace": meta.get("namespace")}
 
 
+def _marker(f: Finding) -> str:
+    """The part of an Event's message that tells which finding it reports."""
+    return f.message[:200] if f.kind == "denied" else f"({f.reason})" \
+        if f.kind != "warned" else ""
+
+
 def _message(f: Finding, who: str) -> str:
-    head = {"skipped": f"kvmesh did not inject LMCache P2P ({f.reason})",
-            "reduced": f"kvmesh injected LMCache P2P with less than asked ({f.reason})",
+    head = {"skipped": f"kvmesh did not inject LMCache P2P {_marker(f)}",
+            "reduced": f"kvmesh injected LMCache P2P with less than asked {_marker(f)}",
             "warned": "kvmesh injected LMCache P2P with warnings",
             "denied": "kvmesh refused to admit a pod"}[f.kind]
     return f"{head}, first seen on {who}: {f.message}"

@@ -19,7 +19,8 @@ class Api:
     def __init__(self, objects: dict | None = None, fail: bool = False):
         self.objects = objects or {}  # (kind, name) -> object
         self.gets: list[tuple[str, str]] = []
-        self.events: list[tuple[dict, str, str, str]] = []
+        self.events: list[tuple[dict, str, str, str]] = []  # every Event recorded
+        self.kept: list[tuple[dict, str, str, str]] = []  # those the API server still holds
         self.fail = fail
 
     async def get(self, api_version, kind, name, namespace=None):
@@ -30,6 +31,14 @@ class Api:
 
     async def event(self, involved, reason, message, type_="Normal"):
         self.events.append((involved, reason, message, type_))
+        self.kept.append((involved, reason, message, type_))
+
+    async def list(self, api_version, kind, namespace=None, field_selector=None):
+        """Events as the API server lists them for `involvedObject.uid=...,reason=...`."""
+        sel = dict(kv.split("=", 1) for kv in field_selector.split(","))
+        return [{"involvedObject": i, "reason": r, "message": m,
+                 "source": {"component": "kvmesh-controller"}} for i, r, m, _ in self.kept
+                if i["uid"] == sel["involvedObject.uid"] and r == sel["reason"]]
 
 
 class Metrics:
@@ -130,6 +139,21 @@ async def test_twenty_replicas_one_get_one_event_on_the_deployment():
         ["disaggregated-prefill", "image-unsupported"]
 
 
+async def test_a_restarted_controller_does_not_say_it_again():
+    api = deployment_api()
+    first = we.WorkloadEvents(api)
+    await first.on_pod("ADDED", pod("a", SKIP), None)
+    await first.drain()
+    again = we.WorkloadEvents(api)  # new process or new leader: the informer replays ADDED
+    for name in ("a", "b"):
+        await again.on_pod("ADDED", pod(name, SKIP), None)
+    other = {**SKIP, "reason": "image-unsupported", "message": "rocm"}
+    await again.on_pod("ADDED", pod("c", other), None)
+    await again.drain()
+    assert [e[1] for e in api.events] == ["InjectionSkipped", "InjectionSkipped"]
+    assert "(image-unsupported)" in api.events[1][2]
+
+
 async def test_said_again_after_the_repeat_period():
     api, clock = deployment_api(), Clock()
     ev = we.WorkloadEvents(api, now=clock, repeat=600)
@@ -140,6 +164,7 @@ async def test_said_again_after_the_repeat_period():
     await ev.drain()
     assert len(api.events) == 1
     clock.t += 2
+    api.kept.clear()  # the API server's event-ttl (1 h by default) has passed too
     await ev.on_pod("ADDED", pod("c", SKIP), None)
     await ev.drain()
     assert len(api.events) == 2
