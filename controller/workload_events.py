@@ -48,6 +48,9 @@ MAX_DEPTH = 3
 EVENT_REASON = {"skipped": "InjectionSkipped", "reduced": "InjectionReduced",
                 "warned": "InjectionWarning", "denied": "InjectionDenied"}
 DENIED_MARK = "denied the request: kvmesh: "
+# Where a status lists what kvmesh injected with less than asked ("adjusted": the CPU cache
+# made to fit the memory limit); a string, an object or a list of either.
+REDUCTION_FIELDS = ("adjusted", "reductions", "reduced")
 _LABEL = re.compile(r"^[a-z0-9][a-z0-9-]{0,47}$")
 
 
@@ -81,14 +84,15 @@ def findings(status_json: Optional[str]) -> list[Finding]:
     if st.get("injected") is False:
         return [Finding("skipped", label(st.get("reason")), str(st.get("message") or ""))]
     out = []
-    reductions = st.get("reductions", st.get("reduced")) or []
-    for r in reductions if isinstance(reductions, list) else [reductions]:
-        if isinstance(r, dict):
-            why = r.get("reason") or r.get("what") or "reduced"
-            msg = r.get("message") or ", ".join(f"{k}: {v}" for k, v in sorted(r.items()))
-        else:
-            why, msg = "reduced", str(r)
-        out.append(Finding("reduced", label(why), str(msg)))
+    for field in REDUCTION_FIELDS:
+        reductions = st.get(field) or []
+        for r in reductions if isinstance(reductions, list) else [reductions]:
+            if isinstance(r, dict):
+                why = r.get("reason") or r.get("what") or field
+                msg = r.get("message") or ", ".join(f"{k}: {v}" for k, v in sorted(r.items()))
+            else:
+                why, msg = field, str(r)
+            out.append(Finding("reduced", label(why), str(msg)))
     warnings = st.get("warnings") or []
     if isinstance(warnings, list) and warnings:
         out.append(Finding("warned", "warnings", "; ".join(str(w) for w in warnings)))

@@ -91,11 +91,14 @@ def test_findings_from_status():
           "warnings": ["w1", "w2"]}
     assert we.findings(json.dumps(st)) == [
         we.Finding("reduced", "cache-reduced-to-fit", "5 GB -> 1.5 GB"),
-        we.Finding("reduced", "reduced", "plain text"),
+        we.Finding("reduced", "reductions", "plain text"),
         we.Finding("warned", "warnings", "w1; w2")]
     single = {"injected": True, "reduced": {"what": "cpu-cache", "from": 5, "to": 1.5}}
     [f] = we.findings(json.dumps(single))
     assert (f.kind, f.reason) == ("reduced", "cpu-cache") and "to: 1.5" in f.message
+    adjusted = {"injected": True, "adjusted": "LMCache CPU cache reduced from 5 GB to 1.5 GB"}
+    assert we.findings(json.dumps(adjusted)) == [
+        we.Finding("reduced", "adjusted", "LMCache CPU cache reduced from 5 GB to 1.5 GB")]
     assert we.findings(json.dumps({"injected": True, "mode": "redis"})) == []
     for garbage in (None, "", "{", "[1]", '"x"'):
         assert we.findings(garbage) == []
