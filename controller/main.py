@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from kvmesh.certs import authority, store
-from kvmesh.controller import optin, policies
+from kvmesh.controller import optin, policies, workload_events
 from kvmesh.runtime import exit_watchdog
 from kvmesh.controller.mesh import Mesh
 from kvmesh.core import names
@@ -81,6 +81,13 @@ class Metrics:
                                   "with failurePolicy Ignore)", registry=r)
         self.optin = Counter("kvmesh_controller_optin_actions_total", "Workload opt-in "
                              "actions", ["action"], registry=r)
+        self.workload_events = Counter(
+            "kvmesh_controller_workload_events_total", "Events recorded on workloads about "
+            "kvmesh's decisions for their pods, by kind (skipped, reduced, warned, denied) and "
+            "reason", ["kind", "reason"], registry=r)
+        self.workload_events_dropped = Counter(
+            "kvmesh_controller_workload_events_dropped_total", "Workload Events not recorded "
+            "because of the rate limit (recorded when a later pod shows the same)", registry=r)
 
 
 async def cert_loop(kube: Kube, metrics: Metrics, interval: float, ca_validity) -> None:
@@ -110,11 +117,17 @@ async def run(kubeconfig: Optional[str], metrics_port: int, cert_interval: float
                             names.LEADER_LEASE, identity)
     elector.on_change = lambda leading: metrics.leader.set(1 if leading else 0)
 
+    # Outside lead(): what was said survives losing and regaining the Lease in this process.
+    events = workload_events.WorkloadEvents(kube, metrics)
+
     async def lead() -> None:
         mesh = Mesh(MeshClient(kube), policy or PolicyDefaults(), metrics,
                     grace_seconds=grace_seconds, resync_seconds=resync_seconds,
                     peer_policy=peer_network_policy)
-        loops = [mesh.run(), optin.run(kube, metrics), optin.watch_uninjected(kube, metrics),
+        mesh.pods.add_handler(events.on_pod)  # injected pods: reductions and warnings
+        loops = [mesh.run(), optin.run(kube, metrics),
+                 optin.watch_uninjected(kube, metrics, events),
+                 workload_events.run_denials(kube, events),
                  policies.run(kube, mesh, webhook_url,
                               on_error=metrics.errors.labels("policies").inc)]
         if manage_certs:

@@ -130,14 +130,19 @@ async def run(kube: Kube, metrics) -> None:
     await asyncio.gather(*(i.run() for i in infs))
 
 
-async def watch_uninjected(kube: Kube, metrics) -> None:
+async def watch_uninjected(kube: Kube, metrics, events=None) -> None:
     """Opted-in pods that were admitted without kvmesh's status annotation: the webhook was
-    unreachable under failurePolicy Ignore. Made visible as a metric and an Event."""
+    unreachable under failurePolicy Ignore. Made visible as a metric and an Event. Those with
+    a status were skipped: `events` (controller/workload_events.py) tells their workload."""
 
     async def on(type_, obj, old):
         # The informer reports ADDED once per pod (relists only report what changed).
         meta = obj.get("metadata") or {}
-        if type_ != "ADDED" or names.ANN_STATUS in (meta.get("annotations") or {}):
+        if type_ != "ADDED":
+            return
+        if names.ANN_STATUS in (meta.get("annotations") or {}):
+            if events is not None:
+                await events.on_pod(type_, obj, old)
             return
         metrics.uninjected.inc()
         log.warning("pod %s/%s is opted in but was admitted without LMCache P2P injection "
@@ -165,4 +170,6 @@ def _stub(pod: dict) -> dict:
     ann = meta.get("annotations") or {}
     return {"metadata": {"name": meta.get("name"), "namespace": meta.get("namespace"),
                          "uid": meta.get("uid"),
-                         "annotations": {k: ann[k] for k in (names.ANN_STATUS,) if k in ann}}}
+                         "annotations": {k: ann[k] for k in (names.ANN_STATUS,) if k in ann},
+                         "ownerReferences": [o for o in meta.get("ownerReferences") or []
+                                             if o.get("controller")]}}

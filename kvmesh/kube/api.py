@@ -34,6 +34,7 @@ CRD_API = f"{names.API_GROUP}/{names.API_VERSION}"
 ADMISSION_API = "admissionregistration.k8s.io/v1"
 # Server-side apply: the body is the caller's whole intent for the fields its manager owns.
 APPLY_PATCH = "application/apply-patch+yaml"
+EVENT_SOURCE = "kvmesh-controller"  # source.component of the Events kvmesh records
 
 # (apiVersion, kind) -> (plural, namespaced)
 RESOURCES: dict[tuple[str, str], tuple[str, bool]] = {
@@ -45,6 +46,7 @@ RESOURCES: dict[tuple[str, str], tuple[str, bool]] = {
     ("apps/v1", "Deployment"): ("deployments", True),
     ("apps/v1", "StatefulSet"): ("statefulsets", True),
     ("apps/v1", "ReplicaSet"): ("replicasets", True),
+    ("batch/v1", "Job"): ("jobs", True),
     ("networking.k8s.io/v1", "NetworkPolicy"): ("networkpolicies", True),
     ("coordination.k8s.io/v1", "Lease"): ("leases", True),
     (ADMISSION_API, "MutatingWebhookConfiguration"): ("mutatingwebhookconfigurations", False),
@@ -128,7 +130,8 @@ class Kube:
             raise
 
     async def list(self, api_version: str, kind: str, namespace: Optional[str] = None,
-                   label_selector: Optional[str] = None) -> list[dict]:
+                   label_selector: Optional[str] = None,
+                   field_selector: Optional[str] = None) -> list[dict]:
         """All objects (every page), across namespaces when `namespace` is None."""
         items: list[dict] = []
         cont = None
@@ -136,6 +139,8 @@ class Kube:
             q = [("limit", "500")]
             if label_selector:
                 q.append(("labelSelector", label_selector))
+            if field_selector:
+                q.append(("fieldSelector", field_selector))
             if cont:
                 q.append(("continue", cont))
             body = await self._call("GET", path(api_version, kind, namespace), query=q)
@@ -205,10 +210,10 @@ class Kube:
                 "metadata": {"generateName": f"{involved['name']}.kvmesh.",
                              "namespace": involved["namespace"]},
                 "involvedObject": involved, "reason": reason, "message": message[:1000],
-                "type": type_, "source": {"component": "kvmesh-controller"},
+                "type": type_, "source": {"component": EVENT_SOURCE},
                 "firstTimestamp": now, "lastTimestamp": now, "count": 1,
-                "reportingComponent": "kvmesh-controller",
-                "reportingInstance": "kvmesh-controller"}
+                "reportingComponent": EVENT_SOURCE,
+                "reportingInstance": EVENT_SOURCE}
         try:
             await self.create(body)
         except Exception as e:

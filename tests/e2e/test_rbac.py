@@ -35,7 +35,8 @@ def test_controller_cannot_write_outside_granted_namespaces(stack, devcluster, n
         assert not can(devcluster, verb, res, None), f"{verb} {res} cluster-wide"
     # What it needs everywhere is read-only (and Events).
     for verb, res in (("list", "pods"), ("watch", "pods"), ("list", "deployments.apps"),
-                      ("list", "networkpolicies.networking.k8s.io"), ("create", "events")):
+                      ("list", "networkpolicies.networking.k8s.io"), ("create", "events"),
+                      ("watch", "events"), ("get", "replicasets.apps"), ("get", "jobs.batch")):
         assert can(devcluster, verb, res, None), f"{verb} {res}"
 
 
