@@ -257,6 +257,8 @@ class State:
     edge: Optional["Edge"] = None  # the admission listener (absent in in-process tests)
     heavy: Optional[asyncio.Semaphore] = None
     worker: Optional[Any] = None  # the thread that decides large reviews
+    # webhook.seed_key.SeedKey (absent without an API server: no per-group seeds known)
+    seeds: Optional[Any] = None
 
 
 STATE = web.AppKey("state", State)
@@ -421,7 +423,10 @@ def _decide(state: State, raw: bytes, selected: Optional[str], memo: Optional[ad
     except ValueError as e:  # orjson.JSONDecodeError, invalid UTF-8 included
         return _bad(state, 400, "not-json", f"body is not valid JSON: {e}")
     try:
-        return admission.review(body, state.policy, selected=bool(selected), memo=memo)
+        seeds = (None, False) if state.seeds is None else \
+            (state.seeds.key, state.seeds.pending)
+        return admission.review(body, state.policy, selected=bool(selected), memo=memo,
+                                seeds=seeds)
     except admission.BadReview as e:
         return _bad(state, 400, "not-a-review", str(e))
     except Exception as e:
@@ -648,6 +653,7 @@ async def serve(host: str, port: int, cert: str, key: str,
                 policy: Union[PolicyDefaults, admission.Resolver], grace: float = 3.0,
                 cert_source: Optional[object] = None,
                 policy_cache: Optional[object] = None, *,
+                seed_key: Optional[Any] = None,
                 metrics_host: str = "0.0.0.0", metrics_port: int = 9090,
                 limits: Limits = Limits(),
                 stopping: Optional[asyncio.Event] = None) -> None:
@@ -679,9 +685,10 @@ async def serve(host: str, port: int, cert: str, key: str,
     def ready() -> bool:
         return reloader.loaded and not stopping.is_set() and \
             (cert_source is None or cert_source.ready()) and \
-            (policy_cache is None or policy_cache.ready())
+            (policy_cache is None or policy_cache.ready()) and \
+            (seed_key is None or seed_key.ready())
 
-    state = State(policy, metrics, ready, admission.Memo(), limits, limited)
+    state = State(policy, metrics, ready, admission.Memo(), limits, limited, seeds=seed_key)
     metrics.registry.register(_MemoCollector(state.memo))
     app = make_app(policy, limits=limits, state=state)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=grace,
@@ -700,6 +707,8 @@ async def serve(host: str, port: int, cert: str, key: str,
         tasks.append(asyncio.create_task(cert_source.run()))
     if policy_cache is not None:
         tasks.append(asyncio.create_task(policy_cache.run()))
+    if seed_key is not None:
+        tasks.append(asyncio.create_task(seed_key.run()))
     # Everything alive now (imported modules: the Kubernetes client's models, pydantic, ...)
     # lives as long as the process: move it out of the collector's reach. A full collection
     # otherwise walks it all, ~0.3-0.5 s on a loaded 2-core node, stalling every admission.
