@@ -164,7 +164,7 @@ def start_webhook(tmp: Path, root: Path = REPO, extra: tuple[str, ...] = (),
         proc = subprocess.Popen(cli + args, stdout=log, stderr=subprocess.STDOUT, cwd=root,
                                 env=env, preexec_fn=limit)
     t = Target(proc, port, metrics_port, str(tmp / "ca.crt"), log_path)
-    deadline = time.monotonic() + 90  # a busy 2-core machine takes its time to import
+    deadline = time.monotonic() + 180  # a busy 2-core machine takes its time to import
     while True:
         if proc.poll() is not None or time.monotonic() > deadline:
             t.stop()
