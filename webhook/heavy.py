@@ -153,6 +153,7 @@ class Pool:
         self._lock = asyncio.Lock()
         self._starting: Optional[asyncio.Task] = None
         self._tx: Optional[int] = None  # the worker's stdin (blocking; written from a thread)
+        self._writing: Optional[asyncio.Future] = None
 
     def begin(self) -> None:
         """Start the worker in the background (the webhook serves ordinary reviews meanwhile;
@@ -178,9 +179,9 @@ class Pool:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "kvmesh.webhook.heavy", stdin=r,
                 stdout=asyncio.subprocess.PIPE)
-        except BaseException:
+        except Exception as e:  # out of processes or files: reported, retried later
             os.close(w)
-            raise
+            raise WorkerGone(f"could not start: {type(e).__name__}: {e}")
         finally:
             os.close(r)
         self._tx = w
@@ -212,13 +213,13 @@ class Pool:
                                 protocol=pickle.HIGHEST_PROTOCOL)
             try:
                 self._sent = version
-                write = asyncio.get_running_loop().run_in_executor(
+                write = self._writing = asyncio.get_running_loop().run_in_executor(
                     None, _write_all, self._tx, _FRAME.pack(len(head)) + head, raw)
-                head = await asyncio.wait_for(self._exchange(write), self.timeout)
-            except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as e:
+                return pickle.loads(await asyncio.wait_for(self._exchange(write), self.timeout))
+            except Exception as e:  # dead, stuck, or an answer that makes no sense
                 self.stop()
+                self.begin()  # the next large review should find a worker ready
                 raise WorkerGone(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
-            return pickle.loads(head)
 
     async def _exchange(self, write: "asyncio.Future[None]") -> bytes:
         await write
@@ -229,14 +230,20 @@ class Pool:
 
     def stop(self) -> Optional[asyncio.subprocess.Process]:
         proc, self.proc, self._sent = self.proc, None, None
-        if self._tx is not None:  # a writer thread still blocked on it gets EPIPE once the
-            os.close(self._tx)  # worker is gone
-            self._tx = None
         if proc is not None and proc.returncode is None:
             try:
                 proc.kill()
             except ProcessLookupError:
                 pass
+        tx, self._tx = self._tx, None
+        if tx is not None:
+            writing = self._writing
+            if writing is not None and not writing.done():
+                # Closed once the writer thread is out (EPIPE now the worker is gone), so its
+                # next write cannot land in a pipe that reused the number.
+                writing.add_done_callback(lambda _: os.close(tx))
+            else:
+                os.close(tx)
         return proc
 
     async def close(self, timeout: float = 1.0) -> None:
@@ -256,4 +263,7 @@ class Pool:
 
 
 if __name__ == "__main__":
-    _worker_main()
+    # Through the module's own name, so what it pickles (Refusal, Failure) is found by that name
+    # in the webhook, not as __main__.Refusal.
+    from kvmesh.webhook import heavy
+    heavy._worker_main()
