@@ -101,6 +101,7 @@ class Mesh:
         self.unselected: dict[GroupKey, list[str]] = {}
         self.forbidden_reported: dict[str, float] = {}  # namespace -> when last said
         self._redis_key: Optional[bytes] = None  # master key of the group Redis passwords
+        self._seed_key: Optional[bytes] = None  # key of the per-group hash seeds
         self.queue = WorkQueue()
         self.workers = workers
         self.failures: dict[GroupKey, int] = {}  # consecutive failed reconciles, for backoff
@@ -227,6 +228,13 @@ class Mesh:
         if self._redis_key is None:
             self._redis_key = await self.api.redis_master_key()
         return lookup.redis_password(self._redis_key, namespace, group)
+
+    async def hash_seed_key(self) -> bytes:
+        """The webhook reads this key to give each group its own PYTHONHASHSEED; the leader
+        creates it at start (it must exist before the first pod of any group arrives)."""
+        if self._seed_key is None:
+            self._seed_key = await self.api.hash_seed_key()
+        return self._seed_key
 
     def _on_swept(self, stale: dict[str, int]) -> None:
         # A reconcile (index catch-up after a (re)connect) and a departure's purge can race
@@ -396,7 +404,9 @@ class Mesh:
             if full or self.spec_applied.get(gkey) != inputs:
                 self.spec_applied.pop(gkey, None)
                 images = [m.image for m in g.members.values()]
-                for obj in lookup.desired(cr, defaults, acl, images):  # image chosen by kvmesh
+                seed_key = await self.hash_seed_key() if gid.mode == names.MODE_CONTROLLER \
+                    else None  # lmcache_controller hashes tokens like its workers
+                for obj in lookup.desired(cr, defaults, acl, images, seed_key):  # image: kvmesh's
                     await self.api.apply(obj)
                 await self.reconcile_peer_policy(gkey, g, lookup.owner_ref(cr))
                 self.spec_applied[gkey] = inputs
@@ -606,6 +616,12 @@ class Mesh:
             workers = [asyncio.create_task(self._worker(i < URGENT_WORKERS))
                        for i in range(max(self.workers, URGENT_WORKERS + 1))]
             while True:
+                try:
+                    await self.hash_seed_key()
+                except Exception as e:  # retried every pass; the webhook waits for it
+                    log.error("cannot create or read Secret %s/%s (the per-group hash-seed "
+                              "key the webhook waits for): %s: %s", names.SYSTEM_NAMESPACE,
+                              names.HASH_SEED_SECRET, type(e).__name__, e)
                 # Pod events queue their own group as they come (see _on_pod); this loop is
                 # the low-priority backstop.
                 await self.retry_purges()

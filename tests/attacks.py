@@ -53,6 +53,42 @@ class Target:
     def peak_mib(self) -> float:
         return _status_kib(self.pid, "VmHWM") / 1024
 
+    def group_pids(self) -> list[int]:
+        """The webhook and its children (the large-review worker): its process group, from
+        start_webhook's setpgrp."""
+        pids = []
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[2]) == self.pid and fields[0] != "Z":
+                    pids.append(int(d.name))
+            except (OSError, IndexError, ValueError):
+                continue
+        return pids
+
+    def group_rss_mib(self) -> float:
+        """RSS of the webhook and its worker: what the container's memory limit counts
+        (pages they share counted twice: an overestimate)."""
+        return sum(_status_kib(pid, "VmRSS") for pid in self.group_pids()) / 1024
+
+    def loop_late(self, over_s: float = 0.01) -> tuple[int, int]:
+        """(times the event loop ran its 50 ms timer more than `over_s` late, ticks in all),
+        from the webhook's own lag histogram on the ops port."""
+        import urllib.request
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
+                                    timeout=10) as r:
+            text = r.read().decode()
+        le = total = 0
+        for line in text.splitlines():
+            if line.startswith("kvmesh_webhook_event_loop_lag_seconds_bucket") and \
+                    f'le="{over_s}"' in line:
+                le = int(float(line.split()[-1]))
+            elif line.startswith("kvmesh_webhook_event_loop_lag_seconds_count"):
+                total = int(float(line.split()[-1]))
+        return total - le, total
+
     def connect(self, timeout: float = 10) -> http.client.HTTPSConnection:
         return http.client.HTTPSConnection("127.0.0.1", self.port, context=self.ctx,
                                            timeout=timeout)
@@ -90,7 +126,11 @@ class Target:
 
 
 def _status_kib(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:  # gone meanwhile
+        return 0
+    for line in text.splitlines():
         if line.startswith(key + ":"):
             return int(line.split()[1])
     return 0
@@ -124,7 +164,7 @@ def start_webhook(tmp: Path, root: Path = REPO, extra: tuple[str, ...] = (),
         proc = subprocess.Popen(cli + args, stdout=log, stderr=subprocess.STDOUT, cwd=root,
                                 env=env, preexec_fn=limit)
     t = Target(proc, port, metrics_port, str(tmp / "ca.crt"), log_path)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 180  # a busy 2-core machine takes its time to import
     while True:
         if proc.poll() is not None or time.monotonic() > deadline:
             t.stop()

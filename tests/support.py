@@ -93,7 +93,7 @@ class Webhook:
             stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO,
             env={**os.environ, "KVMESH_LOG_LEVEL": "WARNING"})
         self.ctx = ssl.create_default_context(cafile=str(tmp / "ca.crt"))
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 180  # a busy 2-core machine takes its time to import
         while True:
             try:
                 if self.get("/readyz")[0] == 200:

@@ -48,6 +48,8 @@ class Outcome:
 
 # (namespace, pod labels) -> (the defaults governing the pod, the KVMeshPolicy name or None)
 Resolver = Callable[[str, dict], tuple[PolicyDefaults, Optional[str]]]
+# (the key of the per-group hash seeds or None, True while a webhook still waits for it)
+SeedState = tuple[Optional[bytes], bool]
 
 
 @dataclass
@@ -78,14 +80,14 @@ class Memo:
         return len(self._data)
 
     def key(self, pod: Any, namespace: str, selected: bool, defaults: PolicyDefaults,
-            policy_name: Optional[str]) -> Optional[tuple]:
+            policy_name: Optional[str], seeds: SeedState = (None, False)) -> Optional[tuple]:
         try:
             raw = orjson.dumps(pod)
         except TypeError:  # not JSON-shaped (never the case for a parsed request body)
             return None
         if len(raw) > self.max_key_bytes:
             return None
-        return raw, namespace, selected, policy_name, id(defaults)
+        return raw, namespace, selected, policy_name, id(defaults), seeds
 
     def get(self, key: tuple, defaults: PolicyDefaults) -> Optional[_Answer]:
         a = self._data.get(key)
@@ -111,8 +113,10 @@ class Memo:
 
 
 def review(body: Any, policy: Union[PolicyDefaults, Resolver], selected: bool = True,
-           memo: Optional[Memo] = None) -> tuple[dict, Outcome]:
-    """Answer one AdmissionReview. Raises BadReview when there is no request to answer."""
+           memo: Optional[Memo] = None, seeds: SeedState = (None, False)
+           ) -> tuple[dict, Outcome]:
+    """Answer one AdmissionReview. Raises BadReview when there is no request to answer.
+    `seeds`: (the per-group hash-seed key or None, whether it is still to come)."""
     if not isinstance(body, dict):
         raise BadReview("body must be a JSON object (an AdmissionReview)")
     if body.get("kind") != "AdmissionReview" or body.get("apiVersion") != API_VERSION:
@@ -148,7 +152,8 @@ def review(body: Any, policy: Union[PolicyDefaults, Resolver], selected: bool = 
         labels = pod.get("metadata", {}).get("labels") if isinstance(pod, dict) and \
             isinstance(pod.get("metadata"), dict) else None
         defaults, policy_name = policy(namespace, labels if isinstance(labels, dict) else {})
-    key = None if memo is None else memo.key(pod, namespace, selected, defaults, policy_name)
+    key = None if memo is None else memo.key(pod, namespace, selected, defaults, policy_name,
+                                             seeds)
     if key is not None:
         hit = memo.get(key, defaults)
         if hit is not None:
@@ -156,7 +161,7 @@ def review(body: Any, policy: Union[PolicyDefaults, Resolver], selected: bool = 
                      "response": {**hit.response, "uid": uid}},
                     replace(hit.outcome, uid=uid, dry_run=out.dry_run, namespace=out.namespace,
                             name=out.name))
-    resp, out = _decide(pod, namespace, defaults, policy_name, selected, out)
+    resp, out = _decide(pod, namespace, defaults, policy_name, selected, out, seeds)
     if key is not None:
         memo.put(key, _Answer(defaults, {k: v for k, v in resp["response"].items()
                                          if k != "uid"}, out))
@@ -164,10 +169,12 @@ def review(body: Any, policy: Union[PolicyDefaults, Resolver], selected: bool = 
 
 
 def _decide(pod: Any, namespace: str, defaults: PolicyDefaults, policy_name: Optional[str],
-            selected: bool, out: Outcome) -> tuple[dict, Outcome]:
+            selected: bool, out: Outcome, seeds: SeedState) -> tuple[dict, Outcome]:
     uid = out.uid
     result = inject.decide(pod, inject.Context(namespace=namespace, policy=defaults,
-                                               selected=selected, policy_name=policy_name))
+                                               selected=selected, policy_name=policy_name,
+                                               hash_seed_key=seeds[0],
+                                               hash_seed_pending=seeds[1]))
     out.action, out.reason, out.mode = result.action, result.reason, result.mode
     out.message, out.warnings = result.message, result.warnings
     if result.action == inject.DENY:

@@ -21,6 +21,7 @@ from kvmesh.core.policy import PolicyDefaults
 from kvmesh.kube import connect
 from kvmesh.webhook import server
 from kvmesh.webhook.policy_cache import PolicyCache
+from kvmesh.webhook.seed_key import SeedKey
 
 
 async def run(host: str, port: int, policy: PolicyDefaults, *,
@@ -48,7 +49,7 @@ async def run(host: str, port: int, policy: PolicyDefaults, *,
             cert, key = str(source.cert_file), str(source.key_file)
         cache = PolicyCache(api, policy)
         await server.serve(host, port, cert, key, cache.resolve, cert_source=source,
-                           policy_cache=cache, **opts)
+                           policy_cache=cache, seed_key=SeedKey(api), **opts)
     finally:
         try:  # closing the client must not hold the exit when the API server is gone
             await asyncio.wait_for(api.close(), 2.0)

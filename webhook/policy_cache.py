@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import Optional
 
 from pydantic import ValidationError
@@ -21,17 +22,34 @@ from kvmesh.kube.facade import policy_informer
 log = logging.getLogger("kvmesh.policy")
 
 
+@dataclass(frozen=True)
+class PolicySnapshot:
+    """The cache's view at one version, picklable: what the worker process resolves with."""
+
+    policies: tuple[Policy, ...]
+    namespace_labels: dict
+    fallback: PolicyDefaults
+
+    def __call__(self, namespace: str, pod_labels: dict
+                 ) -> tuple[PolicyDefaults, Optional[str]]:
+        p = select_policy(list(self.policies), self.namespace_labels.get(namespace, {}),
+                          pod_labels)
+        return (p.defaults, p.name) if p else (self.fallback, None)
+
+
 class PolicyCache:
     def __init__(self, kube: Kube, fallback: PolicyDefaults):
         self.fallback = fallback
         self.policies: dict[str, Policy] = {}
         self.namespace_labels: dict[str, dict] = {}
+        self.version = 0  # bumped on every change the resolution could see
         self._policies = policy_informer(kube, [self._on_policy])
         self._namespaces = kube.informer("v1", "Namespace", handlers=[self._on_namespace],
                                          name="namespaces")
 
     def _on_policy(self, type_: str, obj: dict, old: Optional[dict]) -> None:
         name = obj["metadata"]["name"]
+        self.version += 1
         if type_ == "DELETED":
             self.policies.pop(name, None)
             return
@@ -47,6 +65,7 @@ class PolicyCache:
 
     def _on_namespace(self, type_: str, obj: dict, old: Optional[dict]) -> None:
         name = obj["metadata"]["name"]
+        self.version += 1
         if type_ == "DELETED":
             self.namespace_labels.pop(name, None)
         else:
@@ -56,6 +75,10 @@ class PolicyCache:
         p = select_policy(list(self.policies.values()),
                           self.namespace_labels.get(namespace, {}), pod_labels)
         return (p.defaults, p.name) if p else (self.fallback, None)
+
+    def snapshot(self) -> PolicySnapshot:
+        return PolicySnapshot(tuple(self.policies.values()), dict(self.namespace_labels),
+                              self.fallback)
 
     def ready(self) -> bool:
         return self._policies.has_synced.is_set() and self._namespaces.has_synced.is_set()

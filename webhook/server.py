@@ -27,8 +27,7 @@ import ssl
 import sys
 import time
 from asyncio import sslproto
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional, Union
 
 import aiohttp
@@ -40,7 +39,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from kvmesh.runtime import exit_watchdog
-from kvmesh.webhook import admission
+from kvmesh.webhook import admission, heavy
 from kvmesh.core.policy import PolicyDefaults
 
 log = logging.getLogger("kvmesh.webhook")
@@ -68,16 +67,27 @@ class Limits:
     max_connections: int = 1000
     # SIGTERM to exit, whatever the API server or the clients do meanwhile.
     shutdown_timeout: float = 10.0
-    # Bodies above this are read under one of `heavy_slots` and decided on a worker thread,
-    # one at a time: the event loop keeps answering ordinary pods (a few KiB) meanwhile, and
-    # at most that many large bodies are in memory. Ordinary pods are far smaller.
+    # Bodies above this are read under one of `heavy_slots` and decided in a worker process
+    # (webhook.heavy), one at a time: the event loop keeps answering ordinary pods (a few KiB)
+    # meanwhile, and at most that many large bodies are in memory. Ordinary pods are far
+    # smaller.
     heavy_body: int = 64 * 1024
     heavy_slots: int = 2
+    # A worker that takes longer is stuck (a large review takes tens of ms) and is replaced;
+    # generous, since a replaced worker's first answer waits for Python to start.
+    worker_timeout: float = 10.0
     # JSON objects and arrays in one body (counted as '{' and '[' bytes, strings included:
     # an overestimate). Parsing holds the GIL for the whole body, ~0.3 us per node warm and
     # far more cold, so this bounds what a large review can take from the loop. The largest
     # real pod in tests/golden holds 210.
     max_json_nodes: int = 10_000
+
+
+# The ops port (probes, /metrics): GETs only, a few clients (the kubelet, Prometheus). Capped and
+# timed out like the admission port, so it cannot take the file descriptors or memory that
+# admission needs.
+OPS_LIMITS = Limits(max_body=1024, header_timeout=10.0, body_timeout=10.0, idle_timeout=30.0,
+                    max_connections=64)
 LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.01,
                    0.025, 0.05, 0.1, 0.25, 1.0)
 
@@ -255,8 +265,12 @@ class State:
     limits: Limits = field(default_factory=Limits)
     limited: Limited = field(default_factory=lambda: Limited(log))
     edge: Optional["Edge"] = None  # the admission listener (absent in in-process tests)
+    ops_edge: Optional["Edge"] = None  # the ops listener (probes, metrics)
     heavy: Optional[asyncio.Semaphore] = None
-    worker: Optional[Any] = None  # the thread that decides large reviews
+    pool: Optional[heavy.Pool] = None  # the process that decides large reviews
+    policy_cache: Optional[Any] = None  # webhook.policy_cache.PolicyCache, when watching
+    # webhook.seed_key.SeedKey (absent without an API server: no per-group seeds known)
+    seeds: Optional[Any] = None
 
 
 STATE = web.AppKey("state", State)
@@ -287,7 +301,7 @@ def make_app(policy: Union[PolicyDefaults, admission.Resolver],
 
 def make_ops_app(state: State) -> web.Application:
     """Probes and metrics, for the kubelet and Prometheus (plain HTTP, its own port)."""
-    app = web.Application(client_max_size=1024)
+    app = web.Application(client_max_size=OPS_LIMITS.max_body, middlewares=[_track])
     app[STATE] = state
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
@@ -340,12 +354,14 @@ async def _mutate(request: web.Request) -> web.Response:
             return _bad(state, 413, "too-large", f"body of {request.content_length} bytes is "
                                                  f"larger than {limits.max_body} bytes",
                         close=True)
-        heavy = request.content_length is None or request.content_length > limits.heavy_body
-        if not heavy:
+        large = request.content_length is None or request.content_length > limits.heavy_body
+        if not large:
             raw = await _read(state, request)
             if isinstance(raw, web.Response):
                 return raw
-            answer = _decide(state, raw, request.match_info.get("selected"), memo=state.memo)
+            answer = _answer(state, heavy.decide_raw(
+                raw, request.match_info.get("selected"), state.policy, state.memo,
+                _seeds(state), limits.max_json_nodes))
         else:
             if state.heavy is None:
                 state.heavy = asyncio.Semaphore(limits.heavy_slots)
@@ -359,11 +375,7 @@ async def _mutate(request: web.Request) -> web.Response:
                 raw = await _read(state, request)
                 if isinstance(raw, web.Response):
                     return raw
-                if state.worker is None:
-                    state.worker = ThreadPoolExecutor(1, thread_name_prefix="kvmesh-large")
-                answer = await asyncio.get_running_loop().run_in_executor(
-                    state.worker, _decide, state, raw, request.match_info.get("selected"),
-                    None)
+                answer = await _decide_heavy(state, raw, request.match_info.get("selected"))
             finally:
                 state.heavy.release()
         if isinstance(answer, web.Response):
@@ -378,7 +390,7 @@ async def _mutate(request: web.Request) -> web.Response:
             log.log(level, "uid=%s pod=%s/%s action=%s reason=%s mode=%s dry_run=%s ops=%d %s",
                     out.uid, out.namespace, out.name, out.action, out.reason, out.mode,
                     out.dry_run, out.patch_ops, out.message)
-        return _json(resp)
+        return resp if isinstance(resp, web.Response) else _json(resp)
     finally:
         state.metrics.latency.observe(time.perf_counter() - t0)
 
@@ -400,44 +412,58 @@ async def _read(state: State, request: web.Request) -> Union[bytes, web.Response
                                                   f"{type(e).__name__}: {e}", close=True)
 
 
-def _decide(state: State, raw: bytes, selected: Optional[str], memo: Optional[admission.Memo]
-            ) -> Union[tuple[dict, admission.Outcome], web.Response]:
-    """Parse and decide (pure CPU; runs on the loop for ordinary bodies, on the worker thread
-    for large ones, which therefore get no memo: it is not thread-safe, and they are never
-    remembered anyway)."""
-    nodes = raw.count(b"{") + raw.count(b"[")
-    if nodes > state.limits.max_json_nodes:
-        return _bad(state, 413, "too-many-nodes", f"body holds {nodes:,} JSON objects and "
-                    f"arrays, more than the {state.limits.max_json_nodes:,} kvmesh parses (a pod "
-                    "holds a few hundred)")
-    try:
-        body = orjson.loads(raw)
-        # orjson refuses to write more than 254 levels; no Kubernetes object comes near,
-        # and everything downstream (memo key, diff, messages) may then recurse safely.
-        if isinstance(body, (dict, list)):
-            orjson.dumps(body)
-    except orjson.JSONEncodeError:
-        return _bad(state, 400, "too-deep", "body is nested deeper than 254 levels")
-    except ValueError as e:  # orjson.JSONDecodeError, invalid UTF-8 included
-        return _bad(state, 400, "not-json", f"body is not valid JSON: {e}")
-    try:
-        return admission.review(body, state.policy, selected=bool(selected), memo=memo)
-    except admission.BadReview as e:
-        return _bad(state, 400, "not-a-review", str(e))
-    except Exception as e:
-        # A kvmesh bug must not block the workload: admit un-injected, loudly (the stack
-        # once a minute, so a request that triggers it cannot flood the log).
+def _seeds(state: State) -> admission.SeedState:
+    return (None, False) if state.seeds is None else (state.seeds.key, state.seeds.pending)
+
+
+def _answer(state: State, got: Any) -> Union[tuple[dict, admission.Outcome], web.Response]:
+    """A decision as the handler sends it: refusals and kvmesh's own failures counted and
+    logged here (decide_raw is pure, and may have run in the worker process)."""
+    if isinstance(got, heavy.Refusal):
+        return _bad(state, got.status, got.kind, got.message)
+    if isinstance(got, heavy.Failure):
+        # A kvmesh bug must not block the workload: admit un-injected, loudly (one line per
+        # exception type a minute, so a request that triggers it cannot flood the log).
         state.metrics.errors.labels("internal").inc()
         state.metrics.requests.labels("error").inc()
-        uid = body["request"]["uid"]  # review() validated this before deciding
-        state.limited.log(logging.ERROR, f"internal:{type(e).__name__}",
-                          "internal error deciding request %s; admitting without injection: "
-                          "%s: %s", uid, type(e).__name__, str(e)[:200])
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("internal error detail", exc_info=True)
+        state.limited.log(logging.ERROR, f"internal:{got.kind}", "internal error deciding "
+                          "request %s; admitting without injection: %s: %s", got.uid, got.kind,
+                          got.message)
         return _json(admission._response(
-            uid, True, warnings=["internal error; pod admitted without LMCache P2P "
-                                 "injection (see kvmesh webhook logs)"]))
+            got.uid, True, warnings=["internal error; pod admitted without LMCache P2P "
+                                     "injection (see kvmesh webhook logs)"]))
+    return got
+
+
+def _policy_view(state: State) -> tuple[Any, Any]:
+    """(version, policy) for the worker: the cache's snapshot, or the fixed defaults."""
+    cache = state.policy_cache
+    if cache is None:
+        return ("fixed", id(state.policy)), state.policy
+    return ("cache", cache.version), cache.snapshot()
+
+
+async def _decide_heavy(state: State, raw: bytes, selected: Optional[str]
+                        ) -> Union[tuple[dict, admission.Outcome], web.Response]:
+    if state.pool is None:
+        state.pool = heavy.Pool(timeout=state.limits.worker_timeout)
+    version, policy = _policy_view(state)
+    try:
+        got = await state.pool.decide(raw, selected, version, policy, _seeds(state),
+                                      state.limits.max_json_nodes)
+        if isinstance(got, heavy.Failure) and not got.uid:  # the worker's own failure
+            raise heavy.WorkerGone(f"{got.kind}: {got.message}")
+    except heavy.WorkerGone as e:
+        state.metrics.errors.labels("internal").inc()
+        state.metrics.requests.labels("error").inc()
+        state.limited.log(logging.ERROR, "worker-gone", "the process deciding large reviews "
+                          "failed (%s); restarted it; the API server retries or applies the "
+                          "failure policy", e)
+        return _json({"error": "kvmesh could not decide this large review; retry"}, 503)
+    if isinstance(got, tuple) and isinstance(got[0], bytes):
+        body, out = got
+        return web.Response(body=body, content_type="application/json"), out
+    return _answer(state, got)
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -462,8 +488,12 @@ async def _metrics(request: web.Request) -> web.Response:
 @web.middleware
 async def _track(request: web.Request, handler: Callable) -> web.StreamResponse:
     """Marks the connection busy while its request runs (the Edge times out the rest)."""
-    edge = request.app[STATE].edge
-    c = edge.by_handler.get(request.protocol) if edge is not None else None
+    state = request.app[STATE]
+    c = None
+    for edge in (state.edge, state.ops_edge):
+        c = edge.by_handler.get(request.protocol) if edge is not None else None
+        if c is not None:
+            break
     if c is None:
         return await handler(request)
     c.busy_since, c.rx_at = edge.loop.time(), None
@@ -517,55 +547,116 @@ class _Connection(sslproto.SSLProtocol):
         super().connection_lost(exc)
 
 
-class Edge:
-    """The admission listener: accepts under a cap, times out slow and idle connections."""
+class _PlainConnection(asyncio.Protocol):
+    """One accepted connection of the ops port (no TLS): admitted under the ops cap, then
+    handed to aiohttp, with the same bookkeeping as _Connection for the Edge's timeouts."""
 
-    def __init__(self, state: State, handler_factory: Callable[[], Any], tls: ssl.SSLContext,
-                 tick: float = 0.5):
-        self.state, self.limits, self.metrics = state, state.limits, state.metrics
+    def __init__(self, edge: "Edge"):
+        self.edge = edge
+        self.raw: Optional[asyncio.Transport] = None
+        self.handler: Any = None
+        self.admitted = False
+        self.busy_since: Optional[float] = None
+        self.served = 0
+        self.since = edge.loop.time()
+        self.rx_at: Optional[float] = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.raw = transport  # type: ignore[assignment]
+        if not self.edge.admit(self):
+            transport.abort()
+            return
+        self.handler = self.edge.handler_factory()
+        self.edge.by_handler[self.handler] = self
+        self.handler.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.rx_at is None and self.busy_since is None:
+            self.rx_at = self.edge.loop.time()
+        self.handler.data_received(data)
+
+    def eof_received(self) -> Optional[bool]:
+        return self.handler.eof_received() if self.handler is not None else None
+
+    def pause_writing(self) -> None:
+        self.handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.handler.resume_writing()
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        if not self.admitted:
+            return
+        self.edge.release(self)
+        self.handler.connection_lost(exc)
+
+
+class Edge:
+    """A listener that accepts under a cap and times out slow and idle connections: the
+    admission port (TLS) and the ops port (plain, `ops`: its own limits, no gauge)."""
+
+    def __init__(self, state: State, handler_factory: Callable[[], Any],
+                 tls: Optional[ssl.SSLContext], tick: float = 0.5, ops: bool = False):
+        self.state, self.metrics = state, state.metrics
+        # --header-timeout-seconds holds for both ports
+        self.limits = replace(OPS_LIMITS, header_timeout=state.limits.header_timeout) if ops \
+            else state.limits
+        self.ops, self.what = ops, "the ops port" if ops else "the admission port"
         self.handler_factory, self.tls, self.tick = handler_factory, tls, tick
         self.loop = asyncio.get_running_loop()
         self.conns: dict[_Connection, None] = {}
         self.by_handler: dict[Any, _Connection] = {}
-        self.cap, self.nofile = connection_cap(self.limits.max_connections)
+        # The admission port leaves room for the ops port's connections too.
+        self.cap, self.nofile = connection_cap(
+            self.limits.max_connections, 64 if ops else 64 + OPS_LIMITS.max_connections)
         self._peak = 0
         self.server: Optional[asyncio.AbstractServer] = None
 
     async def start(self, host: str, port: int) -> None:
-        self.server = await self.loop.create_server(lambda: _Connection(self), host, port,
-                                                    reuse_address=True, backlog=512)
+        conn = _PlainConnection if self.tls is None else _Connection
+        self.server = await self.loop.create_server(lambda: conn(self), host, port,
+                                                    reuse_address=True,
+                                                    backlog=64 if self.ops else 512)
 
-    def admit(self, c: _Connection) -> bool:
+    def _reason(self, reason: str) -> str:
+        return "ops-" + reason if self.ops else reason
+
+    def admit(self, c: Any) -> bool:
         if len(self.conns) >= self.cap:
-            self.metrics._child(self.metrics.connections_closed, "over-capacity").inc()
+            kind = self._reason("over-capacity")
+            self.metrics._child(self.metrics.connections_closed, kind).inc()
             peer = c.raw.get_extra_info("peername") if c.raw else None
             self.state.limited.log(
-                logging.WARNING, "over-capacity", "refused a connection from %s: %d "
-                "connections open, the cap (--max-connections %d, below the open-file limit "
-                "%d); the API server's own connections are few, so many open ones are idle or "
-                "hostile clients", peer, len(self.conns), self.cap, self.nofile)
+                logging.WARNING, kind, "refused a connection to %s from %s: %d connections "
+                "open, the cap (%s, below the open-file limit %d); its legitimate clients "
+                "are few, so many open ones are idle or hostile clients", self.what, peer,
+                len(self.conns), f"{self.cap}" if self.ops else
+                f"--max-connections {self.cap}", self.nofile)
             return False
         c.admitted = True
         self.conns[c] = None
-        self.metrics.connections.set(len(self.conns))
+        if not self.ops:
+            self.metrics.connections.set(len(self.conns))
         self._peak = max(self._peak, len(self.conns))
         return True
 
-    def release(self, c: _Connection) -> None:
+    def release(self, c: Any) -> None:
         self.conns.pop(c, None)
         self.by_handler.pop(c.handler, None)
-        self.metrics.connections.set(len(self.conns))
+        if not self.ops:
+            self.metrics.connections.set(len(self.conns))
         if not self.conns and self._peak > 64:
             # A burst of connections leaves freed buffers scattered over the heap; hand them
             # back so RSS returns to what the steady state needs.
             self._peak = 0
             _trim_heap()
 
-    def _close(self, c: _Connection, reason: str, what: str) -> None:
+    def _close(self, c: Any, reason: str, what: str) -> None:
+        reason = self._reason(reason)
         self.metrics._child(self.metrics.connections_closed, reason).inc()
         peer = c.raw.get_extra_info("peername") if c.raw else None
-        self.state.limited.log(logging.INFO, reason, "closed the connection from %s: %s",
-                               peer, what)
+        self.state.limited.log(logging.INFO, reason, "closed the connection to %s from %s: %s",
+                               self.what, peer, what)
         if c.raw is not None:
             c.raw.abort()
 
@@ -648,6 +739,7 @@ async def serve(host: str, port: int, cert: str, key: str,
                 policy: Union[PolicyDefaults, admission.Resolver], grace: float = 3.0,
                 cert_source: Optional[object] = None,
                 policy_cache: Optional[object] = None, *,
+                seed_key: Optional[Any] = None,
                 metrics_host: str = "0.0.0.0", metrics_port: int = 9090,
                 limits: Limits = Limits(),
                 stopping: Optional[asyncio.Event] = None) -> None:
@@ -661,8 +753,8 @@ async def serve(host: str, port: int, cert: str, key: str,
     loop = asyncio.get_running_loop()
     if stopping is None:
         stopping = install_stop_signals(limits.shutdown_timeout)
-    # A large review decided on the worker thread hands the GIL back to the loop within 1 ms
-    # (the default 5 ms would be the stall every other admission sees).
+    # The threads that ship large reviews to the worker process hand the GIL back to the loop
+    # within 1 ms (the default 5 ms would be the stall every other admission sees).
     sys.setswitchinterval(0.001)
     metrics = Metrics()
     limited = Limited(log)
@@ -679,9 +771,13 @@ async def serve(host: str, port: int, cert: str, key: str,
     def ready() -> bool:
         return reloader.loaded and not stopping.is_set() and \
             (cert_source is None or cert_source.ready()) and \
-            (policy_cache is None or policy_cache.ready())
+            (policy_cache is None or policy_cache.ready()) and \
+            (seed_key is None or seed_key.ready())
 
-    state = State(policy, metrics, ready, admission.Memo(), limits, limited)
+    state = State(policy, metrics, ready, admission.Memo(), limits, limited, seeds=seed_key,
+                  policy_cache=policy_cache)
+    state.pool = heavy.Pool(timeout=limits.worker_timeout)
+    state.pool.begin()  # now: the first large review should not wait for Python to start
     metrics.registry.register(_MemoCollector(state.memo))
     app = make_app(policy, limits=limits, state=state)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=grace,
@@ -691,15 +787,20 @@ async def serve(host: str, port: int, cert: str, key: str,
     edge = state.edge = Edge(state, runner.server, reloader.context)
     await edge.start(host, port)
     ops = web.AppRunner(make_ops_app(state), access_log=None, shutdown_timeout=1.0,
-                        auto_decompress=False, keepalive_timeout=30.0, lingering_time=0)
+                        auto_decompress=False, keepalive_timeout=OPS_LIMITS.idle_timeout,
+                        lingering_time=0)
     await ops.setup()
-    await web.TCPSite(ops, metrics_host, metrics_port).start()
+    ops_edge = state.ops_edge = Edge(state, ops.server, None, ops=True)
+    await ops_edge.start(metrics_host, metrics_port)
     tasks = [asyncio.create_task(reloader.watch()), asyncio.create_task(edge.run()),
+             asyncio.create_task(ops_edge.run()),
              asyncio.create_task(_watch_loop(metrics))]
     if cert_source is not None:
         tasks.append(asyncio.create_task(cert_source.run()))
     if policy_cache is not None:
         tasks.append(asyncio.create_task(policy_cache.run()))
+    if seed_key is not None:
+        tasks.append(asyncio.create_task(seed_key.run()))
     # Everything alive now (imported modules: the Kubernetes client's models, pydantic, ...)
     # lives as long as the process: move it out of the collector's reach. A full collection
     # otherwise walks it all, ~0.3-0.5 s on a loaded 2-core node, stalling every admission.
@@ -714,8 +815,9 @@ async def serve(host: str, port: int, cert: str, key: str,
     finally:
         for t in tasks:
             t.cancel()
-        if edge.server is not None:
-            edge.server.close()
+        for e in (edge, ops_edge):
+            if e.server is not None:
+                e.server.close()
         budget = max(1.0, limits.shutdown_timeout - min(grace, 1.0) - 2.0)
         try:
             await asyncio.wait_for(asyncio.gather(runner.cleanup(), ops.cleanup()), budget)
@@ -723,8 +825,9 @@ async def serve(host: str, port: int, cert: str, key: str,
             log.warning("shutdown did not finish cleanly within %g s (%s); exiting", budget,
                         type(e).__name__)
         edge.abort_all()
-        if state.worker is not None:
-            state.worker.shutdown(wait=False, cancel_futures=True)
+        ops_edge.abort_all()
+        if state.pool is not None:
+            await state.pool.close()
 
 
 def install_stop_signals(bound: float) -> asyncio.Event:

@@ -207,7 +207,7 @@ class Plan(NamedTuple):
     cpu_cache_gb: float
     max_cpu_cache_gb: float  # 0: no memory bound known
     chunk_size: int
-    hash_seed: int
+    hash_seed: Optional[int]  # None: not known here (left to the webhook)
     heartbeat_seconds: int
     worker_timeout_seconds: int
     instance_field: str
@@ -228,7 +228,8 @@ def _env_specs(p: Plan) -> list[EnvSpec]:
         EnvSpec("LMCACHE_MAX_LOCAL_CPU_SIZE", format_gb(p.cpu_cache_gb), tuning=True,
                 check=functools.partial(check_cache_fits, max_gb=p.max_cpu_cache_gb)),
         EnvSpec("LMCACHE_CHUNK_SIZE", str(p.chunk_size), tuning=True, check=check_positive_int),
-        EnvSpec("PYTHONHASHSEED", str(p.hash_seed), tuning=True, check=check_hash_seed),
+        *([] if p.hash_seed is None else [
+            EnvSpec("PYTHONHASHSEED", str(p.hash_seed), tuning=True, check=check_hash_seed)]),
         # Telemetry: any user value is the user's choice (tuning without a check).
         EnvSpec("LMCACHE_TRACK_USAGE", "false", tuning=True),
     ]

@@ -33,7 +33,7 @@ import orjson
 from kvmesh import __version__
 
 from kvmesh.core import names
-from kvmesh.core import contract, images, launch, limits, overrides
+from kvmesh.core import contract, hashseed, images, launch, limits, overrides
 from kvmesh.core.policy import PolicyDefaults
 
 INJECT, SKIP, DENY = "inject", "skip", "deny"
@@ -58,6 +58,7 @@ R_MODE_UNKNOWN = "mode-unknown"
 R_MODE_UNSUPPORTED = "mode-unsupported"
 R_ARGS_UNKNOWN = "vllm-args-unknown"
 R_CACHE_FIT = "cache-does-not-fit"
+R_SEED = "hash-seed-unavailable"  # the group's PYTHONHASHSEED cannot be known yet
 # Denial reasons.
 R_INVALID_ANNOTATION = "invalid-annotation"
 R_AMBIGUOUS = "ambiguous-container"
@@ -104,6 +105,11 @@ class Context:
     owner_kind: Optional[str] = None
     # The KVMeshPolicy whose defaults `policy` holds (recorded in the status annotation).
     policy_name: Optional[str] = None
+    # The key of per-group hash seeds (kvmesh.core.hashseed). Without it a group's own seed
+    # is unknown here: PYTHONHASHSEED is left for the webhook to set (offline CLI), or, with
+    # `hash_seed_pending` (a webhook whose key has not loaded), the pod is skipped (R_SEED).
+    hash_seed_key: Optional[bytes] = None
+    hash_seed_pending: bool = False
 
 
 @dataclass
@@ -763,11 +769,28 @@ def _plan(s: _Pod, pod_ip_var: str, reuse_names: bool) -> contract.Plan:
         init_ports=s.init, lookup_ports=s.look, worker_ports=s.work, redis_port=pol.redis_port,
         pull_port=pol.controller_pull_port, reply_port=pol.controller_reply_port,
         cpu_cache_gb=s.cache_gb, max_cpu_cache_gb=s.cache_max, chunk_size=pol.chunk_size,
-        hash_seed=pol.hash_seed, heartbeat_seconds=pol.heartbeat_seconds,
+        hash_seed=_hash_seed(s, namespace, group), heartbeat_seconds=pol.heartbeat_seconds,
         worker_timeout_seconds=pol.worker_timeout_seconds,
         instance_field=contract.INSTANCE_FROM_UID if reuse_names
         else contract.INSTANCE_FROM_NAME,
         v0_connector=s.v0)
+
+
+def _hash_seed(s: _Pod, namespace: str, group: str) -> Optional[int]:
+    """The group's PYTHONHASHSEED; never a guess: peers with different seeds share nothing."""
+    seed = hashseed.for_group(s.ctx.policy.hash_seed, s.ctx.hash_seed_key, namespace,
+                              names.group_id(s.mode, group))
+    if seed is None and not any(e.get("name") == "PYTHONHASHSEED" and (
+            "value" not in e or contract.check_hash_seed(str(e["value"])) is None)
+            for e in s.env_in if isinstance(e, dict)):  # no usable value of the user's either
+        if s.ctx.hash_seed_pending:
+            raise _Skip(R_SEED, f"the peer group's PYTHONHASHSEED is derived from Secret "
+                        f"{names.SYSTEM_NAMESPACE}/{names.HASH_SEED_SECRET}, which the webhook "
+                        "has not read yet (the kvmesh controller creates it); recreate the pod "
+                        "once the webhook is ready")
+        s.warnings.append("PYTHONHASHSEED not set: each peer group has its own, which the "
+                          "webhook sets at admission (or set hashSeed in the policy)")
+    return seed
 
 
 # Per mode: the other generation's variables, ignored or harmful in this one.

@@ -33,7 +33,7 @@ from typing import Iterable, Optional
 
 from pydantic import ValidationError
 
-from kvmesh.core import contract, names
+from kvmesh.core import contract, hashseed, names
 from kvmesh.core.groups import PeerGroupId
 from kvmesh.core.policy import LabelSelector, PolicyDefaults
 
@@ -155,10 +155,13 @@ def group_of(group_obj: dict) -> PeerGroupId:
 
 def desired(group_obj: dict, policy: PolicyDefaults,
             redis_password_sha256: Optional[str] = None,
-            member_images: Iterable[str] = ()) -> list[dict]:
+            member_images: Iterable[str] = (),
+            hash_seed_key: Optional[bytes] = None) -> list[dict]:
     """The lookup service of the group `group_obj` (its KVMeshPeerGroup) stands for. Its
     image is kvmesh's choice (controller_image), never a member's. With
-    `redis_password_sha256`, the group's Redis enforces the ACLs of redis_acl_args."""
+    `redis_password_sha256`, the group's Redis enforces the ACLs of redis_acl_args. The
+    lmcache_controller hashes tokens like its workers, so it gets the group's seed
+    (hash_seed_key: the key of kvmesh.core.hashseed)."""
     ns = group_obj["metadata"]["namespace"]
     gid = group_of(group_obj)
     owner = owner_ref(group_obj)
@@ -166,7 +169,9 @@ def desired(group_obj: dict, policy: PolicyDefaults,
         if policy.redis_address:
             return [network_policy(ns, gid, owner, lookup_ports=[])]  # external Redis
         return _redis(ns, gid, owner, policy, redis_password_sha256)
-    return _lmcache_controller(ns, gid, owner, policy, controller_image(policy, member_images))
+    seed = hashseed.for_group(policy.hash_seed, hash_seed_key, ns, gid.label)
+    return _lmcache_controller(ns, gid, owner, policy, controller_image(policy, member_images),
+                               seed)
 
 
 def controller_image(policy: PolicyDefaults, member_images: Iterable[str]) -> str:
@@ -227,7 +232,7 @@ def _redis(ns: str, gid: PeerGroupId, owner: dict, policy: PolicyDefaults,
 
 
 def _lmcache_controller(ns: str, gid: PeerGroupId, owner: dict, policy: PolicyDefaults,
-                        image: str) -> list[dict]:
+                        image: str, hash_seed: Optional[int]) -> list[dict]:
     svc = names.lookup_service_name(gid.mode, gid.group)
     selector = {names.LABEL_LOOKUP_FOR: gid.label}
     objs: list[dict] = []
@@ -258,8 +263,9 @@ def _lmcache_controller(ns: str, gid: PeerGroupId, owner: dict, policy: PolicyDe
                                            str(policy.worker_timeout_seconds)],
                                   "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {
                                               "fieldPath": "metadata.name"}}},
-                                          {"name": "PYTHONHASHSEED",
-                                           "value": str(policy.hash_seed)},
+                                          *([] if hash_seed is None else [
+                                              {"name": "PYTHONHASHSEED",
+                                               "value": str(hash_seed)}]),
                                           {"name": "LMCACHE_TRACK_USAGE", "value": "false"}],
                                   "ports": ports,
                                   "readinessProbe": {"tcpSocket": {"port": "pull"},

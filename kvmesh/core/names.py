@@ -68,6 +68,9 @@ def grant_command(namespace: str) -> str:
 # Secret in SYSTEM_NAMESPACE holding the master key kvmesh derives each group Redis's password
 # from (core.lookup.redis_password); the controller creates it.
 REDIS_AUTH_SECRET = "kvmesh-redis-auth"
+# The key of the per-group PYTHONHASHSEEDs (kvmesh.core.hashseed); created by the controller,
+# read by the webhook. Apart from the Redis key so the webhook never holds Redis passwords.
+HASH_SEED_SECRET = "kvmesh-hash-seed"
 
 # LMCache's published images. The lmcache_controller image of a controller-mode group whose
 # members' tags name no LMCache version, unless a policy's controllerImage says otherwise (the

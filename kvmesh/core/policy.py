@@ -37,7 +37,9 @@ class PolicyDefaults(BaseModel):
     cpu_cache_gb: float = Field(default=5.0, gt=0, le=4096)
     chunk_size: int = Field(default=256, ge=1, le=1_048_576)
     # Maintainers' advice (LMCache#1799): one fixed PYTHONHASHSEED for every sharing pod.
-    hash_seed: int = Field(default=0, ge=0, le=4294967295)
+    # Unset: each peer group gets its own (kvmesh.core.hashseed), so a prefix cached in one
+    # group cannot be confirmed from another; a value here is shared by every group it covers.
+    hash_seed: Optional[int] = Field(default=None, ge=0, le=4294967295)
     # Worker heartbeats must beat the controller's reaper timeout, or healthy workers vanish
     # (LMCache PR #4808).
     heartbeat_seconds: int = Field(default=10, ge=1, le=3600)

@@ -55,25 +55,34 @@ class MeshClient:
     async def redis_master_key(self) -> bytes:
         """The master key of the group Redis passwords (Secret names.REDIS_AUTH_SECRET in
         kvmesh-system), created on first use; a concurrent creator's key wins."""
+        return await self._system_key(names.REDIS_AUTH_SECRET, "master-key")
+
+    async def hash_seed_key(self) -> bytes:
+        """The key of the per-group PYTHONHASHSEEDs (Secret names.HASH_SEED_SECRET in
+        kvmesh-system, core.hashseed), created on first use; the webhook reads it."""
+        from kvmesh.core import hashseed
+        return await self._system_key(names.HASH_SEED_SECRET, hashseed.KEY_FIELD)
+
+    async def _system_key(self, secret: str, field: str) -> bytes:
+        """32 random bytes kept in `secret` (kvmesh-system) under `field`: read, or created
+        when absent (create is atomic: of two concurrent creators one gets 409 and reads)."""
         import base64
         import os
         from kvmesh.kube.api import ApiError
         for _ in range(3):
-            got = await self.kube.get("v1", "Secret", names.REDIS_AUTH_SECRET,
-                                      names.SYSTEM_NAMESPACE)
+            got = await self.kube.get("v1", "Secret", secret, names.SYSTEM_NAMESPACE)
             if got is not None:
-                return base64.b64decode((got.get("data") or {})["master-key"])
+                return base64.b64decode((got.get("data") or {})[field])
             try:
                 await self.kube.create({
                     "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-                    "metadata": {"name": names.REDIS_AUTH_SECRET,
-                                 "namespace": names.SYSTEM_NAMESPACE,
+                    "metadata": {"name": secret, "namespace": names.SYSTEM_NAMESPACE,
                                  "labels": {"app.kubernetes.io/part-of": "kvmesh"}},
-                    "data": {"master-key": base64.b64encode(os.urandom(32)).decode()}})
+                    "data": {field: base64.b64encode(os.urandom(32)).decode()}})
             except ApiError as e:
                 if e.status != 409:
                     raise
-        raise RuntimeError(f"Secret {names.SYSTEM_NAMESPACE}/{names.REDIS_AUTH_SECRET} "
+        raise RuntimeError(f"Secret {names.SYSTEM_NAMESPACE}/{secret} "
                            "neither readable nor creatable")
 
     async def event(self, involved: dict, reason: str, message: str,

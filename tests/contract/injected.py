@@ -8,12 +8,13 @@ from pathlib import Path
 
 import yaml
 
-from kvmesh.core import names, workloads
+from kvmesh.core import inject, names, workloads
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "expected"
 POD_IP = "10.244.1.17"
 POD_NAME = "qwen-5f7d9c8b6d-x2x9q"
 POD_UID = "6f1d2c3b-aaaa-4bbb-8ccc-123456789abc"
+SEED_KEY = b"contract-test-hash-seed-key....."
 
 
 @dataclass
@@ -40,6 +41,11 @@ def injected_goldens() -> list[Injected]:
                                 .get(names.ANN_STATUS, "{}"))
             if not status.get("injected"):
                 continue
+            # The CLI leaves PYTHONHASHSEED to the webhook (each group has its own): admit the
+            # output as the webhook would, which adds only that.
+            ns = pod["metadata"].get("namespace") or "default"
+            pod = inject.decide(pod, inject.Context(ns, selected=True,
+                                                    hash_seed_key=SEED_KEY)).pod
             pod["metadata"].setdefault("name", POD_NAME)
             pod["metadata"]["uid"] = POD_UID
             pod["status"] = {"podIP": POD_IP, "hostIP": "192.168.0.10"}

@@ -47,6 +47,9 @@ class FakeMeshClient:
         self.deleted.append((kind, namespace, name))
         return True
 
+    async def hash_seed_key(self) -> bytes:
+        return b"s" * 32
+
     async def redis_master_key(self) -> bytes:
         return b"k" * 32
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from kvmesh.core import names
+from kvmesh.core import hashseed, names
 from kvmesh.core import inject
 from kvmesh.core.inject import Context, decide
 from kvmesh.core.policy import PolicyDefaults
@@ -132,11 +132,13 @@ def test_tuning_values_win_when_valid_and_are_repaired_when_not():
     r = decide(pod(vllm(env=[{"name": "LMCACHE_MAX_LOCAL_CPU_SIZE", "value": "12"},
                              {"name": "LMCACHE_CHUNK_SIZE", "value": "abc"},
                              {"name": "PYTHONHASHSEED", "value": "random"},
-                             {"name": "LMCACHE_TRACK_USAGE", "value": "true"}])), CTX)
+                             {"name": "LMCACHE_TRACK_USAGE", "value": "true"}])),
+               Context("ns", hash_seed_key=b"k" * 32))
     m = env_map(r)
     assert m["LMCACHE_MAX_LOCAL_CPU_SIZE"] == "12"
     assert m["LMCACHE_CHUNK_SIZE"] == "256"
-    assert m["PYTHONHASHSEED"] == "0"
+    # "random" is replaced by the group's own seed
+    assert m["PYTHONHASHSEED"] == str(hashseed.derive(b"k" * 32, "ns", "controller-default"))
     assert m["LMCACHE_TRACK_USAGE"] == "true"
     assert sum("kvmesh replaced" in w for w in r.warnings) == 2
 

@@ -3,10 +3,11 @@ through the admission chain carry the injected configuration."""
 
 from __future__ import annotations
 
+import base64
 import json
 import urllib.request
 
-from kvmesh.core import names
+from kvmesh.core import hashseed, names
 from helpers import apply, env, pods, running_pods, status, vllm_deployment
 from support import metric_sum
 
@@ -50,6 +51,13 @@ def test_opted_in_deployment_pods_are_injected(stack, devcluster, namespace):
         args = p["spec"]["containers"][0]["args"]
         assert args[-2] == "--kv-transfer-config"
         assert p["status"]["podIP"].startswith("127.")
+    # Both replicas carry their group's own PYTHONHASHSEED, derived from the key the controller
+    # keeps in kvmesh-system, not a cluster-wide constant.
+    secret = devcluster.kubectl_json("get", "secret", "-n", names.SYSTEM_NAMESPACE,
+                                     names.HASH_SEED_SECRET)
+    key = base64.b64decode(secret["data"][hashseed.KEY_FIELD])
+    assert {env(p)["PYTHONHASHSEED"] for p in ps} == {
+        str(hashseed.derive(key, namespace, names.group_id("controller", "default")))}
     # The Deployment's own template is untouched: only pods are mutated.
     d = devcluster.kubectl_json("get", "deployment", "-n", namespace, "qwen")
     assert "env" not in d["spec"]["template"]["spec"]["containers"][0]

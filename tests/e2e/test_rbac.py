@@ -60,3 +60,22 @@ def test_own_namespace_only_named_objects(stack, devcluster, resource):
     # In kvmesh-system: its CA Secret and its Lease by name, not every Secret/Lease.
     assert not can(devcluster, "list", resource, names.SYSTEM_NAMESPACE)
     assert not can(devcluster, "delete", resource, names.SYSTEM_NAMESPACE)
+
+
+def test_webhook_reads_only_its_two_secrets(stack, devcluster):
+    # The per-group hash-seed key and its CA, by name; never the Redis master key (the webhook
+    # needs no Redis password), nor any other Secret.
+    webhook = f"system:serviceaccount:{names.SYSTEM_NAMESPACE}:kvmesh-webhook"
+
+    def may(verb: str, what: str, ns: str = names.SYSTEM_NAMESPACE) -> bool:
+        got = devcluster.kubectl("auth", "can-i", verb, what, "-n", ns, "--as", webhook,
+                                 check=False)
+        assert got.stdout.strip() in ("yes", "no"), (got.stdout, got.stderr)
+        return got.stdout.strip() == "yes"
+
+    assert may("get", f"secret/{names.HASH_SEED_SECRET}")
+    assert may("get", f"secret/{names.CA_SECRET}")
+    for verb, what in (("get", f"secret/{names.REDIS_AUTH_SECRET}"), ("list", "secrets"),
+                       ("update", f"secret/{names.HASH_SEED_SECRET}"), ("create", "secrets")):
+        assert not may(verb, what), f"{verb} {what}"
+    assert not may("get", "secrets", "kube-system")

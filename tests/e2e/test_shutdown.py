@@ -134,3 +134,12 @@ def test_sigterm_with_api_server_gone_silent(proxied_controller):
     took = _sigterm_and_time(proc)
     assert proc.poll() is not None and took < BOUND, (took, log.read_text()[-2000:])
     print(f"\nSIGTERM -> exit with the API server silent: {took:.2f}s (exit {proc.returncode})")
+
+
+def test_sigterm_with_api_server_stopped(proxied_controller):
+    proc, proxy, log = proxied_controller
+    proxy.close()  # connections cut and refused from now on, as from a stopped API server
+    time.sleep(1)
+    took = _sigterm_and_time(proc)
+    assert proc.poll() is not None and took < BOUND, (took, log.read_text()[-2000:])
+    print(f"\nSIGTERM -> exit with the API server stopped: {took:.2f}s (exit {proc.returncode})")

@@ -9,6 +9,7 @@ bounds hold.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import ssl
 import threading
@@ -51,7 +52,7 @@ def healthy(t: A.Target, p: A.Prober) -> None:
     assert not p.failures, p.failures[:5]
     assert p.latencies, "the prober got no answer at all"
     assert p.worst < BUDGET_S, f"a normal review waited {p.worst:.2f} s during the attack"
-    assert t.rss_mib() < LIMIT_MIB
+    assert t.group_rss_mib() < LIMIT_MIB  # the webhook and its large-review worker
     log = t.log()
     assert A.tracebacks(log) == 0, log[-3000:]
     assert t.proc.poll() is None
@@ -112,6 +113,26 @@ def test_many_distinct_scripts_do_not_grow_memory(target):
                 pod["spec"]["containers"][0]["command"][2]
             assert response(target.review(pod, timeout=30))["allowed"]
     healthy(target, p)
+
+
+def test_large_reviews_survive_their_worker_dying(target):
+    """Large reviews are decided in a worker process; if it dies, the review in flight gets a
+    503 (the API server applies the failure policy) and the next one a new worker."""
+    import signal
+    big = A.script_pod(200_000)  # over the 64 KiB that sends a review to the worker
+    assert response(target.review(big, timeout=30))["allowed"]
+    workers = [pid for pid in target.group_pids() if pid != target.pid]
+    assert len(workers) == 1, workers
+    os.kill(workers[0], signal.SIGKILL)
+    with A.Prober(target) as p:
+        # in flight: 503, or an answer from the replacement, or (on a machine so loaded that
+        # the replacement's start-up outlasts the request timeout) the connection closed
+        code, body, _ = target.review(big, timeout=30)
+        assert code in (0, 200, 503), (code, body[:300])
+        wait_for("a replacement worker to answer", lambda: target.review(big, timeout=30)[0]
+                 == 200, timeout=180, interval=1)
+    healthy(target, p)
+    assert [pid for pid in target.group_pids() if pid != target.pid] != workers
 
 
 def test_env_list_over_the_limit_is_refused(target):
@@ -220,6 +241,35 @@ def test_silent_connections_are_closed_after_the_header_timeout(target):
         A.close_all(socks)
 
 
+def test_ops_port_is_capped_and_drops_silent_connections(target):
+    """/healthz, /readyz and /metrics get their own cap (64) and the same header timeout, so
+    connections to them cannot take the file descriptors admission needs."""
+    socks = []
+    try:
+        for _ in range(100):
+            try:
+                socks.append(socket.create_connection(("127.0.0.1", target.metrics_port),
+                                                      timeout=5))
+            except OSError:
+                pass
+        assert A.still_open(socks, wait=0.2) <= 64
+        with A.Prober(target) as p:
+            wait_for("silent ops connections to be dropped", lambda: A.still_open(socks) == 0,
+                     timeout=HEADER_S + 5, interval=0.5)
+        healthy(target, p)
+    finally:
+        A.close_all(socks)
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{target.metrics_port}/healthz",
+                                timeout=5) as r:
+        assert r.status == 200
+    with urllib.request.urlopen(f"http://127.0.0.1:{target.metrics_port}/metrics",
+                                timeout=5) as r:
+        text = r.read().decode()
+    assert 'kvmesh_webhook_connections_closed_total{reason="ops-over-capacity"}' in text
+    assert 'kvmesh_webhook_connections_closed_total{reason="ops-header-timeout"}' in text
+
+
 def test_keep_alive_survives_between_reviews_then_idles_out(target):
     c = target.connect()
     body = json.dumps(A.review_for(A.NORMAL_POD)).encode()
@@ -257,7 +307,7 @@ def test_garbage_instead_of_tls_is_dropped_quietly(target):
 
 
 def test_connections_beyond_the_file_limit_are_refused_not_wedged(tmp_path):
-    # 256 open files: the cap lands at 192; 300 connections must neither wedge accept nor
+    # 256 open files: the cap lands at 128; 300 connections must neither wedge accept nor
     # fill the log (the old webhook logged a traceback per failed accept).
     t = A.start_webhook(tmp_path, rlimit_nofile=256)
     try:
@@ -266,7 +316,7 @@ def test_connections_beyond_the_file_limit_are_refused_not_wedged(tmp_path):
             held = A.still_open(socks)
             code, _, took = t.review(A.NORMAL_POD)
             A.close_all(socks)
-        assert held <= 192
+        assert held <= 128
         healthy(t, p)
         assert t.log_path.stat().st_size < 20_000
     finally:
@@ -313,6 +363,8 @@ def test_exits_within_bound_after_sigterm_while_the_api_server_hangs(tmp_path: P
         took = t.stop(timeout=30)
         assert took < 10.5, f"took {took:.1f} s to exit after SIGTERM"
         assert t.proc.returncode is not None
+        # and its large-review worker with it
+        wait_for("the worker to exit", lambda: not t.group_pids(), timeout=5)
         A.close_all(socks + [slow])
     finally:
         hole.close()
