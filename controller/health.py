@@ -9,9 +9,9 @@ the last answer), so a busy group costs no extra requests per pod event:
 - redis mode: the controller's own subscription to the group's Redis (its address index);
 - controller mode: the lmcache_controller's fresh per-instance listing
   (backends.lmcache_controller.workers) for every peer that has been Ready for
-  REGISTER_GRACE_RESYNCS resync periods: an engine registers at start, before it is Ready, so
-  one still missing then never will (a version the controller cannot decode, a NetworkPolicy
-  or address it cannot reach).
+  REGISTER_GRACE_RESYNCS resync periods and was not listed before (once listed, never asked
+  again): an engine registers at start, before it is Ready, so one still missing then never
+  will (a version the controller cannot decode, a NetworkPolicy or address it cannot reach).
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ log = logging.getLogger("kvmesh.health")
 GroupKey = tuple[str, PeerGroupId]
 REGISTER_GRACE_RESYNCS = 4  # 60 s with the default 15 s resync
 PROBE_TIMEOUT_S = 3.0
+# The instance asked for when every peer is already confirmed: only whether the tier answers.
+PROBE_INSTANCE = "kvmesh-probe"
 
 _METRICS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -76,7 +78,10 @@ class GroupHealth:
         # per group: member uid -> monotonic time it was first seen a peer (this incarnation)
         self.peer_since: dict[GroupKey, dict[str, float]] = {}
         self.probed: dict[GroupKey, tuple[float, Optional[bool], tuple[str, ...]]] = {}
-        self.first_seen: dict[GroupKey, float] = {}  # monotonic, per group with members
+        self.first_seen: dict[GroupKey, float] = {}
+        # per group: member uids the lmcache_controller listed once (never asked again, so a
+        # steady group costs one request per resync, not one per peer)
+        self.registered: dict[GroupKey, set[str]] = {}  # monotonic, per group with members
         self.reported: dict[GroupKey, tuple] = {}  # the problems last told in an Event
         self.series: dict[GroupKey, set[str]] = {}  # reasons with a series, per group
 
@@ -95,19 +100,28 @@ class GroupHealth:
         if eps is None:
             return False, ()
         url = f"http://{eps[0][0]}:{eps[0][1]}"
-        now, missing = time.monotonic(), []
+        now, missing, asked = time.monotonic(), [], False
         since = self.peer_since.get(gkey, {})
-        for m in sorted(g.peers, key=lambda m: m.name):
-            if not m.instance_id or now - since.get(m.uid, now) < self._grace():
-                continue
-            try:
-                if not await lmcache_ctrl.workers(url, m.instance_id, timeout=PROBE_TIMEOUT_S):
+        confirmed = self.registered.setdefault(gkey, set())
+        confirmed &= set(since)  # incarnations that are still peers
+        try:
+            for m in sorted(g.peers, key=lambda m: m.name):
+                if not m.instance_id or m.uid in confirmed or \
+                        now - since.get(m.uid, now) < self._grace():
+                    continue
+                asked = True
+                if await lmcache_ctrl.workers(url, m.instance_id, timeout=PROBE_TIMEOUT_S):
+                    confirmed.add(m.uid)  # registered once: not asked again
+                else:
                     missing.append(m.name)
-            except lmcache_ctrl.ControllerUnreachable:
-                return False, ()
-            except lmcache_ctrl.LMCacheControllerError as e:
-                log.warning("group %s/%s: cannot read lmcache_controller's listing of %s: %s",
-                            ns, gid, m.name, e)
+            if not asked:  # is it answering at all? (an unknown instance: a fresh empty list)
+                await lmcache_ctrl.workers(url, PROBE_INSTANCE, timeout=PROBE_TIMEOUT_S)
+        except lmcache_ctrl.ControllerUnreachable:
+            return False, ()
+        except lmcache_ctrl.LMCacheControllerError as e:
+            log.warning("group %s/%s: cannot read lmcache_controller's worker listing: %s",
+                        ns, gid, e)
+            return None, ()
         return True, tuple(missing)
 
     async def _probe(self, gkey: GroupKey, g: Group, status: dict
@@ -208,6 +222,7 @@ class GroupHealth:
         self.probed.pop(gkey, None)
         self.peer_since.pop(gkey, None)
         self.first_seen.pop(gkey, None)
+        self.registered.pop(gkey, None)
         self.reported.pop(gkey, None)
         reasons = self.series.pop(gkey, set())
         if self.metrics:
