@@ -24,6 +24,7 @@ import base64
 import datetime as dt
 import ipaddress
 import json
+import os
 import ssl
 import urllib.parse
 from dataclasses import asdict, dataclass
@@ -375,6 +376,9 @@ def render_json(results: list[Result], server: str) -> str:
 
 async def main(kubeconfig: Optional[str], output: str, probe_namespace: str) -> int:
     """Prints the report; exit status 1 when any check failed, 2 when the API is unreachable."""
+    if kubeconfig and not os.path.isfile(kubeconfig):
+        print(f"kvmesh check: kubeconfig {kubeconfig} does not exist")
+        return 2
     try:
         kube = await connect.api_client(kubeconfig)
     except Exception as e:  # no kubeconfig, bad file: say so, do not trace
@@ -383,9 +387,17 @@ async def main(kubeconfig: Optional[str], output: str, probe_namespace: str) -> 
     server = kube.api.configuration.host
     try:
         results = await run(kube, probe_namespace)
-    except (ApiError, OSError, asyncio.TimeoutError) as e:
-        print(f"kvmesh check: the API server at {server} did not answer: "
-              f"{getattr(e, 'status', '')} {getattr(e, 'reason', '') or e}")
+    except ApiError as e:
+        if e.status in (401, 403):
+            print(f"kvmesh check: the API server at {server} refused this identity "
+                  f"({e.status}: {_reason(e)}); it needs to read CRDs, the "
+                  "MutatingWebhookConfiguration, Deployments, the leader Lease and "
+                  "KVMeshPeerGroups, and to create pods (dry run) in --probe-namespace")
+        else:
+            print(f"kvmesh check: the API server at {server} answered {e.status}: {_reason(e)}")
+        return 2
+    except (OSError, asyncio.TimeoutError) as e:
+        print(f"kvmesh check: the API server at {server} did not answer: {e or type(e).__name__}")
         return 2
     finally:
         await kube.close()
