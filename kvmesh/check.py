@@ -314,7 +314,9 @@ async def _webhook_pods(kube: Kube, mwc: dict) -> tuple[Result, dict[str, object
 
 
 async def run(kube: Kube, probe_namespace: str = "default",
-              now: Optional[dt.datetime] = None) -> list[Result]:
+              now: Optional[dt.datetime] = None,
+              namespace: Optional[str] = None) -> list[Result]:
+    """Every check; peer groups of `namespace` only when given (else all namespaces)."""
     now = now or _now()
     out = [crds_result({n: await kube.get(*CRD_KIND, n) for n in CRDS})]
     mwc = await kube.get(ADMISSION_API, "MutatingWebhookConfiguration",
@@ -333,7 +335,7 @@ async def run(kube: Kube, probe_namespace: str = "default",
         out.append(probe_result(answer, error))
     out.append(lease_result(await kube.get(LEASE_API, "Lease", names.LEADER_LEASE,
                                            names.SYSTEM_NAMESPACE), now))
-    out += groups_result(await kube.list(CRD_API, names.PEER_GROUP_KIND))
+    out += groups_result(await kube.list(CRD_API, names.PEER_GROUP_KIND, namespace))
     return out
 
 
@@ -374,7 +376,8 @@ def render_json(results: list[Result], server: str) -> str:
                        "checks": [asdict(r) for r in results]}, indent=2)
 
 
-async def main(kubeconfig: Optional[str], output: str, probe_namespace: str) -> int:
+async def main(kubeconfig: Optional[str], output: str, probe_namespace: Optional[str],
+               namespace: Optional[str] = None) -> int:
     """Prints the report; exit status 1 when any check failed, 2 when the API is unreachable."""
     if kubeconfig and not os.path.isfile(kubeconfig):
         print(f"kvmesh check: kubeconfig {kubeconfig} does not exist")
@@ -386,7 +389,8 @@ async def main(kubeconfig: Optional[str], output: str, probe_namespace: str) -> 
         return 2
     server = kube.api.configuration.host
     try:
-        results = await run(kube, probe_namespace)
+        results = await run(kube, probe_namespace or namespace or "default",
+                            namespace=namespace)
     except ApiError as e:
         if e.status in (401, 403):
             print(f"kvmesh check: the API server at {server} refused this identity "

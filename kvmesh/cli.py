@@ -168,7 +168,8 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from kvmesh import check
-    return asyncio.run(check.main(args.kubeconfig, args.output, args.probe_namespace))
+    return asyncio.run(check.main(args.kubeconfig, args.output, args.probe_namespace,
+                                  args.namespace))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -256,8 +257,10 @@ def parser() -> argparse.ArgumentParser:
                        "(exit 1 when a check fails)")
     p.add_argument("--kubeconfig", help="kubeconfig (default: $KUBECONFIG, else ~/.kube/config)")
     p.add_argument("-o", "--output", choices=("text", "json"), default="text")
-    p.add_argument("--probe-namespace", default="default",
-                   help="namespace of the dry-run probe pod (nothing is stored)")
+    p.add_argument("-n", "--namespace", help="check the peer groups of this namespace only "
+                   "(default: all namespaces)")
+    p.add_argument("--probe-namespace", help="namespace of the dry-run probe pod (nothing is "
+                   "stored; default: --namespace, else default)")
     p.set_defaults(fn=cmd_check)
     p = sub.add_parser("demo", help="kvmesh on a local control plane with a sample vLLM "
                                     "Deployment")

@@ -16,8 +16,10 @@ from helpers import wait_for
 
 
 def check(devcluster, *extra: str) -> tuple[int, dict]:
+    """The report for the cluster, its peer groups limited to a namespace with none (other
+    tests' groups, whose fake lookup pods never answer, are not this test's subject)."""
     r = subprocess.run([sys.executable, "-m", "kvmesh.cli", "check", "--kubeconfig",
-                        devcluster.kubeconfig, "-o", "json", *extra],
+                        devcluster.kubeconfig, "-o", "json", "-n", "kube-public", *extra],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode in (0, 1), r.stdout + r.stderr
     return r.returncode, json.loads(r.stdout)
@@ -39,9 +41,11 @@ def test_healthy_stack_passes_every_check(stack, devcluster):
     assert "caBundle holds the kvmesh CA" in c["webhook-trust"]["message"]
     assert c["webhook-injects"]["message"].startswith("dry-run probe pod injected")
     assert "kvmesh-controller-local leads" in c["controller-leader"]["message"]
+    assert c["peer-groups"]["message"] == "no KVMeshPeerGroup yet (no injected pod)"
     # The text form: a line per check, exit 0.
     r = subprocess.run([sys.executable, "-m", "kvmesh.cli", "check", "--kubeconfig",
-                        devcluster.kubeconfig], capture_output=True, text=True, timeout=60)
+                        devcluster.kubeconfig, "-n", "kube-public", "--probe-namespace",
+                        "default"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.rstrip().endswith("all checks passed"), r.stdout
     assert "[OK  ] webhook-injects" in r.stdout
 
