@@ -24,9 +24,11 @@ cluster:
 demo: setup cluster
 	$(VENV)/bin/kvmesh demo
 
-# redis-server: the real lookup service for the controller's tests (Debian package).
+# redis-server: the real lookup service for the controller's tests; prometheus (+ promtool):
+# runs the dashboard's and alerts' queries (Debian packages).
 system-packages:
 	command -v redis-server >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null)
+	command -v prometheus >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null)
 
 test: setup consumers cluster system-packages
 	KVMESH_REQUIRE_CLUSTER=1 $(VENV)/bin/python -m pytest -q -p no:cacheprovider

@@ -30,6 +30,7 @@ from kvmesh.core import groups, lookup, names
 from kvmesh.core.groups import PeerGroupId
 from kvmesh.core.policy import PolicyDefaults
 from kvmesh.kube.api import ApiError
+from kvmesh.controller.health import GroupHealth
 from kvmesh.controller.workqueue import WorkQueue
 from kvmesh.kube import retry
 from kvmesh.kube.facade import MeshClient
@@ -113,6 +114,7 @@ class Mesh:
         self.status_written: dict[GroupKey, dict] = {}
         self._event_slots = asyncio.Semaphore(EVENT_CONCURRENCY)
         self._background: set[asyncio.Task] = set()
+        self.health = GroupHealth(self, metrics)  # conditions, Events, kvmesh_group_*
 
     # --- membership ---------------------------------------------------------------------------
 
@@ -388,6 +390,7 @@ class Mesh:
                 for d in (self.empty_since, self.empty_at, self.last_purge, self.user_isolated,
                           self.unselected, self.cr, self.spec_applied, self.status_written):
                     d.pop(gkey, None)
+                self.health.forget(gkey)
                 return
         else:
             self.empty_since.pop(gkey, None)
@@ -427,6 +430,7 @@ class Mesh:
         rec = self.last_purge.get(gkey)
         if rec:
             status["lastPurge"] = {k: v for k, v in rec.__dict__.items() if k != "mode"}
+        status.update(await self.health.status(gkey, g, status, cr))
         if self.status_written.get(gkey) == status:
             return
         self.status_written.pop(gkey, None)

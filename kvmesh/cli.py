@@ -1,4 +1,4 @@
-"""`kvmesh` console script: inject, explain, certs (offline), webhook, controller, demo.
+"""`kvmesh` console script: inject, explain, certs (offline), webhook, controller, check, demo.
 
 Only argument handling lives here: the processes are assembled in kvmesh.webhook.main and
 kvmesh.controller.main, the demo in kvmesh.local.demo, the decisions in kvmesh.core.
@@ -184,6 +184,12 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from kvmesh import check
+    return asyncio.run(check.main(args.kubeconfig, args.output, args.probe_namespace,
+                                  args.namespace))
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from kvmesh.local import demo
     return demo.run(args.sample, exit_after_showing=args.exit)
@@ -266,6 +272,15 @@ def parser() -> argparse.ArgumentParser:
                    help="DNS name or IP the certificate is for (repeatable)")
     p.add_argument("--days", type=int, default=7)
     p.set_defaults(fn=cmd_certs)
+    p = sub.add_parser("check", help="check every precondition of sharing on a cluster "
+                       "(exit 1 when a check fails)")
+    p.add_argument("--kubeconfig", help="kubeconfig (default: $KUBECONFIG, else ~/.kube/config)")
+    p.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    p.add_argument("-n", "--namespace", help="check the peer groups of this namespace only "
+                   "(default: all namespaces)")
+    p.add_argument("--probe-namespace", help="namespace of the dry-run probe pod (nothing is "
+                   "stored; default: --namespace, else default)")
+    p.set_defaults(fn=cmd_check)
     p = sub.add_parser("demo", help="kvmesh on a local control plane with a sample vLLM "
                                     "Deployment")
     p.add_argument("--sample", default=None, help="Deployment to create (default: "

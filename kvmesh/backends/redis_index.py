@@ -189,6 +189,12 @@ class AddressIndex:
     # ---- lifecycle ---------------------------------------------------------------------------
 
     @property
+    def subscribed(self) -> bool:
+        """Connected, with the notification subscription up: Redis answers (the index may
+        still be catching up)."""
+        return self._subscribed.is_set()
+
+    @property
     def index_complete(self) -> bool:
         return self._complete and self._subscribed.is_set()
 

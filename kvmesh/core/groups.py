@@ -58,6 +58,9 @@ class Member:
     # NetworkPolicies select it), sorted.
     p2p_ports: tuple[int, ...] = ()
     labels: tuple[tuple[str, str], ...] = ()
+    # What must be equal across a group for its chunk keys to match (core.health).
+    hash_seed: Optional[str] = None
+    chunk_size: Optional[str] = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -103,7 +106,7 @@ def _env(container: dict) -> dict[str, dict]:
 
 # The env of the injected container that member_from_pod reads; nothing else of it is kept.
 MEMBER_ENV = ("LMCACHE_DISTRIBUTED_URL", "LMCACHE_LMCACHE_INSTANCE_ID",
-              "LMCACHE_LMCACHE_WORKER_PORTS")
+              "LMCACHE_LMCACHE_WORKER_PORTS", "PYTHONHASHSEED", "LMCACHE_CHUNK_SIZE")
 
 
 def compact_pod(pod: dict) -> dict:
@@ -199,7 +202,15 @@ def member_from_pod(pod: dict) -> Optional[Member]:
                   restarts=restarts, address=address, instance_id=instance,
                   worker_ports=ports, image=str(container.get("image", "")),
                   policy=status.get("policy"), p2p_ports=tuple(p2p),
-                  labels=tuple(sorted((meta.get("labels") or {}).items())))
+                  labels=tuple(sorted((meta.get("labels") or {}).items())),
+                  hash_seed=_str_value(env.get("PYTHONHASHSEED")),
+                  chunk_size=_str_value(env.get("LMCACHE_CHUNK_SIZE")))
+
+
+def _str_value(entry: Optional[dict]) -> Optional[str]:
+    """A plain env value as a short string; None for valueFrom or absent (not comparable)."""
+    v = (entry or {}).get("value")
+    return str(v)[:32] if v is not None else None
 
 
 def departure(old: Optional[Member], new: Optional[Member]) -> Optional[Departure]:

@@ -52,6 +52,7 @@ RESOURCES: dict[tuple[str, str], tuple[str, bool]] = {
     (ADMISSION_API, "MutatingWebhookConfiguration"): ("mutatingwebhookconfigurations", False),
     (CRD_API, names.PEER_GROUP_KIND): ("kvmeshpeergroups", True),
     (CRD_API, "KVMeshPolicy"): ("kvmeshpolicies", False),
+    ("apiextensions.k8s.io/v1", "CustomResourceDefinition"): ("customresourcedefinitions", False),
 }
 
 
@@ -179,10 +180,12 @@ class Kube:
         return await self._call("PATCH", path(**_where(obj), subresource=subresource),
                                 body=obj, content_type=APPLY_PATCH, query=q)
 
-    async def create(self, obj: dict) -> dict:
+    async def create(self, obj: dict, dry_run: bool = False) -> dict:
+        """POST; `dry_run`: the API server runs admission (webhooks included) and validation,
+        answers the object it would store, and stores nothing."""
         w = _where(obj)
         return await self._call("POST", path(w["api_version"], w["kind"], w["namespace"]),
-                                body=obj)
+                                body=obj, query=[("dryRun", "All")] if dry_run else ())
 
     async def replace(self, obj: dict) -> dict:
         """PUT: fails with 409 when metadata.resourceVersion is no longer current."""

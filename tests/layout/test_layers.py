@@ -10,6 +10,7 @@ inside functions), so the architecture holds by test instead of by memory.
     kvmesh.controller the controller process                              -> core, kube, backends, certs
     kvmesh.local      dev cluster, local stack, demo (runs the processes as subprocesses)
                                                                           -> core, certs
+    kvmesh.check      `kvmesh check`: preconditions against a live cluster -> core, kube, certs
     kvmesh.cli        argument parsing only                               -> anything
 """
 
@@ -26,7 +27,7 @@ ROOTS = {"kvmesh": "kvmesh", "webhook": "kvmesh.webhook", "controller": "kvmesh.
          "certs": "kvmesh.certs"}
 
 LAYERS = ("kvmesh.core", "kvmesh.runtime", "kvmesh.kube", "kvmesh.backends", "kvmesh.certs",
-          "kvmesh.webhook", "kvmesh.controller", "kvmesh.local")
+          "kvmesh.webhook", "kvmesh.controller", "kvmesh.local", "kvmesh.check")
 MAY_IMPORT = {
     "kvmesh.core": set(),
     "kvmesh.runtime": set(),
@@ -37,6 +38,7 @@ MAY_IMPORT = {
     "kvmesh.controller": {"kvmesh.core", "kvmesh.runtime", "kvmesh.kube", "kvmesh.backends",
                           "kvmesh.certs"},
     "kvmesh.local": {"kvmesh.core", "kvmesh.certs"},
+    "kvmesh.check": {"kvmesh.core", "kvmesh.kube", "kvmesh.certs"},
 }
 # Third-party packages that mean I/O; the core may import none of them.
 IO_PACKAGES = ("kubernetes_asyncio", "aiohttp", "redis", "zmq", "socket", "subprocess",
