@@ -53,8 +53,10 @@ async def test_one_slow_renewal_and_a_burst_of_429_5xx_do_not_lose_the_lease(dev
     try:
         async with ApiProxy(kube, faults) as proxy:
             kube.api.configuration.host = proxy.url
-            el = L.LeaderElector(kube, namespace, "lease", "a", lease_seconds=12,
-                                 renew_deadline=8.0, retry_seconds=1.0)
+            # A generous deadline: the real API server itself may take seconds on a busy
+            # machine, on top of the faults.
+            el = L.LeaderElector(kube, namespace, "lease", "a", lease_seconds=30,
+                                 renew_deadline=20.0, retry_seconds=1.0)
             renewals: list[tuple[float, int]] = []
             el.on_renew = lambda s, n: renewals.append((s, n))
             started: list[float] = []
