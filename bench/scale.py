@@ -868,8 +868,10 @@ def main() -> int:
             f"  podPlayStageParallelism: {args.kwok_parallelism}\n"
             "  nodePlayStageParallelism: 4\n  nodeLeaseParallelism: 4\n"
             "  podsOnNodeSyncParallelism: 4\n")
+        # A generous start timeout: on a machine shared with other work the API server alone
+        # has taken minutes to become ready.
         cluster = DevCluster(build_binaries(), nodes=max(2, args.pods // 100 + 1),
-                             workdir=tmp / "c")
+                             workdir=tmp / "c", start_timeout=600)
         cluster.start()
         stack = LocalStack(cluster, tmp / "s")
         try:
