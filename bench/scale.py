@@ -875,9 +875,22 @@ def main() -> int:
         cluster.start()
         stack = LocalStack(cluster, tmp / "s")
         try:
-            stack.apply_manifests()
-            stack.restart(controller_args=("--policy", str(policy)),
-                          webhook_args=("--policy", str(policy)))
+            for attempt in range(3):  # kubectl gives up after 60 s on a slow API server
+                try:
+                    stack.apply_manifests()
+                    break
+                except Exception as e:  # noqa: BLE001 - retried, then raised
+                    if attempt == 2:
+                        raise
+                    print(f"  applying the manifests failed ({type(e).__name__}); again",
+                          flush=True)
+            # LocalStack.restart, with minutes (not 90 s) for the webhook to become ready: its
+            # certificate needs the controller to lead first, on a slow API server.
+            stack.down()
+            stack.start_controller("--policy", str(policy))
+            stack.start_webhook("--policy", str(policy))
+            stack.wait("the webhook to be ready (its certificate trusted by the API server)",
+                       stack.webhook_ready, timeout=600)
             cluster.create_namespace(NS)
             return asyncio.run(run_async(args, cluster, stack, redis_server.port))
         finally:
