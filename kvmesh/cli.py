@@ -252,7 +252,7 @@ def parser() -> argparse.ArgumentParser:
                    help="on: a NetworkPolicy fences each group's P2P ports to its pods (needs "
                         "a network plugin with endPort support); off: none, and kvmesh "
                         "deletes the ones it made")
-    # Defaults (client-go's 15 s / 10 s / 2 s) in kvmesh.kube.leader.
+    # Defaults (30 s / 20 s / 2 s) in kvmesh.kube.leader.
     p.add_argument("--leader-lease-seconds", type=int,
                    help="a standby takes the Lease when it was not renewed for this long")
     p.add_argument("--leader-renew-deadline-seconds", type=float,
