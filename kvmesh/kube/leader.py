@@ -6,9 +6,10 @@ candidates can never both win.
 
 Timing (client-go's meaning, longer defaults): the leader renews every `retry_seconds`; a renewal
 that fails (timeout, 429, 5xx, connection error) is retried with jittered backoff until
-`renew_deadline` has passed since the last successful renewal, and each attempt may take all
-the time left before that deadline, so neither one slow answer nor a burst of errors from an
-overloaded API server loses the lease. Only when the deadline passes does the leader step down
+`renew_deadline` has passed since the last successful renewal; one attempt may take a quarter
+of the deadline (a slow answer completes, a hung request is retried on another connection),
+so neither one slow or stuck request nor a burst of errors from an overloaded API server loses
+the lease. Only when the deadline passes does the leader step down
 (its tasks are cancelled), still `lease_seconds - renew_deadline` before any other replica may
 take the lease, so two leaders never act at once. A renewal is one request (a PUT over the
 lease as last written, its resourceVersion included); the lease is read again only when that
@@ -87,6 +88,10 @@ class LeaderElector:
         self.namespace, self.name, self.identity = namespace, name, identity
         self.lease_seconds, self.renew_deadline, self.retry_seconds = \
             int(lease_seconds), renew_deadline, retry_seconds
+        # One attempt's bound: long enough for a slow answer, short enough that a request
+        # which hangs (seen: single Lease PUTs stuck for 18 s+ while the median was 50 ms) is
+        # retried on a fresh connection well before the deadline.
+        self.attempt_seconds = max(2 * retry_seconds, renew_deadline / 4)
         self.is_leader = False
         self.transitions = 0
         self.holder: Optional[str] = None  # who holds the lease, as last read
@@ -188,7 +193,8 @@ class LeaderElector:
                 return None
             started = loop.time()
             try:
-                if await asyncio.wait_for(self.try_acquire_or_renew(), left):
+                if await asyncio.wait_for(self.try_acquire_or_renew(),
+                                          min(left, self.attempt_seconds)):
                     self.on_renew(loop.time() - first, attempt + 1)
                     return started
                 if self.holder not in (None, self.identity):
@@ -219,7 +225,7 @@ class LeaderElector:
                     started = loop.time()
                     try:
                         ok = await asyncio.wait_for(self.try_acquire_or_renew(),
-                                                    self.renew_deadline)
+                                                    self.attempt_seconds)
                     except Exception as e:
                         log.warning("lease %s/%s: %s", self.namespace, self.name,
                                     f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)

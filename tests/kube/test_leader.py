@@ -107,3 +107,25 @@ async def test_a_renewal_is_one_request_and_a_conflict_reads_again():
     assert kube.writes[-1][1]["metadata"]["resourceVersion"] == "99"
     kube.conflict = True  # another writer got in: read, then lose the race
     assert not await el.try_acquire_or_renew() and len(reads) == 3
+
+
+async def test_a_hung_renewal_is_abandoned_and_retried_within_the_deadline():
+    import asyncio
+    kube = FakeKube()
+    el = L.LeaderElector(kube, "sys", "lease", "me", lease_seconds=4, renew_deadline=2.0,
+                         retry_seconds=0.2)
+    assert await el.try_acquire_or_renew()
+    replace = kube.replace
+    hung = []
+
+    async def hangs_once(obj):
+        if not hung:
+            hung.append(obj)
+            await asyncio.Event().wait()  # no answer, ever (as a stuck request)
+        return await replace(obj)
+    kube.replace = hangs_once
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    got = await el.renew(t0)
+    assert got is not None and hung, "the lease was lost to one hung request"
+    assert loop.time() - t0 < 2.0 and el.attempt_seconds == 0.5
