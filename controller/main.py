@@ -27,7 +27,7 @@ from kvmesh.core.policy import PolicyDefaults
 from kvmesh.kube import connect
 from kvmesh.kube.api import Kube
 from kvmesh.kube.facade import MeshClient
-from kvmesh.kube.leader import LeaderElector
+from kvmesh.kube import leader
 
 log = logging.getLogger("kvmesh.controller")
 
@@ -81,6 +81,29 @@ class Metrics:
                                   "with failurePolicy Ignore)", registry=r)
         self.optin = Counter("kvmesh_controller_optin_actions_total", "Workload opt-in "
                              "actions", ["action"], registry=r)
+        self.queue_wait = Histogram("kvmesh_controller_queue_wait_seconds", "Time a peer "
+                                    "group waited in the work queue, by priority",
+                                    ["priority"], buckets=LATENCY_BUCKETS, registry=r)
+        self.api_seconds = Histogram("kvmesh_controller_api_request_duration_seconds",
+                                     "API server requests (watches excluded) by verb and "
+                                     "resource", ["verb", "resource"],
+                                     buckets=LATENCY_BUCKETS, registry=r)
+        self.api_requests = Counter("kvmesh_controller_api_requests_total", "API server "
+                                    "requests (watches excluded) by verb, resource and HTTP "
+                                    "code (0: no answer)", ["verb", "resource", "code"],
+                                    registry=r)
+        self.loop_lag = Histogram("kvmesh_controller_event_loop_lag_seconds", "How late the "
+                                  "event loop ran a timer (CPU starvation or blocking work)",
+                                  buckets=LATENCY_BUCKETS, registry=r)
+        self.loop_lag_max = Gauge("kvmesh_controller_event_loop_lag_max_seconds",
+                                  "Worst event-loop lag since start", registry=r)
+        self.lease_renew_seconds = Histogram(
+            "kvmesh_controller_lease_renew_duration_seconds", "Time to renew the leader "
+            "Lease, retries included", buckets=LATENCY_BUCKETS, registry=r)
+        self.lease_renew_errors = Counter(
+            "kvmesh_controller_lease_renew_errors_total", "Failed attempts to renew the "
+            "leader Lease (retried until the renew deadline; then leadership is lost)",
+            registry=r)
         self.workload_events = Counter(
             "kvmesh_controller_workload_events_total", "Events recorded on workloads about "
             "kvmesh's decisions for their pods, by kind (skipped, reduced, warned, denied) and "
@@ -88,6 +111,27 @@ class Metrics:
         self.workload_events_dropped = Counter(
             "kvmesh_controller_workload_events_dropped_total", "Workload Events not recorded "
             "because of the rate limit (recorded when a later pod shows the same)", registry=r)
+
+    def observe_api(self, verb: str, resource: str, code: int, seconds: float) -> None:
+        self.api_seconds.labels(verb, resource).observe(seconds)
+        self.api_requests.labels(verb, resource, str(code)).inc()
+
+
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+async def loop_lag(metrics: Metrics, period: float = 0.1) -> None:
+    """Event-loop lag: a busy loop delays every watch event, status write and lease renewal."""
+    loop = asyncio.get_running_loop()
+    worst = 0.0
+    while True:
+        t0 = loop.time()
+        await asyncio.sleep(period)
+        lag = max(0.0, loop.time() - t0 - period)
+        metrics.loop_lag.observe(lag)
+        if lag > worst:
+            worst = lag
+            metrics.loop_lag_max.set(lag)
 
 
 async def cert_loop(kube: Kube, metrics: Metrics, interval: float, ca_validity) -> None:
@@ -108,14 +152,21 @@ async def run(kubeconfig: Optional[str], metrics_port: int, cert_interval: float
               manage_certs: bool = True, started: Optional[asyncio.Event] = None,
               ca_validity=None, policy=None, grace_seconds: float = 300.0,
               resync_seconds: float = 15.0, webhook_url: Optional[str] = None,
-              peer_network_policy: bool = True) -> None:
+              peer_network_policy: bool = True, lease_seconds: int = leader.LEASE_SECONDS,
+              renew_deadline: float = leader.RENEW_DEADLINE_SECONDS,
+              retry_seconds: float = leader.RETRY_SECONDS) -> None:
     ca_validity = ca_validity or authority.CA_VALIDITY
     kube = await connect.api_client(kubeconfig)
     metrics = Metrics()
+    kube.observe = metrics.observe_api
     identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
-    elector = LeaderElector(kube, os.environ.get("POD_NAMESPACE", names.SYSTEM_NAMESPACE),
-                            names.LEADER_LEASE, identity)
+    elector = leader.LeaderElector(
+        kube, os.environ.get("POD_NAMESPACE", names.SYSTEM_NAMESPACE), names.LEADER_LEASE,
+        identity, lease_seconds=lease_seconds, renew_deadline=renew_deadline,
+        retry_seconds=retry_seconds)
     elector.on_change = lambda leading: metrics.leader.set(1 if leading else 0)
+    elector.on_renew = lambda seconds, attempts: metrics.lease_renew_seconds.observe(seconds)
+    elector.on_renew_error = lambda e: metrics.lease_renew_errors.inc()
 
     # Outside lead(): what was said survives losing and regaining the Lease in this process.
     events = workload_events.WorkloadEvents(kube, metrics)
@@ -153,6 +204,7 @@ async def run(kubeconfig: Optional[str], metrics_port: int, cert_interval: float
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    lag = asyncio.create_task(loop_lag(metrics))
     campaign = asyncio.create_task(elector.run(lead))
     log.info("kvmesh controller %s campaigning for lease %s", identity, names.LEADER_LEASE)
     if started:
@@ -162,6 +214,7 @@ async def run(kubeconfig: Optional[str], metrics_port: int, cert_interval: float
     finally:
         log.info("stopping: releasing lease %s if leading (up to %.0fs)", names.LEADER_LEASE,
                  RELEASE_SECONDS)
+        lag.cancel()
         campaign.cancel()  # its finally releases the Lease
         await _bounded("lease release", campaign, RELEASE_SECONDS)
         await _bounded("metrics server shutdown", runner.cleanup(), CLOSE_SECONDS)

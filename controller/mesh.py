@@ -8,8 +8,8 @@ goes through a coalescing work queue served by a few workers: a pod event queues
 urgently, and the periodic full pass queues every group at low priority, so a departure's status
 waits only for the work in flight, never behind a pass over all groups. On the event path a
 group's lookup objects and NetworkPolicy are applied only when what they derive from changed
-(the full pass re-applies them, repairing drift), and its status only when it differs from what
-was last written.
+(every REPAIR_EVERY-th pass re-applies them, repairing drift), and its status only when it
+differs from what was last written.
 
 A purge that fails (lookup service unreachable) is retried by the resync loop until it
 succeeds; the Redis reverse index
@@ -44,6 +44,11 @@ SWEPT_MAX = 10_000
 WORKERS = 8
 URGENT_WORKERS = 2  # of those, reserved for groups a pod event changed
 EVENT_CONCURRENCY = 4  # Events recorded at once, off the watch path
+# The periodic pass checks every group's status and grace timer (no API call when nothing
+# changed); every REPAIR_EVERY-th pass also re-applies each group's objects (drift repair, a
+# few API calls per group: at 50 groups and a 15 s pass that alone was ~10 requests/s competing
+# with the event path on a loaded API server).
+REPAIR_EVERY = 10
 PEER_GROUP_API = f"{names.API_GROUP}/{names.API_VERSION}"
 
 GroupKey = tuple[str, PeerGroupId]  # (namespace, group)
@@ -106,6 +111,8 @@ class Mesh:
         self.queue = WorkQueue()
         self.workers = workers
         self.failures: dict[GroupKey, int] = {}  # consecutive failed reconciles, for backoff
+        self.repair: set[GroupKey] = set()  # groups whose objects the next low-priority
+        # reconcile re-applies (drift repair)
         # What was last applied for a group, so the event path writes only what changed: the
         # KVMeshPeerGroup (owner of the lookup objects), the inputs of its lookup objects and
         # NetworkPolicy, and its status.
@@ -522,18 +529,28 @@ class Mesh:
                 continue
             await self.purge(d)
 
-    def queue_all(self) -> None:
-        """The full pass: every known group, at low priority (drift repair, grace timers)."""
-        for gkey in set(self.groups) | set(self.empty_since) | set(self.status_written):
+    def queue_all(self, repair: bool = True) -> None:
+        """The full pass: every known group, at low priority (status, grace timers; with
+        `repair`, their objects re-applied too)."""
+        keys = set(self.groups) | set(self.empty_since) | set(self.status_written)
+        if repair:
+            self.repair |= keys
+        for gkey in keys:
             self.queue.add(gkey, urgent=False)
 
     async def work_one(self, urgent_only: bool = False) -> None:
         """Take one group off the queue and reconcile it; a failure is retried with backoff."""
         gkey, urgent = await self.queue.get(urgent_only)
+        if self.metrics:
+            self.metrics.queue_wait.labels("event" if urgent else "resync").observe(
+                self.queue.waited)
         t0 = time.perf_counter()
+        full = not urgent and gkey in self.repair
         try:
-            await self.reconcile_group(gkey, self.groups.get(gkey), full=not urgent)
+            await self.reconcile_group(gkey, self.groups.get(gkey), full=full)
             self.failures.pop(gkey, None)
+            if full:
+                self.repair.discard(gkey)
         except ApiError as e:
             if e.status != 403:
                 self._retry_later(gkey, urgent, e)
@@ -619,6 +636,7 @@ class Mesh:
             # low-priority full pass's work in flight (each group is several API calls).
             workers = [asyncio.create_task(self._worker(i < URGENT_WORKERS))
                        for i in range(max(self.workers, URGENT_WORKERS + 1))]
+            passes = 0
             while True:
                 try:
                     await self.hash_seed_key()
@@ -629,7 +647,8 @@ class Mesh:
                 # Pod events queue their own group as they come (see _on_pod); this loop is
                 # the low-priority backstop.
                 await self.retry_purges()
-                self.queue_all()
+                self.queue_all(repair=passes % REPAIR_EVERY == 0)
+                passes += 1
                 self._gauges()
                 await asyncio.sleep(self.resync_seconds)
         finally:

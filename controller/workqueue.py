@@ -17,6 +17,7 @@ all groups, not even behind the low-priority work in flight.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Hashable
 
 
@@ -27,6 +28,8 @@ class WorkQueue:
         self._active: set[Hashable] = set()
         self._again: dict[Hashable, bool] = {}  # added while active -> urgent?
         self._changed = asyncio.Event()
+        self._since: dict[Hashable, float] = {}  # when a waiting key was first queued
+        self.waited = 0.0  # how long the key `get` last returned had waited
 
     def add(self, key: Hashable, urgent: bool = True) -> None:
         if key in self._active:
@@ -35,10 +38,11 @@ class WorkQueue:
         if key in self._urgent or (not urgent and key in self._low):
             return
         if urgent:
-            self._low.pop(key, None)
+            self._low.pop(key, None)  # raised: its urgent wait starts now
             self._urgent[key] = None
         else:
             self._low[key] = None
+        self._since[key] = time.monotonic()
         self._changed.set()
 
     async def get(self, urgent_only: bool = False) -> tuple[Hashable, bool]:
@@ -53,6 +57,7 @@ class WorkQueue:
             await self._changed.wait()
         key = next(iter(queue))
         del queue[key]
+        self.waited = time.monotonic() - self._since.pop(key, time.monotonic())
         self._active.add(key)
         return key, urgent
 

@@ -157,6 +157,14 @@ def cmd_webhook(args: argparse.Namespace) -> int:
 
 def cmd_controller(args: argparse.Namespace) -> int:
     from kvmesh.controller import main as controller
+    from kvmesh.kube import leader
+    try:
+        leader.check_timing(args.leader_lease_seconds or leader.LEASE_SECONDS,
+                            args.leader_renew_deadline_seconds or leader.RENEW_DEADLINE_SECONDS,
+                            args.leader_retry_seconds or leader.RETRY_SECONDS)
+    except ValueError as e:
+        print(f"kvmesh controller: {e}", file=sys.stderr)
+        return 2
     asyncio.run(controller.run(args.kubeconfig, args.metrics_port,
                                cert_interval=args.cert_check_seconds,
                                manage_certs=args.cert_source == "self",
@@ -164,7 +172,12 @@ def cmd_controller(args: argparse.Namespace) -> int:
                                policy=_policy(args), grace_seconds=args.group_grace_seconds,
                                resync_seconds=args.resync_seconds,
                                webhook_url=args.webhook_url,
-                               peer_network_policy=args.peer_network_policy == "on"))
+                               peer_network_policy=args.peer_network_policy == "on",
+                               **{k: v for k, v in (
+                                   ("lease_seconds", args.leader_lease_seconds),
+                                   ("renew_deadline", args.leader_renew_deadline_seconds),
+                                   ("retry_seconds", args.leader_retry_seconds))
+                                  if v is not None}))
     return 0
 
 
@@ -264,6 +277,14 @@ def parser() -> argparse.ArgumentParser:
                    help="on: a NetworkPolicy fences each group's P2P ports to its pods (needs "
                         "a network plugin with endPort support); off: none, and kvmesh "
                         "deletes the ones it made")
+    # Defaults (30 s / 20 s / 2 s) in kvmesh.kube.leader.
+    p.add_argument("--leader-lease-seconds", type=int,
+                   help="a standby takes the Lease when it was not renewed for this long")
+    p.add_argument("--leader-renew-deadline-seconds", type=float,
+                   help="the leader retries a failed renewal until this long after the last "
+                        "success, then steps down (must be below the lease duration)")
+    p.add_argument("--leader-retry-seconds", type=float,
+                   help="renewal period of the leader, campaign period of a standby")
     _common(p)
     p.set_defaults(fn=cmd_controller)
     p = sub.add_parser("certs", help="write a CA and a serving certificate")

@@ -234,3 +234,63 @@ def injected_pod(case="01-deployment-vllm-serve", name="p-1", uid="u-1", ip="127
                      "conditions": [{"type": "Ready", "status": "True"}],
                      "containerStatuses": [{"name": cname, "restartCount": 0}]}
     return pod
+
+
+class ApiProxy:
+    """A loopback proxy in front of the real API server that can misbehave, as an overloaded
+    one does: `fault(request)` is awaited for every request; it may sleep (a slow answer) and
+    return an aiohttp Response to send instead of forwarding (a 429 or 5xx), or None to
+    forward. Point a Kube at it with `kube.api.configuration.host = proxy.url` (plain HTTP
+    to the proxy; the proxy speaks TLS with `kube`'s client certificate upstream).
+
+        async with ApiProxy(kube, fault) as proxy: ...
+    """
+
+    def __init__(self, kube, fault):
+        cfg = kube.api.configuration
+        self.target = cfg.host
+        self.ctx = ssl.create_default_context(cafile=cfg.ssl_ca_cert)
+        self.ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
+        self.fault = fault
+        self.faulted = self.passed = 0
+
+    @staticmethod
+    def status(code: int, reason: str) -> "object":
+        """An API Status answer, as the API server sends one (429 with Retry-After)."""
+        from aiohttp import web
+        return web.json_response(
+            {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code,
+             "reason": reason, "message": f"{reason} (injected by the test's proxy)"},
+            status=code, headers={"Retry-After": "1"} if code == 429 else {})
+
+    async def handle(self, req):
+        from aiohttp import web
+        instead = await self.fault(req)
+        if instead is not None:
+            self.faulted += 1
+            return instead
+        self.passed += 1
+        headers = {k: v for k, v in req.headers.items() if k.lower() not in ("host",
+                                                                             "authorization")}
+        async with self.session.request(req.method, self.target + req.path_qs,
+                                        data=await req.read(), headers=headers,
+                                        ssl=self.ctx) as up:
+            return web.Response(body=await up.read(), status=up.status,
+                                content_type=up.content_type)
+
+    async def __aenter__(self):
+        import aiohttp
+        from aiohttp import web
+        self.session = aiohttp.ClientSession()
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.runner.cleanup()
+        await self.session.close()

@@ -18,6 +18,7 @@ import datetime as dt
 import functools
 import json
 import logging
+import time
 from typing import Any, Awaitable, Callable, Iterable, Optional
 
 from kubernetes_asyncio import client
@@ -72,6 +73,15 @@ def path(api_version: str, kind: str, namespace: Optional[str] = None,
     return out
 
 
+def _resource_of(url: str) -> str:
+    """The resource (and subresource) a request path names, for metrics: bounded values."""
+    parts = url.split("?", 1)[0].strip("/").split("/")
+    parts = parts[2:] if parts[:1] == ["api"] else parts[3:]  # drop /api/v1, /apis/g/v
+    if parts[:1] == ["namespaces"] and len(parts) > 2:
+        parts = parts[2:]
+    return "/".join(parts[:1] + parts[2:3]) if parts else "other"
+
+
 def _where(obj: dict) -> dict:
     meta = obj["metadata"]
     return {"api_version": obj["apiVersion"], "kind": obj["kind"],
@@ -95,6 +105,9 @@ class Kube:
 
     def __init__(self, api: client.ApiClient):
         self.api = api
+        # Called after every request but watches as (verb, resource, HTTP status or 0 for no
+        # answer, seconds): the controller's API latency and request metrics.
+        self.observe: Optional[Callable[[str, str, int, float], None]] = None
 
     async def close(self) -> None:
         await self.api.close()
@@ -103,10 +116,19 @@ class Kube:
                    body: Any = None, content_type: str = "application/json",
                    timeout: Any = 30):
         """The aiohttp response, unread (the informer streams watches from it)."""
-        return await self.api.call_api(
-            url, method, query_params=list(query), body=body,
-            header_params={"Content-Type": content_type, "Accept": "application/json"},
-            auth_settings=["BearerToken"], _preload_content=False, _request_timeout=timeout)
+        query = list(query)
+        t0, status = time.perf_counter(), 0
+        try:
+            resp = await self.api.call_api(
+                url, method, query_params=query, body=body,
+                header_params={"Content-Type": content_type, "Accept": "application/json"},
+                auth_settings=["BearerToken"], _preload_content=False,
+                _request_timeout=timeout)
+            status = resp.status
+            return resp
+        finally:
+            if self.observe is not None and ("watch", "true") not in query:
+                self.observe(method, _resource_of(url), status, time.perf_counter() - t0)
 
     async def _call(self, method: str, url: str, **kw) -> dict:
         resp = await self._raw(method, url, **kw)

@@ -83,3 +83,21 @@ async def test_a_failed_write_forgets_what_was_applied_so_the_retry_writes_it_al
     await m.work_one()
     assert len(api.applied) > n and api.status_applied[-1]["status"]["readyPeers"] == 0
     assert gkey not in m.failures
+
+
+async def test_only_every_repair_pass_reapplies_objects():
+    api = FakeMeshClient()
+    m = Mesh(api, PolicyDefaults(redis_address="127.0.0.1:1"))
+    await m._on_pod("ADDED", pod("a", "p1", "127.64.0.1"), None)
+    await m.resync_once(full=False)  # the pod's event: everything applied once
+    await m.resync_once(full=True)  # a repair pass
+    assert not m.repair
+    n, s = len(api.applied), len(api.status_applied)
+    m.queue_all(repair=False)  # the ordinary periodic pass: status and timers only
+    while len(m.queue):
+        await m.work_one()
+    assert (len(api.applied), len(api.status_applied)) == (n, s)
+    m.queue_all(repair=True)
+    while len(m.queue):
+        await m.work_one()
+    assert len(api.applied) > n and len(api.status_applied) == s and not m.repair

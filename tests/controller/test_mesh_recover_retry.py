@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 from pathlib import Path
 
-import aiohttp
 import pytest
-from aiohttp import web
 
 from kvmesh.controller.mesh import Mesh
 from kvmesh.core import lookup, names
@@ -21,53 +18,21 @@ from kvmesh.core.policy import PolicyDefaults
 from kvmesh.kube import connect, retry
 from kvmesh.kube.facade import MeshClient
 from kvmesh.kube.informer import Backoff
-from support import RedisServer, wait_for
+from support import ApiProxy, RedisServer, wait_for
 
 MANIFESTS = Path(__file__).resolve().parents[2] / "manifests"
 
 
-class Throttling:
-    """http://127.0.0.1:port -> the API server (TLS, admin credentials); the first `n`
-    requests whose path contains `match` get 429 instead."""
+def throttle(match: str, n: int):
+    """A fault for support.ApiProxy: 429 to the first `n` requests whose path has `match`."""
+    left = [n]
 
-    def __init__(self, kube, match: str, n: int):
-        cfg = kube.api.configuration
-        self.target = cfg.host
-        self.ctx = ssl.create_default_context(cafile=cfg.ssl_ca_cert)
-        self.ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
-        self.match, self.left, self.rejected, self.passed = match, n, 0, 0
-
-    async def handle(self, req: web.Request) -> web.StreamResponse:
-        if self.match in req.path and self.left > 0:
-            self.left -= 1
-            self.rejected += 1
-            return web.json_response(
-                {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 429,
-                 "reason": "TooManyRequests", "message": "too many requests, please try again "
-                 "later"}, status=429, headers={"Retry-After": "1"})
-        self.passed += 1
-        headers = {k: v for k, v in req.headers.items() if k.lower() not in ("host",
-                                                                             "authorization")}
-        async with self.session.request(req.method, self.target + req.path_qs,
-                                        data=await req.read(), headers=headers,
-                                        ssl=self.ctx) as up:
-            return web.Response(body=await up.read(), status=up.status,
-                                content_type=up.content_type)
-
-    async def __aenter__(self):
-        self.session = aiohttp.ClientSession()
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
-        return self
-
-    async def __aexit__(self, *exc):
-        await self.runner.cleanup()
-        await self.session.close()
+    async def fault(req):
+        if match in req.path and left[0] > 0:
+            left[0] -= 1
+            return ApiProxy.status(429, "TooManyRequests")
+        return None
+    return fault
 
 
 @pytest.fixture
@@ -95,7 +60,7 @@ async def test_recover_retries_429_then_purges_what_died_unwatched(
         # deletes nothing else.
         for i in range(5):
             redis.client.set(f"vllm@m@1@0@{i:x}", dead)
-        async with Throttling(proxied, "kvmeshpeergroups", 3) as proxy:
+        async with ApiProxy(proxied, throttle("kvmeshpeergroups", 3)) as proxy:
             proxied.api.configuration.host = proxy.url
             # Pod b is alive (the view has it); pod a left while no controller was leading.
             mesh = Mesh(MeshClient(proxied), PolicyDefaults(
@@ -109,7 +74,7 @@ async def test_recover_retries_429_then_purges_what_died_unwatched(
             mesh.groups[b.group_key] = groups.Group(namespace, gid, {"b": b})
             with caplog.at_level(logging.WARNING, logger="kvmesh.retry"):
                 await asyncio.wait_for(mesh.recover(), 60)
-            assert proxy.rejected == 3 and proxy.left == 0
+            assert proxy.faulted == 3
             assert caplog.text.count("HTTP 429") == 3, caplog.text
             assert "list KVMeshPeerGroups to recover departures failed" in caplog.text
             wait_for("the dead peer's keys purged",

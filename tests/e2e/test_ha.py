@@ -20,7 +20,10 @@ def holder(cluster) -> str:
 
 
 def test_leader_killed_during_deletion_burst(stack, devcluster, namespace, tmp_path):
-    fast = ("--group-grace-seconds", "30", "--resync-seconds", "1")
+    # client-go's 15 s lease (kvmesh's default is 30 s, for slow API servers): failover
+    # mechanics, not the default, are under test.
+    fast = ("--group-grace-seconds", "30", "--resync-seconds", "1",
+            "--leader-lease-seconds", "15", "--leader-renew-deadline-seconds", "10")
     stack.restart(controller_args=fast)
     standby = stack.controller_process("kvmesh-controller-standby", free_port(), *fast)
     try:

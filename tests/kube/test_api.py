@@ -101,3 +101,31 @@ async def test_the_informer_request_maps_list_method_arguments_to_query_paramete
                               "allowWatchBookmarks": "true", "timeoutSeconds": "30"}
     assert page["url"] == "/api/v1/pods" and page["query"] == {"limit": "2", "continue": "c"}
     assert watch["_preload_content"] is False
+
+
+async def test_the_client_skips_netrc_lookups_but_keeps_the_environment_proxy(tmp_path,
+                                                                            monkeypatch):
+    """aiohttp with trust_env reads ~/.netrc in a thread before every request; kvmesh's client
+    does not, and still goes through HTTPS_PROXY unless NO_PROXY names the API server."""
+    from kvmesh.kube import connect
+    kc = tmp_path / "kubeconfig"
+    kc.write_text("apiVersion: v1\nkind: Config\ncurrent-context: c\n"
+                  "clusters: [{name: k, cluster: {server: 'https://api.example:6443'}}]\n"
+                  "users: [{name: u, user: {token: t}}]\n"
+                  "contexts: [{name: c, context: {cluster: k, user: u}}]\n")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    kube = await connect.api_client(str(kc))
+    try:
+        assert not kube.api.rest_client.pool_manager.trust_env
+        assert kube.api.rest_client.proxy == "http://proxy.example:3128"
+    finally:
+        await kube.close()
+    monkeypatch.setenv("NO_PROXY", "api.example")
+    kube = await connect.api_client(str(kc))
+    try:
+        assert not kube.api.rest_client.pool_manager.trust_env
+        assert not kube.api.rest_client.proxy
+    finally:
+        await kube.close()
