@@ -221,13 +221,18 @@ def metric_sum(text: str, name: str, **labels: str) -> float:
     return total
 
 
+TEST_HASH_SEED_KEY = b"support-test-hash-seed-key......"
+
+
 def injected_pod(case="01-deployment-vllm-serve", name="p-1", uid="u-1", ip="127.64.0.9"):
     """A Running, Ready pod as the webhook injects it from golden case `case` (a peer)."""
     import yaml
     from kvmesh.core import workloads
     from kvmesh.core.inject import Context, decide
     doc = yaml.safe_load((REPO / "tests" / "golden" / "cases" / f"{case}.yaml").read_text())
-    pod = decide(workloads.pod_for(doc), Context(doc["metadata"]["namespace"])).pod
+    # With a seed key, as the webhook (not the offline CLI) injects: PYTHONHASHSEED is set.
+    pod = decide(workloads.pod_for(doc), Context(doc["metadata"]["namespace"],
+                                                 hash_seed_key=TEST_HASH_SEED_KEY)).pod
     pod["metadata"].update(name=name, uid=uid)
     cname = pod["spec"]["containers"][0]["name"]
     pod["status"] = {"phase": "Running", "podIP": ip,
