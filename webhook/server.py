@@ -257,6 +257,7 @@ class State:
     edge: Optional["Edge"] = None  # the admission listener (absent in in-process tests)
     heavy: Optional[asyncio.Semaphore] = None
     worker: Optional[Any] = None  # the thread that decides large reviews
+    native_sidecars: Optional[bool] = None  # the cluster's, from /version (mp mode needs them)
 
 
 STATE = web.AppKey("state", State)
@@ -421,7 +422,8 @@ def _decide(state: State, raw: bytes, selected: Optional[str], memo: Optional[ad
     except ValueError as e:  # orjson.JSONDecodeError, invalid UTF-8 included
         return _bad(state, 400, "not-json", f"body is not valid JSON: {e}")
     try:
-        return admission.review(body, state.policy, selected=bool(selected), memo=memo)
+        return admission.review(body, state.policy, selected=bool(selected), memo=memo,
+                                native_sidecars=state.native_sidecars)
     except admission.BadReview as e:
         return _bad(state, 400, "not-a-review", str(e))
     except Exception as e:
@@ -650,7 +652,8 @@ async def serve(host: str, port: int, cert: str, key: str,
                 policy_cache: Optional[object] = None, *,
                 metrics_host: str = "0.0.0.0", metrics_port: int = 9090,
                 limits: Limits = Limits(),
-                stopping: Optional[asyncio.Event] = None) -> None:
+                stopping: Optional[asyncio.Event] = None,
+                native_sidecars: Optional[bool] = None) -> None:
     """Run until SIGTERM/SIGINT (or `stopping` is set); then report not-ready, let in-flight
     requests finish, stop, all within limits.shutdown_timeout.
 
@@ -681,7 +684,8 @@ async def serve(host: str, port: int, cert: str, key: str,
             (cert_source is None or cert_source.ready()) and \
             (policy_cache is None or policy_cache.ready())
 
-    state = State(policy, metrics, ready, admission.Memo(), limits, limited)
+    state = State(policy, metrics, ready, admission.Memo(), limits, limited,
+                  native_sidecars=native_sidecars)
     metrics.registry.register(_MemoCollector(state.memo))
     app = make_app(policy, limits=limits, state=state)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=grace,

@@ -101,3 +101,10 @@ async def test_the_informer_request_maps_list_method_arguments_to_query_paramete
                               "allowWatchBookmarks": "true", "timeoutSeconds": "30"}
     assert page["url"] == "/api/v1/pods" and page["query"] == {"limit": "2", "continue": "c"}
     assert watch["_preload_content"] is False
+
+
+async def test_server_version_reads_the_version_endpoint():
+    t = Transport(Resp(200, {"major": "1", "minor": "31", "gitVersion": "v1.31.0"}))
+    v = await Kube(t).server_version()
+    assert (t.calls[0]["url"], t.calls[0]["method"]) == ("/version", "GET")
+    assert (v["major"], v["minor"]) == ("1", "31")
