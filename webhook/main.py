@@ -28,11 +28,11 @@ from kvmesh.webhook.policy_cache import PolicyCache
 log = logging.getLogger("kvmesh.webhook")
 
 
-async def native_sidecars(api) -> Optional[bool]:
+async def native_sidecars(api: Kube) -> Optional[bool]:
     """Whether the cluster runs native sidecars (mp mode's server is one), from the API
     server's version; None (mp assumed possible) when it cannot be read."""
     try:
-        v = await Kube(api).server_version()
+        v = await api.server_version()
         found = mp.kube_has_native_sidecars(str(v.get("major", "")), str(v.get("minor", "")))
     except Exception as e:  # noqa: BLE001 - a start-up hint, never a reason not to serve
         log.warning("cannot read the API server's version (%s); assuming native sidecars "

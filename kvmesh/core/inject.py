@@ -740,6 +740,7 @@ def _mp_drop_user_flag(s: _Pod) -> None:
 
 def mp_server(s: _Pod) -> None:
     if s.mode != names.MODE_MP:
+        mp.unplace(s.spec)  # a template injected in mp mode before
         return
     mp.place(s.spec, mp.sidecar(s.mp, s.c))  # the plan the flag step made
 
@@ -753,7 +754,7 @@ def stamp(s: _Pod) -> None:
     s.labels[names.LABEL_PEER_GROUP] = names.group_id(s.mode, group)
     status = {"injected": True, "mode": s.mode, "modeReason": s.mode_reason,
               "container": s.c["name"], "group": group, "version": __version__,
-              "hash": _hash(s.mode, s.c)}
+              "hash": _hash(s.mode, s.c, s.spec.get("initContainers"))}
     if s.ctx.policy_name:
         status["policy"] = s.ctx.policy_name
     _set_status(s.annotations, status)
@@ -763,11 +764,14 @@ def _set_status(annotations: dict, status: dict) -> None:
     annotations[names.ANN_STATUS] = orjson.dumps(status, option=orjson.OPT_SORT_KEYS).decode()
 
 
-def _hash(mode: str, c: dict) -> str:
-    """Digest of what kvmesh controls in the container; equal across re-injections."""
+def _hash(mode: str, c: dict, inits: Optional[list] = None) -> str:
+    """Digest of what kvmesh controls in the container (and mp mode's server sidecar); equal
+    across re-injections."""
     # Unsorted JSON is deterministic here (kvmesh builds these values in a fixed order) and
     # an order of magnitude cheaper than a sorted dump or repr.
-    material = (mode, c.get("env"), c.get("ports"), c.get("command"), c.get("args"))
+    material: tuple = (mode, c.get("env"), c.get("ports"), c.get("command"), c.get("args"))
+    if mode == names.MODE_MP:
+        material += tuple(x for x in inits or () if x.get("name") == names.MP_SIDECAR)
     digest = hashlib.sha256(orjson.dumps(material)).hexdigest()
     return "sha256:" + digest[:16]
 

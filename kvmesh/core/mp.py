@@ -371,6 +371,23 @@ def place(spec: dict, server: dict) -> None:
     spec["volumes"] = vols
 
 
+def unplace(spec: dict) -> None:
+    """Remove kvmesh's sidecar and state volume (the pod is injected in another mode now)."""
+    inits = spec.get("initContainers")
+    if isinstance(inits, list) and any(isinstance(c, dict) and c.get("name") == names.MP_SIDECAR
+                                       for c in inits):
+        spec["initContainers"] = [c for c in inits if not (
+            isinstance(c, dict) and c.get("name") == names.MP_SIDECAR)] or None
+        if spec["initContainers"] is None:
+            del spec["initContainers"]
+        vols = [v for v in spec.get("volumes") or []
+                if not (isinstance(v, dict) and v.get("name") == names.MP_STATE_VOLUME)]
+        if vols:
+            spec["volumes"] = vols
+        else:
+            spec.pop("volumes", None)
+
+
 def remove_flag(words: list[str]) -> list[str]:
     """`words` without any --kv-transfer-config option (JSON or dotted, either spelling)."""
     out: list[str] = []

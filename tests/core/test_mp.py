@@ -260,3 +260,23 @@ def test_input_is_never_modified():
     before = copy.deepcopy(p)
     decide(p, CTX)
     assert p == before
+
+
+def test_switching_an_mp_template_to_another_mode_removes_the_sidecar():
+    once = decide(pod(vllm(), annotations=MP, initContainers=[{"name": "a", "image": "x"}]), CTX)
+    again = copy.deepcopy(once.pod)
+    again["metadata"]["annotations"][names.ANN_MODE] = "controller"
+    # kvmesh cannot tell its own LMCacheMPConnector config from the user's: a conflict
+    assert decide(again, CTX).reason == inject.R_CONNECTOR_CONFLICT
+    del again["spec"]["containers"][0]["args"]  # the user drops it, as the message asks
+    r = decide(again, CTX)
+    assert r.mode == "controller"
+    assert [c["name"] for c in r.pod["spec"]["initContainers"]] == ["a"]
+    assert "volumes" not in r.pod["spec"]
+
+
+def test_status_hash_covers_the_sidecar():
+    a = decide(pod(vllm(), annotations=MP), CTX)
+    b = decide(pod(vllm(), annotations={**MP, names.ANN_CPU_CACHE_GB: "9"}), CTX)
+    status = lambda r: json.loads(r.pod["metadata"]["annotations"][names.ANN_STATUS])  # noqa: E731
+    assert status(a)["hash"] != status(b)["hash"]
