@@ -113,10 +113,11 @@ class Memo:
 
 
 def review(body: Any, policy: Union[PolicyDefaults, Resolver], selected: bool = True,
-           memo: Optional[Memo] = None, seeds: SeedState = (None, False)
-           ) -> tuple[dict, Outcome]:
+           memo: Optional[Memo] = None, seeds: SeedState = (None, False),
+           native_sidecars: Optional[bool] = None) -> tuple[dict, Outcome]:
     """Answer one AdmissionReview. Raises BadReview when there is no request to answer.
-    `seeds`: (the per-group hash-seed key or None, whether it is still to come)."""
+    `seeds`: (the per-group hash-seed key or None, whether it is still to come);
+    `native_sidecars`: whether the cluster runs them (mp mode needs them; None: unknown)."""
     if not isinstance(body, dict):
         raise BadReview("body must be a JSON object (an AdmissionReview)")
     if body.get("kind") != "AdmissionReview" or body.get("apiVersion") != API_VERSION:
@@ -161,7 +162,8 @@ def review(body: Any, policy: Union[PolicyDefaults, Resolver], selected: bool = 
                      "response": {**hit.response, "uid": uid}},
                     replace(hit.outcome, uid=uid, dry_run=out.dry_run, namespace=out.namespace,
                             name=out.name))
-    resp, out = _decide(pod, namespace, defaults, policy_name, selected, out, seeds)
+    resp, out = _decide(pod, namespace, defaults, policy_name, selected, out, seeds,
+                        native_sidecars)
     if key is not None:
         memo.put(key, _Answer(defaults, {k: v for k, v in resp["response"].items()
                                          if k != "uid"}, out))
@@ -169,12 +171,14 @@ def review(body: Any, policy: Union[PolicyDefaults, Resolver], selected: bool = 
 
 
 def _decide(pod: Any, namespace: str, defaults: PolicyDefaults, policy_name: Optional[str],
-            selected: bool, out: Outcome, seeds: SeedState) -> tuple[dict, Outcome]:
+            selected: bool, out: Outcome, seeds: SeedState,
+            native_sidecars: Optional[bool] = None) -> tuple[dict, Outcome]:
     uid = out.uid
     result = inject.decide(pod, inject.Context(namespace=namespace, policy=defaults,
                                                selected=selected, policy_name=policy_name,
                                                hash_seed_key=seeds[0],
-                                               hash_seed_pending=seeds[1]))
+                                               hash_seed_pending=seeds[1],
+                                               native_sidecars=native_sidecars))
     out.action, out.reason, out.mode = result.action, result.reason, result.mode
     out.message, out.warnings = result.message, result.warnings
     if result.action == inject.DENY:

@@ -54,7 +54,7 @@ Decision = Union[tuple[dict, admission.Outcome], Refusal, Failure]
 
 def decide_raw(raw: bytes, selected: Optional[str], policy: Any,
                memo: Optional[admission.Memo], seeds: admission.SeedState,
-               max_nodes: int) -> Decision:
+               max_nodes: int, native_sidecars: Optional[bool] = None) -> Decision:
     """Parse and decide. Pure CPU, no logging or metrics (the caller does those)."""
     nodes = raw.count(b"{") + raw.count(b"[")
     if nodes > max_nodes:
@@ -71,7 +71,8 @@ def decide_raw(raw: bytes, selected: Optional[str], policy: Any,
     except ValueError as e:  # orjson.JSONDecodeError, invalid UTF-8 included
         return Refusal(400, "not-json", f"body is not valid JSON: {e}")
     try:
-        return admission.review(body, policy, selected=bool(selected), memo=memo, seeds=seeds)
+        return admission.review(body, policy, selected=bool(selected), memo=memo, seeds=seeds,
+                                native_sidecars=native_sidecars)
     except admission.BadReview as e:
         return Refusal(400, "not-a-review", str(e))
     except Exception as e:  # a kvmesh bug: never block the workload for it
@@ -110,7 +111,7 @@ def _worker_main() -> None:
     tx.write(_FRAME.pack(len(ready)) + ready)
     tx.flush()
     while (frame := _read_frame(rx)) is not None:
-        selected, version, policy, seeds, max_nodes, size = pickle.loads(frame)
+        selected, version, policy, seeds, max_nodes, sidecars, size = pickle.loads(frame)
         raw = rx.read(size)
         if len(raw) < size:
             return
@@ -119,7 +120,7 @@ def _worker_main() -> None:
         try:
             if held is None or held[0] != version:  # never: the pool resends after a restart
                 raise RuntimeError(f"worker holds policy {held and held[0]}, not {version}")
-            got: Any = decide_raw(raw, selected, held[1], None, seeds, max_nodes)
+            got: Any = decide_raw(raw, selected, held[1], None, seeds, max_nodes, sidecars)
             if isinstance(got, tuple):  # serialised here, so the loop never holds the GIL
                 got = (orjson.dumps(got[0]), got[1])
         except Exception as e:  # decide_raw catches the pipeline's; this is the worker's
@@ -199,7 +200,8 @@ class Pool:
         return await self.proc.stdout.readexactly(n)
 
     async def decide(self, raw: bytes, selected: Optional[str], version: Any, policy: Any,
-                     seeds: admission.SeedState, max_nodes: int) -> Any:
+                     seeds: admission.SeedState, max_nodes: int,
+                     native_sidecars: Optional[bool] = None) -> Any:
         """(response bytes, Outcome) | Refusal | Failure; raises WorkerGone."""
         async with self._lock:
             starting, self._starting = self._starting, None
@@ -209,7 +211,8 @@ class Pool:
                 await self.start()
             assert self.proc is not None and self._tx is not None
             send = policy if version != self._sent else None
-            head = pickle.dumps((selected, version, send, seeds, max_nodes, len(raw)),
+            head = pickle.dumps((selected, version, send, seeds, max_nodes, native_sidecars,
+                                 len(raw)),
                                 protocol=pickle.HIGHEST_PROTOCOL)
             try:
                 self._sent = version

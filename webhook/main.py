@@ -11,17 +11,39 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 import os
 from pathlib import Path
 from typing import Optional, Sequence
 
 from kvmesh.certs import authority
 from kvmesh.certs.serving import SelfSigned
+from kvmesh.core import mp
 from kvmesh.core.policy import PolicyDefaults
 from kvmesh.kube import connect
+from kvmesh.kube.api import Kube
 from kvmesh.webhook import server
 from kvmesh.webhook.policy_cache import PolicyCache
 from kvmesh.webhook.seed_key import SeedKey
+
+log = logging.getLogger("kvmesh.webhook")
+
+
+async def native_sidecars(api: Kube) -> Optional[bool]:
+    """Whether the cluster runs native sidecars (mp mode's server is one), from the API
+    server's version; None (mp assumed possible) when it cannot be read."""
+    try:
+        v = await api.server_version()
+        found = mp.kube_has_native_sidecars(str(v.get("major", "")), str(v.get("minor", "")))
+    except Exception as e:  # noqa: BLE001 - a start-up hint, never a reason not to serve
+        log.warning("cannot read the API server's version (%s); assuming native sidecars "
+                    "for mp mode", e)
+        return None
+    if found is False:
+        log.warning("Kubernetes %s.%s has no native sidecars: mp-mode pods are admitted "
+                    "without injection (reason native-sidecars-unsupported)",
+                    v.get("major"), v.get("minor"))
+    return found
 
 
 async def run(host: str, port: int, policy: PolicyDefaults, *,
@@ -49,7 +71,8 @@ async def run(host: str, port: int, policy: PolicyDefaults, *,
             cert, key = str(source.cert_file), str(source.key_file)
         cache = PolicyCache(api, policy)
         await server.serve(host, port, cert, key, cache.resolve, cert_source=source,
-                           policy_cache=cache, seed_key=SeedKey(api), **opts)
+                           policy_cache=cache, seed_key=SeedKey(api),
+                           native_sidecars=await native_sidecars(api), **opts)
     finally:
         try:  # closing the client must not hold the exit when the API server is gone
             await asyncio.wait_for(api.close(), 2.0)

@@ -271,6 +271,7 @@ class State:
     policy_cache: Optional[Any] = None  # webhook.policy_cache.PolicyCache, when watching
     # webhook.seed_key.SeedKey (absent without an API server: no per-group seeds known)
     seeds: Optional[Any] = None
+    native_sidecars: Optional[bool] = None  # the cluster's, from /version (mp mode needs them)
 
 
 STATE = web.AppKey("state", State)
@@ -361,7 +362,7 @@ async def _mutate(request: web.Request) -> web.Response:
                 return raw
             answer = _answer(state, heavy.decide_raw(
                 raw, request.match_info.get("selected"), state.policy, state.memo,
-                _seeds(state), limits.max_json_nodes))
+                _seeds(state), limits.max_json_nodes, state.native_sidecars))
         else:
             if state.heavy is None:
                 state.heavy = asyncio.Semaphore(limits.heavy_slots)
@@ -450,7 +451,7 @@ async def _decide_heavy(state: State, raw: bytes, selected: Optional[str]
     version, policy = _policy_view(state)
     try:
         got = await state.pool.decide(raw, selected, version, policy, _seeds(state),
-                                      state.limits.max_json_nodes)
+                                      state.limits.max_json_nodes, state.native_sidecars)
         if isinstance(got, heavy.Failure) and not got.uid:  # the worker's own failure
             raise heavy.WorkerGone(f"{got.kind}: {got.message}")
     except heavy.WorkerGone as e:
@@ -742,7 +743,8 @@ async def serve(host: str, port: int, cert: str, key: str,
                 seed_key: Optional[Any] = None,
                 metrics_host: str = "0.0.0.0", metrics_port: int = 9090,
                 limits: Limits = Limits(),
-                stopping: Optional[asyncio.Event] = None) -> None:
+                stopping: Optional[asyncio.Event] = None,
+                native_sidecars: Optional[bool] = None) -> None:
     """Run until SIGTERM/SIGINT (or `stopping` is set); then report not-ready, let in-flight
     requests finish, stop, all within limits.shutdown_timeout.
 
@@ -775,7 +777,7 @@ async def serve(host: str, port: int, cert: str, key: str,
             (seed_key is None or seed_key.ready())
 
     state = State(policy, metrics, ready, admission.Memo(), limits, limited, seeds=seed_key,
-                  policy_cache=policy_cache)
+                  policy_cache=policy_cache, native_sidecars=native_sidecars)
     state.pool = heavy.Pool(timeout=limits.worker_timeout)
     state.pool.begin()  # now: the first large review should not wait for Python to start
     metrics.registry.register(_MemoCollector(state.memo))

@@ -7,8 +7,11 @@ output changes nothing (the webhook's reinvocationPolicy: IfNeeded relies on it)
 `decide` runs the pod through PIPELINE, one named step after another:
 
     prepare -> opt_in -> target -> evidence -> other_injector -> image -> roles
-            -> offloading -> connector -> elsewhere -> mode -> understood -> parallelism
-            -> memory -> ports -> env -> container_ports -> flag -> stamp
+            -> offloading -> connector -> elsewhere -> mode -> mp_gate -> understood
+            -> parallelism -> memory -> ports -> env -> container_ports -> flag -> mp_server
+            -> stamp
+
+(mp_gate and mp_server act in mp mode only; the mp plan itself is kvmesh.core.mp.)
 
 Each step reads what earlier steps found on a `_Pod` and adds to it. A step ends the pipeline
 by raising `_Deny` (the pod is refused) or `_Skip` (admitted untouched; once the target
@@ -33,7 +36,7 @@ import orjson
 from kvmesh import __version__
 
 from kvmesh.core import names
-from kvmesh.core import contract, hashseed, images, launch, limits, overrides
+from kvmesh.core import contract, hashseed, images, launch, limits, mp, overrides
 from kvmesh.core.policy import PolicyDefaults
 
 INJECT, SKIP, DENY = "inject", "skip", "deny"
@@ -59,6 +62,8 @@ R_MODE_UNSUPPORTED = "mode-unsupported"
 R_ARGS_UNKNOWN = "vllm-args-unknown"
 R_CACHE_FIT = "cache-does-not-fit"
 R_SEED = "hash-seed-unavailable"  # the group's PYTHONHASHSEED cannot be known yet
+R_MP_VERSION = "lmcache-version-unsupported"  # mp asked for, image's LMCache < 0.5.0
+R_NO_SIDECARS = "native-sidecars-unsupported"  # mp asked for, cluster without native sidecars
 # Denial reasons.
 R_INVALID_ANNOTATION = "invalid-annotation"
 R_AMBIGUOUS = "ambiguous-container"
@@ -110,6 +115,8 @@ class Context:
     # `hash_seed_pending` (a webhook whose key has not loaded), the pod is skipped (R_SEED).
     hash_seed_key: Optional[bytes] = None
     hash_seed_pending: bool = False
+    # Whether the cluster runs native sidecars (mp mode needs them); None: unknown, assumed.
+    native_sidecars: Optional[bool] = None
 
 
 @dataclass
@@ -142,7 +149,8 @@ class _Pod:
     __slots__ = ("ctx", "warnings", "pod", "meta", "annotations", "labels", "spec",
                  "containers", "ov", "c", "launch", "env_in", "mode", "mode_reason", "version",
                  "flags", "ranks", "user_kv", "v0", "ports", "dist", "init", "look", "work",
-                 "kv_problem", "pod_modes", "choice", "cache_gb", "cache_max", "cache_note")
+                 "kv_problem", "pod_modes", "choice", "cache_gb", "cache_max", "cache_note",
+                 "mp")
 
     def __init__(self, pod: dict, ctx: Context, warnings: list[str]):
         self.pod, self.ctx, self.warnings = pod, ctx, warnings
@@ -410,6 +418,10 @@ def _pod_modes(kv: Optional[dict], flags: launch.Flags, env_in: list[dict]
     first what vLLM loads (a connector only one generation provides), then env variables
     only one generation reads (left-overs are harmless, so they never contradict)."""
     found = []
+    # First: kvmesh's own MP connector flag joins it on re-injection, and the evidence
+    # recorded (modeReason) must not change then.
+    if (flags.offload_backend or "").lower() == contract.OFFLOAD_BACKEND_LMCACHE:
+        found.append((names.MODE_MP, f"--kv-offloading-backend {flags.offload_backend}"))
     for conn in _connectors(kv):
         kind = conn.get("kv_connector")
         if kind == contract.CONNECTOR_V0:
@@ -417,8 +429,6 @@ def _pod_modes(kv: Optional[dict], flags: launch.Flags, env_in: list[dict]
                                             "(V0, LMCache < 0.3.0)"))
         elif kind == contract.CONNECTOR_MP:
             found.append((names.MODE_MP, f"{contract.KV_TRANSFER_FLAG} kv_connector {kind}"))
-    if (flags.offload_backend or "").lower() == contract.OFFLOAD_BACKEND_LMCACHE:
-        found.append((names.MODE_MP, f"--kv-offloading-backend {flags.offload_backend}"))
     for e in env_in:
         if e.get("name") in contract.REDIS_GENERATION_MARKERS:
             found.append((names.MODE_REDIS, f"env {e['name']}"))
@@ -435,14 +445,19 @@ class ModeChoice:
 
 def choose_mode(ov: overrides.Overrides, policy: PolicyDefaults, image: str,
                 pod: tuple[tuple[str, str], ...]) -> ModeChoice:
-    """The LMCache generation from the best evidence: annotation > policy > image tag > the
-    pod's own configuration > policy default. The pod's configuration is what it will run, so
+    """The LMCache generation from the best evidence: annotation > policy > the pod's own MP
+    configuration > image tag > the pod's other configuration > policy default. The pod's configuration is what it will run, so
     a choice it contradicts (or that contradicts itself) is refused, naming the fields."""
     tag_mode, tag_why, version = images.lmcache_generation(image)
     if ov.mode:
         mode, why = ov.mode, f"annotation {names.ANN_MODE}"
     elif policy.mode:
         mode, why = policy.mode, "policy"
+    elif any(m == names.MODE_MP for m, _ in pod):
+        # LMCache's MP connector (or vLLM's lmcache offloading backend) is the pod's own
+        # choice of generation; whether the image's LMCache has it is step mp_gate's question.
+        mode, why = names.MODE_MP, "pod configuration: " + next(
+            f for m, f in pod if m == names.MODE_MP)
     elif tag_mode == "":
         return ModeChoice(None, tag_why, None, (SKIP, R_MODE_UNKNOWN, (
             f"{tag_why}; kvmesh cannot tell which LMCache generation it carries: set "
@@ -563,6 +578,10 @@ def mode(s: _Pod) -> None:
         action, reason, message = s.choice.problem
         message = f"container {s.c['name']!r}: {message}"
         raise (_Deny if action == DENY else _Skip)(reason, message)
+    problem = mp.conflict(s.mode, s.user_kv, s.flags)  # e.g. LMCacheConnectorV1 under mp
+    if problem:
+        raise _Deny(R_CONNECTOR_CONFLICT, f"container {s.c['name']!r} {problem} "
+                                          f"({s.mode_reason})")
     s.v0 = any(conn.get("kv_connector") == contract.CONNECTOR_V0
                for conn in _connectors(s.user_kv)) or (
         s.mode == names.MODE_REDIS and s.version is not None
@@ -580,6 +599,17 @@ def understood(s: _Pod) -> None:
                                     f"{', '.join(map(repr, ln.unresolved[:3]))}, known only "
                                     "when the container starts, which may set flags kvmesh "
                                     "must see; " + ADVICE[R_ARGS_UNKNOWN])
+
+
+# --- mp_gate: can mp mode run here at all ----------------------------------------------------
+
+def mp_gate(s: _Pod) -> None:
+    if s.mode != names.MODE_MP:
+        return
+    why = mp.unsupported(s.version, s.ctx.native_sidecars)
+    if why:
+        reason = R_MP_VERSION if why[0] == "lmcache-version" else R_NO_SIDECARS
+        raise _Skip(reason, f"container {s.c['name']!r} ({s.mode_reason}): {why[1]}")
 
 
 # --- parallelism: ranks from the vLLM command line -------------------------------------------
@@ -675,6 +705,11 @@ def ports(s: _Pod) -> None:
     pol = s.ctx.policy
     used = _used_ports(s.spec, s.c, _vllm_port(s))
     s.dist = s.init = s.look = s.work = ()
+    if s.mode == names.MODE_MP:  # the server sidecar's ports; none on the vLLM container
+        s.mp = (_pick(pol.mp_rpc_port, used), _pick(pol.mp_p2p_port, used),
+                _pick(pol.mp_http_port, used))
+        s.ports = []
+        return
     if s.mode == names.MODE_REDIS:
         s.dist = (_pick(pol.distributed_port, used),)
         s.ports = [(names.PORT_NAME_DISTRIBUTED, s.dist[0])]
@@ -704,8 +739,8 @@ def _used_ports(spec: dict, target: dict, vllm_port: int) -> limits.PortSet:
     used = {vllm_port}
     for key in ("containers", "initContainers", "ephemeralContainers"):
         for c in spec.get(key) or []:
-            if not isinstance(c, dict):
-                continue
+            if not isinstance(c, dict) or c.get("name") == names.MP_SIDECAR:
+                continue  # (kvmesh's mp server: its ports are re-chosen too)
             for p in c.get("ports") or ():
                 if not isinstance(p, dict):
                     continue
@@ -748,7 +783,7 @@ def env(s: _Pod) -> None:
                             f"{', '.join(shadowed)} in env take precedence over envFrom; set "
                             "them in env to choose your own")
     warnings += notes
-    if user_ip_var is None:  # defined first: $(VAR) only sees variables defined earlier
+    if user_ip_var is None and s.mode != names.MODE_MP:  # first: $(VAR) sees earlier ones
         entries.insert(0, {"name": pod_ip_var,
                            "valueFrom": {"fieldRef": {"fieldPath": contract.POD_IP_FIELD}}})
         index = {n: i + 1 for n, i in index.items()}
@@ -788,13 +823,15 @@ def _hash_seed(s: _Pod, namespace: str, group: str) -> Optional[int]:
                         f"{names.SYSTEM_NAMESPACE}/{names.HASH_SEED_SECRET}, which the webhook "
                         "has not read yet (the kvmesh controller creates it); recreate the pod "
                         "once the webhook is ready")
-        s.warnings.append("PYTHONHASHSEED not set: each peer group has its own, which the "
-                          "webhook sets at admission (or set hashSeed in the policy)")
+        note = ("PYTHONHASHSEED not set: each peer group has its own, which the webhook sets "
+                "at admission (or set hashSeed in the policy)")
+        if note not in s.warnings:  # mp mode asks twice: for vLLM and for its server
+            s.warnings.append(note)
     return seed
 
 
 # Per mode: the other generation's variables, ignored or harmful in this one.
-_FOREIGN = {mode: frozenset(contract.GENERATION_VARS[contract.other_mode(mode)])
+_FOREIGN = {mode: frozenset().union(*[contract.GENERATION_VARS[m] for m in names.MODES])
             - frozenset(contract.GENERATION_VARS[mode]) for mode in names.MODES}
 
 
@@ -831,7 +868,7 @@ def _merge_env(env: list[Optional[dict]], index: dict[Any, int],
                specs: tuple[contract.EnvSpec, ...], pod_ip_var: str,
                instance_ok: tuple[str, ...], warnings: list[str]) -> list[dict]:
     """`env` (the user's entries, edited in place) with every spec applied."""
-    ip_at = index[pod_ip_var]
+    ip_at = index.get(pod_ip_var, len(env))  # (mp mode adds no pod IP variable)
     ref = f"$({pod_ip_var})"
     appended: list[dict] = []
     for spec in specs:
@@ -941,22 +978,71 @@ def container_ports(s: _Pod) -> None:
         if host_network:
             entry["hostPort"] = number  # lets the scheduler keep two replicas off one node
         declared.append(entry)
-    c["ports"] = declared
+    if declared or "ports" in c:  # (mp mode declares its ports on the server sidecar)
+        c["ports"] = declared
 
 
 # --- flag: --kv-transfer-config on the vLLM command line -------------------------------------
 
 def flag(s: _Pod) -> None:
-    if s.user_kv is not None:  # the user's LMCache connector stays as written
-        return
     c, ln = s.c, s.launch
-    value = contract.kv_transfer_json(contract.CONNECTOR_V0 if s.v0 else contract.CONNECTOR_V1)
+    if s.mode == names.MODE_MP:  # always kvmesh's, with the user's own settings merged in
+        s.mp = _mp_plan(s)
+        value = mp.kv_transfer(s.mp, s.user_kv, s.warnings)
+        if s.flags.kv_transfer == value and not s.flags.kv_transfer_dotted:
+            return  # already injected
+        _mp_drop_user_flag(s)
+    elif s.user_kv is not None:  # the user's LMCache connector stays as written
+        return
+    else:
+        value = contract.kv_transfer_json(contract.CONNECTOR_V0 if s.v0 else
+                                          contract.CONNECTOR_V1)
     if ln.form in ("exec", "args-only"):
         c["args"] = list(c.get("args") or []) + [contract.KV_TRANSFER_FLAG, value]
     else:  # shell: after the vLLM command's last word, so after a "$@" it passes
         holder = c[ln.script_field] = list(c[ln.script_field])
         holder[ln.script_index] = launch.insert_into_script(
             holder[ln.script_index], ln.script, contract.KV_TRANSFER_FLAG, value)
+
+
+# --- mp: the server sidecar and what it needs (kvmesh.core.mp) -------------------------------
+
+def _mp_plan(s: _Pod) -> mp.Plan:
+    pol, ov = s.ctx.policy, s.ov
+    namespace = s.ctx.namespace or str(s.meta.get("namespace") or "default")
+    gpu_all = (ov.mp_gpu_visibility or pol.mp_gpu_visibility) == "all"
+    rpc, p2p, http = s.mp
+    return mp.Plan(
+        rpc_port=rpc, p2p_port=p2p, http_port=http,
+        coordinator_url=mp.coordinator_url(ov.group or pol.group, namespace),
+        l1_gb=mp.l1_gb(ov.cpu_cache_gb, s.flags.offload_size, pol.cpu_cache_gb, s.warnings),
+        chunk_size=pol.chunk_size, hash_seed=_hash_seed(s, namespace, ov.group or pol.group),
+        transfer_mode=mp.transfer_mode(s.c, gpu_all, s.user_kv),
+        isolated_ipc=mp.user_isolated_ipc(s.user_kv),
+        gpu_all=gpu_all, host_network=s.spec.get("hostNetwork") is True)
+
+
+def _mp_drop_user_flag(s: _Pod) -> None:
+    """The user's own --kv-transfer-config gives way to kvmesh's merged one."""
+    if s.flags.kv_transfer is None and not s.flags.kv_transfer_dotted:
+        return
+    c, ln = s.c, s.launch
+    if ln.form in ("exec", "args-only"):
+        for k in ("command", "args"):
+            if c.get(k):
+                c[k] = mp.remove_flag(c[k])
+    elif ln.form == "shell" and s.flags.kv_transfer_dotted:
+        raise _Skip(R_SCRIPT, f"container {c['name']!r}: mp mode must rewrite the dotted "
+                              f"{contract.KV_TRANSFER_FLAG}.* options in the script; pass one "
+                              f"JSON {contract.KV_TRANSFER_FLAG} instead")
+    # shell form with JSON: kvmesh's value goes after the user's; vLLM keeps the last one
+
+
+def mp_server(s: _Pod) -> None:
+    if s.mode != names.MODE_MP:
+        mp.unplace(s.spec)  # a template injected in mp mode before
+        return
+    mp.place(s.spec, mp.sidecar(s.mp, s.c))  # the plan the flag step made
 
 
 # --- stamp: the peer-group label and the status annotation -----------------------------------
@@ -971,7 +1057,7 @@ def stamp(s: _Pod) -> None:
                           "upstream LMCache P2P does not work across ranks (LMCache#2405)")
     status = {"injected": True, "mode": s.mode, "modeReason": s.mode_reason,
               "container": s.c["name"], "group": group, "version": __version__,
-              "hash": _hash(s.mode, s.c)}
+              "hash": _hash(s.mode, s.c, s.spec.get("initContainers"))}
     if s.ctx.policy_name:
         status["policy"] = s.ctx.policy_name
     if s.cache_note:  # an adjustment the owner should see (the controller makes it an Event)
@@ -983,15 +1069,18 @@ def _set_status(annotations: dict, status: dict) -> None:
     annotations[names.ANN_STATUS] = orjson.dumps(status, option=orjson.OPT_SORT_KEYS).decode()
 
 
-def _hash(mode: str, c: dict) -> str:
-    """Digest of what kvmesh controls in the container; equal across re-injections."""
+def _hash(mode: str, c: dict, inits: Optional[list] = None) -> str:
+    """Digest of what kvmesh controls in the container (and mp mode's server sidecar); equal
+    across re-injections."""
     # Unsorted JSON is deterministic here (kvmesh builds these values in a fixed order) and
     # an order of magnitude cheaper than a sorted dump or repr.
-    material = (mode, c.get("env"), c.get("ports"), c.get("command"), c.get("args"))
+    material: tuple = (mode, c.get("env"), c.get("ports"), c.get("command"), c.get("args"))
+    if mode == names.MODE_MP:
+        material += tuple(x for x in inits or () if x.get("name") == names.MP_SIDECAR)
     digest = hashlib.sha256(orjson.dumps(material)).hexdigest()
     return "sha256:" + digest[:16]
 
 
 PIPELINE = (prepare, opt_in, target, evidence, other_injector, image, roles, offloading,
-            connector, elsewhere, mode, understood, parallelism, memory, ports, env,
-            container_ports, flag, stamp)
+            connector, elsewhere, mode, mp_gate, understood, parallelism, memory, ports, env,
+            container_ports, flag, mp_server, stamp)

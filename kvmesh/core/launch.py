@@ -244,6 +244,9 @@ class Flags:
     port: Optional[str] = None
     kv_transfer: Optional[str] = None  # the JSON string as given
     kv_transfer_dotted: dict = field(default_factory=dict)  # --kv-transfer-config.key=value
+    # vLLM's own switch to LMCache's multiprocess connector (mp mode evidence)
+    offload_backend: Optional[str] = None
+    offload_size: Optional[str] = None
     has_config_file: bool = False
     offload_size: Optional[str] = None  # vLLM's native offloading (--kv-offloading-*)
     offload_backend: Optional[str] = None

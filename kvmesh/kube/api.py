@@ -142,6 +142,10 @@ class Kube:
 
     # --- reads ---------------------------------------------------------------------------------
 
+    async def server_version(self) -> dict:
+        """The API server's /version (major, minor, gitVersion, ...)."""
+        return await self._call("GET", "/version", timeout=10)
+
     async def get(self, api_version: str, kind: str, name: str,
                   namespace: Optional[str] = None) -> Optional[dict]:
         """The object, or None when it does not exist."""

@@ -4,7 +4,8 @@ vllm-0.33.0 venv) and report the configs they build, without serving.
 
 Protocol (driven through tests/consumers/consumers.py run_probe):
 
-  stdin:  {"cases": [{"cmd": "server"|"coordinator", "argv": [...], "env": {...}}, ...]}
+  stdin:  {"cases": [{"cmd": "server"|"coordinator", "argv": [...], "env": {...}}
+                     | {"cmd": "connector", "extra": {...}, "parallel": [tp, pp]}, ...]}
   stdout: {"lmcache_version": "...", "results": [{"ok": true, "config": {...}}
                                                  | {"ok": false, "error": "..."}, ...]}
 
@@ -54,7 +55,48 @@ def plain(obj):
     return repr(obj)
 
 
+def connector_case(case: dict) -> dict:
+    """What LMCache's own MP connector (lmcache.integration.vllm.lmcache_mp_connector) makes of
+    a kv_connector_extra_config: the server URL it connects to (single-server form), the
+    extra config as its adapters resolve it, and the transfer mode create_transfer_context
+    would use; plus the ParallelStrategy it builds for each rank of case["parallel"]
+    (tp, pp), through its own build_parallel_strategy_from_vllm_config."""
+    from types import SimpleNamespace
+
+    from lmcache.integration.vllm import lmcache_mp_connector as conn
+    from lmcache.integration.vllm import vllm_multi_process_adapter as ad
+    from lmcache.v1.multiprocess.transfer_context import worker_transfer
+
+    extra = case["extra"]
+    resolved = ad._resolve_extra_config(extra)
+    out = {"resolved": resolved,
+           "server_url": conn._ensure_transport_scheme(
+               f"{extra.get('lmcache.mp.host', 'tcp://localhost')}:"
+               f"{extra.get('lmcache.mp.port', 5555)}"),
+           "uses_server_urls": bool(extra.get("lmcache.mp.server_urls")),
+           "autostart": conn.is_mp_server_autostart_enabled(extra),
+           "transfer_mode": worker_transfer._resolve_mode(resolved["mp_transfer_mode"]).value}
+    tp, pp = case.get("parallel", (1, 1))
+    ranks = []
+    for rank in range(tp * pp):
+        pc = SimpleNamespace(world_size=tp * pp, rank=rank, tensor_parallel_size=tp,
+                             pipeline_parallel_size=pp, decode_context_parallel_size=1)
+        vc = SimpleNamespace(parallel_config=pc, model_config=SimpleNamespace(
+            use_mla=False, is_deepseek_mla=False))
+        ps = conn.build_parallel_strategy_from_vllm_config(vc, 1)
+        ranks.append({"kv_world_size": ps.kv_world_size, "kv_worker_id": ps.kv_worker_id,
+                      "is_kv_writer": ps.is_kv_writer, "mla_only": ps.mla_only})
+    out["ranks"] = ranks
+    return {"ok": True, "config": plain(out)}
+
+
 def run_case(case: dict) -> dict:
+    if case["cmd"] == "connector":
+        try:
+            return connector_case(case)
+        except BaseException as e:  # noqa: BLE001 - report, never crash the batch
+            return {"ok": False, "error": f"{type(e).__name__}: {e}",
+                    "trace": traceback.format_exc()[-1500:]}
     cmd = {"server": ServerCommand, "coordinator": CoordinatorCommand}[case["cmd"]]()
     parser = argparse.ArgumentParser(prog=f"lmcache {case['cmd']}", exit_on_error=False)
     cmd.add_arguments(parser)

@@ -4,7 +4,9 @@ the REAL consumers, before any injection code exists: LMCache 0.5.6's own `lmcac
 before they serve) and vLLM 0.33.0's `vllm serve` parser + KVTransferConfig + connector import
 (probe_vllm.py).
 
-When the injection lands, its generated argv/env replace SERVER_ARGV/SERVER_ENV here.
+The argv here is hand-written so that each refusal can be shown on a minimal variant; what the
+injection really generates (kvmesh.core.mp, the mp goldens) is checked by the same consumers in
+test_mp_inject.py.
 """
 
 from __future__ import annotations

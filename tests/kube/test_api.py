@@ -129,3 +129,10 @@ async def test_the_client_skips_netrc_lookups_but_keeps_the_environment_proxy(tm
         assert not kube.api.rest_client.proxy
     finally:
         await kube.close()
+
+
+async def test_server_version_reads_the_version_endpoint():
+    t = Transport(Resp(200, {"major": "1", "minor": "31", "gitVersion": "v1.31.0"}))
+    v = await Kube(t).server_version()
+    assert (t.calls[0]["url"], t.calls[0]["method"]) == ("/version", "GET")
+    assert (v["major"], v["minor"]) == ("1", "31")

@@ -152,3 +152,17 @@ def test_memo_is_bounded_in_bytes():
         admission.review(review(pod), pol, memo=memo)
     assert 0 < len(memo) < 40 and memo.bytes <= 200_000
     assert memo.bytes == sum(memo._cost.values())
+
+
+def test_mp_pod_in_a_cluster_without_native_sidecars_is_admitted_untouched_with_reason():
+    mp_pod = {"metadata": {"generateName": "a-", "labels": {"kvmesh.dev/inject": "enabled"},
+                           "annotations": {"kvmesh.dev/mode": "mp"}},
+              "spec": {"containers": [{"name": "v", "image": "lmcache/vllm-openai:v0.5.6",
+                                       "command": ["vllm", "serve", "m"]}]}}
+    resp, out = admission.review(review(mp_pod), PolicyDefaults(), native_sidecars=False)
+    assert resp["response"]["allowed"] is True
+    assert (out.action, out.reason) == ("skip", "native-sidecars-unsupported")
+    patched = jsonpatch.apply_patch(mp_pod, json.loads(base64.b64decode(resp["response"]["patch"])))
+    assert "initContainers" not in patched["spec"]  # only the status annotation was written
+    resp, out = admission.review(review(mp_pod), PolicyDefaults(), native_sidecars=True)
+    assert (out.action, out.mode) == ("inject", "mp")
