@@ -19,16 +19,19 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import mprunner
-from mprunner import CoordinatorPod, DriverPod, ServerPod
-from support import wait_for
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (support)
+import mprunner  # noqa: E402
+from mprunner import CoordinatorPod, DriverPod, ServerPod  # noqa: E402
+from support import wait_for  # noqa: E402
 
-from kvmesh.core import names
+from kvmesh.core import names  # noqa: E402
 
 IMAGE = "lmcache/vllm-openai:v0.5.6"
 CHUNK = 16  # tokens per chunk = vLLM block size of the driver (512 KiB of KV per chunk)
@@ -205,15 +208,41 @@ class MpScenario:
 
     def first_clean_miss(self, b: Member, seed: int, chunks: int, t0: float,
                          bound: float) -> tuple[Optional[float], list[dict]]:
+        """B's lookups of `seed` (which B never fetched, so its own L1 cannot answer) until
+        one is a clean miss; each lookup seen gets `t` (s since t0, when it was sent)."""
         seen = []
         while time.monotonic() - t0 < bound:
+            sent = time.monotonic() - t0
             r = b.driver.call("lookup", seed=seed, chunks=chunks, limit=LOOKUP_LIMIT_S,
                               timeout=LOOKUP_LIMIT_S + 30)
+            r["t"] = round(sent, 2)
             seen.append(r)
             if r["ok"] and r["hit"] == 0 and r["lookup_ms"] < CLEAN_MISS_S * 1000:
                 return time.monotonic() - t0, seen
             time.sleep(0.05)
         return None, seen
+
+    def prime(self, a: Member, b: Member, seed: int, chunks: int) -> dict:
+        """Before an event: B fetches `seed` from A (peered, byte-identical), and A also holds
+        `seed + 1`, which B never looked up: what B asks for after the event."""
+        got = self.share(a, b, seed, chunks)
+        assert got.get("hit") == chunks * CHUNK and got.get("equal"), got
+        st = a.driver.call("store", seed=seed + 1, chunks=chunks)
+        assert st["ok"], st
+        return got
+
+    def _kube(self, *args: str) -> threading.Thread:
+        """A Kubernetes action in the background, as the kubelet reports a change on its own:
+        B's lookups start at the event, not after kubectl's start-up on a loaded machine."""
+        t = threading.Thread(target=self.cluster.kubectl, args=args, daemon=True)
+        t.start()
+        return t
+
+    @staticmethod
+    def _summary(out: "Outcome", seen: list[dict]) -> None:
+        out.slow_lookups = sum(1 for r in seen if r.get("lookup_ms", 0) >= CLEAN_MISS_S * 1000)
+        out.detail["lookups"] = [(r.get("t"), r.get("hit"), round(r.get("lookup_ms") or 0))
+                                 for r in seen[-12:]]
 
     def share(self, a: Member, b: Member, seed: int, chunks: int, bound: float = 20) -> dict:
         """A stores; B fetches until it hits (bounded); returns B's fetch (checked by caller)."""
@@ -237,11 +266,11 @@ class MpScenario:
         a.driver.kill()
         a.server.kill()
         t0 = time.monotonic()
-        self.cluster.kubectl("delete", "pod", "-n", self.namespace, a.name, "--wait=false")
+        action = self._kube("delete", "pod", "-n", self.namespace, a.name, "--wait=false")
         out = Outcome("pod deleted")
-        out.clean_miss_s, seen = self.first_clean_miss(b, seed, chunks, t0, bound)
-        out.slow_lookups = sum(1 for r in seen if r.get("lookup_ms", 0) >= CLEAN_MISS_S * 1000)
-        out.detail["last"] = {k: seen[-1].get(k) for k in ("hit", "lookup_ms")} if seen else {}
+        out.clean_miss_s, seen = self.first_clean_miss(b, seed + 1, chunks, t0, bound)
+        self._summary(out, seen)
+        action.join(60)
         self.members.remove(a)
         return out
 
@@ -250,15 +279,15 @@ class MpScenario:
         """A's server crashes and comes back in the same pod (same IP and ports), as the
         kubelet restarts a native sidecar: the process group is killed, restartCount rises
         in the pod status, the same container starts again with the same emptyDir."""
-        a.driver.kill()
-        old_id = a.server.instance_id
-        a.server.kill()
-        t0 = time.monotonic()
         pod = self.pod(a.name)
         idx = next(i for i, cs in enumerate(pod["status"]["initContainerStatuses"])
                    if cs["name"] == names.MP_SIDECAR)
         count = pod["status"]["initContainerStatuses"][idx].get("restartCount", 0) + 1
-        self.cluster.kubectl(
+        a.driver.kill()
+        old_id = a.server.instance_id
+        a.server.kill()
+        t0 = time.monotonic()
+        action = self._kube(
             "patch", "pod", "-n", self.namespace, a.name, "--subresource=status",
             "--type=json", "-p", json.dumps([{
                 "op": "replace", "value": count,
@@ -266,8 +295,9 @@ class MpScenario:
         a.server = self._server(a.pod, a.state)
         out = Outcome("restart in place", detail={"old_id": old_id,
                                                   "new_id": a.server.instance_id})
-        out.clean_miss_s, seen = self.first_clean_miss(b, seed, chunks, t0, bound)
-        out.slow_lookups = sum(1 for r in seen if r.get("lookup_ms", 0) >= CLEAN_MISS_S * 1000)
+        out.clean_miss_s, seen = self.first_clean_miss(b, seed + 1, chunks, t0, bound)
+        self._summary(out, seen)
+        action.join(60)
         a.server.wait_registered(self.coordinator, SERVER_UP_S)
         out.registered_s = time.monotonic() - t0
         out.detail["old_listed_after_restart"] = old_id in self.coordinator.listed()
@@ -278,7 +308,7 @@ class MpScenario:
             out.peered_s = time.monotonic() - t0
         except mprunner.NotUp:  # (wait_peers stops nothing of B: B's process still runs)
             return out
-        got = self.share(a, b, seed + 1, chunks, bound=bound)
+        got = self.share(a, b, seed + 2, chunks, bound=bound)
         if got.get("hit") and got.get("equal"):
             out.first_hit_s = time.monotonic() - t0
         out.detail["fetch"] = {k: got.get(k) for k in ("hit", "equal", "lookup_ms")}
