@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from kvmesh import __version__
 
-from kvmesh.core import workloads
+from kvmesh.core import names, workloads
 from kvmesh.core import inject
 from kvmesh.core.policy import PolicyDefaults, describe, load_defaults
 
@@ -174,7 +174,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", metavar="FILE",
                    help="policy defaults (YAML: bare defaults or a KVMeshPolicy)")
-    p.add_argument("--mode", choices=("redis", "controller"),
+    p.add_argument("--mode", choices=names.MODES,
                    help="force a mode (overrides the policy file)")
 
 

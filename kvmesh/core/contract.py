@@ -71,6 +71,10 @@ def _version_in_image(image: str) -> Optional[tuple[int, int, int]]:
 
 
 def mode_for_version(version: tuple[int, int, int]) -> str:
+    # LMCache >= 0.5.0 images also ship the multiprocess generation (mp mode), but stay on
+    # controller mode unless the pod or a policy asks for mp: mp needs native sidecars
+    # (Kubernetes >= 1.29), and its GPU path (engine-driven copy without a shared claim) is
+    # unmeasured on GPUs (docs/mp-mode.md, "Default").
     return names.MODE_REDIS if version <= REDIS_MAX_VERSION else names.MODE_CONTROLLER
 
 
@@ -203,6 +207,10 @@ def _env_specs(p: Plan) -> list[EnvSpec]:
         # Telemetry: any user value is the user's choice (tuning without a check).
         EnvSpec("LMCACHE_TRACK_USAGE", "false", tuning=True),
     ]
+    if p.mode == names.MODE_MP:
+        # LMCache runs in the server sidecar (kvmesh.core.mp); vLLM's process only hashes
+        # with the group's seed and stays quiet.
+        return [sp for sp in common_tail if sp.name in ("PYTHONHASHSEED", "LMCACHE_TRACK_USAGE")]
     if p.mode == names.MODE_REDIS:
         lookup = p.redis_address or f"{p.lookup_host}:{p.redis_port}"
         specs = [
@@ -267,6 +275,8 @@ GENERATION_VARS = {
         "LMCACHE_P2P_LOOKUP_PORTS", "LMCACHE_TRANSFER_CHANNEL", "LMCACHE_LMCACHE_INSTANCE_ID",
         "LMCACHE_LMCACHE_WORKER_HEARTBEAT_TIME",
     ),
+    # mp mode: LMCache's settings go to the server sidecar, none to the vLLM container.
+    names.MODE_MP: (),
 }
 # Deprecated aliases that LMCache 0.5.6 drops as unknown keys (docs/lmcache-contract.md,
 # controller mode).

@@ -6,8 +6,10 @@ output changes nothing (the webhook's reinvocationPolicy: IfNeeded relies on it)
 
 `decide` runs the pod through PIPELINE, one named step after another:
 
-    prepare -> opt_in -> target -> parallelism -> connector -> ports -> env
-            -> container_ports -> flag -> stamp
+    prepare -> opt_in -> target -> mp_gate -> parallelism -> connector -> ports -> env
+            -> container_ports -> flag -> mp_server -> stamp
+
+(mp_gate and mp_server act in mp mode only; the mp plan itself is kvmesh.core.mp.)
 
 Each step reads what earlier steps found on a `_Pod` and adds to it. A step ends the pipeline
 by raising `_Deny` (the pod is refused) or `_Skip` (admitted untouched; once the target
@@ -28,7 +30,7 @@ import orjson
 from kvmesh import __version__
 
 from kvmesh.core import names
-from kvmesh.core import contract, launch, limits, overrides
+from kvmesh.core import contract, launch, limits, mp, overrides
 from kvmesh.core.policy import PolicyDefaults
 
 INJECT, SKIP, DENY = "inject", "skip", "deny"
@@ -43,6 +45,8 @@ R_DATA_PARALLEL = "data-parallel-unsupported"
 R_FOREIGN_CONNECTOR = "foreign-connector"
 R_SCRIPT = "script-not-editable"
 R_LIMIT = "limit-exceeded"  # the pod is larger than kvmesh configures (kvmesh.core.limits)
+R_MP_VERSION = "lmcache-version-unsupported"  # mp asked for, image's LMCache < 0.5.0
+R_NO_SIDECARS = "native-sidecars-unsupported"  # mp asked for, cluster without native sidecars
 # Denial reasons.
 R_INVALID_ANNOTATION = "invalid-annotation"
 R_AMBIGUOUS = "ambiguous-container"
@@ -65,6 +69,8 @@ class Context:
     owner_kind: Optional[str] = None
     # The KVMeshPolicy whose defaults `policy` holds (recorded in the status annotation).
     policy_name: Optional[str] = None
+    # Whether the cluster runs native sidecars (mp mode needs them); None: unknown, assumed.
+    native_sidecars: Optional[bool] = None
 
 
 @dataclass
@@ -96,7 +102,8 @@ class _Pod:
 
     __slots__ = ("ctx", "warnings", "pod", "meta", "annotations", "labels", "spec",
                  "containers", "ov", "c", "launch", "env_in", "mode", "mode_reason", "version",
-                 "flags", "ranks", "user_kv", "v0", "ports", "dist", "init", "look", "work")
+                 "flags", "ranks", "user_kv", "v0", "ports", "dist", "init", "look", "work",
+                 "mp")
 
     def __init__(self, pod: dict, ctx: Context, warnings: list[str]):
         self.pod, self.ctx, self.warnings = pod, ctx, warnings
@@ -240,7 +247,8 @@ def target(s: _Pod) -> None:
     c = s.c = containers[idx] = dict(containers[idx])
     s.launch = ln
     s.env_in = c.get("env") or []
-    s.mode, s.mode_reason, s.version = _mode(s.ov, s.ctx.policy, str(c.get("image", "")))
+    s.mode, s.mode_reason, s.version = _mode(s.ov, s.ctx.policy, str(c.get("image", "")),
+                                             ln.flags)
     if len(s.env_in) > limits.MAX_ENV_ENTRIES:
         raise _Skip(R_LIMIT, f"container {c['name']!r} has {len(s.env_in):,} env entries; "
                              f"kvmesh edits containers with at most {limits.MAX_ENV_ENTRIES:,}")
@@ -288,17 +296,31 @@ def _find_container(containers: list[dict], ov: overrides.Overrides
     return found[0]
 
 
-def _mode(ov: overrides.Overrides, policy: PolicyDefaults, image: str
+def _mode(ov: overrides.Overrides, policy: PolicyDefaults, image: str, flags: launch.Flags
           ) -> tuple[str, str, Optional[tuple[int, int, int]]]:
     version = contract.lmcache_version_from_image(image)
     if ov.mode:
         return ov.mode, f"annotation {names.ANN_MODE}", version
     if policy.mode:
         return policy.mode, "policy", version
+    mp_evidence = mp.evidence(flags)  # the pod's own config names LMCache's MP connector
+    if mp_evidence:
+        return names.MODE_MP, mp_evidence, version
     if version is not None:
         m = contract.mode_for_version(version)
         return m, f"image tag: LMCache {contract.fmt_version(version)}", version
     return policy.default_mode, "policy default (the image tag names no LMCache version)", None
+
+
+# --- mp_gate: can mp mode run here at all ----------------------------------------------------
+
+def mp_gate(s: _Pod) -> None:
+    if s.mode != names.MODE_MP:
+        return
+    why = mp.unsupported(s.version, s.ctx.native_sidecars)
+    if why:
+        reason = R_MP_VERSION if why[0] == "lmcache-version" else R_NO_SIDECARS
+        raise _Skip(reason, f"container {s.c['name']!r} ({s.mode_reason}): {why[1]}")
 
 
 # --- parallelism: ranks from the vLLM command line -------------------------------------------
@@ -367,9 +389,12 @@ def connector(s: _Pod) -> None:
     if flags.kv_transfer_dotted:
         user_kv = {**(user_kv or {}), **flags.kv_transfer_dotted}
     s.user_kv = user_kv
+    problem = mp.conflict(mode, user_kv, flags)  # across generations, mp included
+    if problem:
+        raise _Deny(R_CONNECTOR_CONFLICT, f"container {name!r} {problem} ({s.mode_reason})")
     s.v0 = mode == names.MODE_REDIS and s.version is not None \
         and s.version < contract.V0_CONNECTOR_BELOW
-    if user_kv is None:
+    if user_kv is None or mode == names.MODE_MP:
         return
     kind = user_kv.get("kv_connector")
     if kind not in contract.LMCACHE_CONNECTORS:
@@ -392,6 +417,11 @@ def ports(s: _Pod) -> None:
         contract.VLLM_DEFAULT_PORT
     used = _used_ports(s.spec, s.c, vllm_port)
     s.dist = s.init = s.look = s.work = ()
+    if s.mode == names.MODE_MP:  # the server sidecar's ports; none on the vLLM container
+        s.mp = (_pick(pol.mp_rpc_port, used), _pick(pol.mp_p2p_port, used),
+                _pick(pol.mp_http_port, used))
+        s.ports = []
+        return
     if s.mode == names.MODE_REDIS:
         s.dist = (_pick(pol.distributed_port, used),)
         s.ports = [(names.PORT_NAME_DISTRIBUTED, s.dist[0])]
@@ -408,8 +438,8 @@ def _used_ports(spec: dict, target: dict, vllm_port: int) -> limits.PortSet:
     used = {vllm_port}
     for key in ("containers", "initContainers", "ephemeralContainers"):
         for c in spec.get(key) or []:
-            if not isinstance(c, dict):
-                continue
+            if not isinstance(c, dict) or c.get("name") == names.MP_SIDECAR:
+                continue  # (kvmesh's mp server: its ports are re-chosen too)
             for p in c.get("ports") or ():
                 if not isinstance(p, dict):
                     continue
@@ -452,7 +482,7 @@ def env(s: _Pod) -> None:
                             f"{', '.join(shadowed)} in env take precedence over envFrom; set "
                             "them in env to choose your own")
     warnings += notes
-    if user_ip_var is None:  # defined first: $(VAR) only sees variables defined earlier
+    if user_ip_var is None and s.mode != names.MODE_MP:  # first: $(VAR) sees earlier ones
         entries.insert(0, {"name": pod_ip_var,
                            "valueFrom": {"fieldRef": {"fieldPath": contract.POD_IP_FIELD}}})
         index = {n: i + 1 for n, i in index.items()}
@@ -482,7 +512,7 @@ def _plan(s: _Pod, pod_ip_var: str, reuse_names: bool) -> contract.Plan:
 
 
 # Per mode: the other generation's variables, ignored or harmful in this one.
-_FOREIGN = {mode: frozenset(contract.GENERATION_VARS[contract.other_mode(mode)])
+_FOREIGN = {mode: frozenset().union(*[contract.GENERATION_VARS[m] for m in names.MODES])
             - frozenset(contract.GENERATION_VARS[mode]) for mode in names.MODES}
 
 
@@ -519,7 +549,7 @@ def _merge_env(env: list[Optional[dict]], index: dict[Any, int],
                specs: tuple[contract.EnvSpec, ...], pod_ip_var: str,
                instance_ok: tuple[str, ...], warnings: list[str]) -> list[dict]:
     """`env` (the user's entries, edited in place) with every spec applied."""
-    ip_at = index[pod_ip_var]
+    ip_at = index.get(pod_ip_var, len(env))  # (mp mode adds no pod IP variable)
     ref = f"$({pod_ip_var})"
     appended: list[dict] = []
     for spec in specs:
@@ -645,16 +675,25 @@ def container_ports(s: _Pod) -> None:
         if host_network:
             entry["hostPort"] = number  # lets the scheduler keep two replicas off one node
         declared.append(entry)
-    c["ports"] = declared
+    if declared or "ports" in c:  # (mp mode declares its ports on the server sidecar)
+        c["ports"] = declared
 
 
 # --- flag: --kv-transfer-config on the vLLM command line -------------------------------------
 
 def flag(s: _Pod) -> None:
-    if s.user_kv is not None:  # the user's LMCache connector stays as written
-        return
     c, ln = s.c, s.launch
-    value = contract.kv_transfer_json(contract.CONNECTOR_V0 if s.v0 else contract.CONNECTOR_V1)
+    if s.mode == names.MODE_MP:  # always kvmesh's, with the user's own settings merged in
+        s.mp = _mp_plan(s)
+        value = mp.kv_transfer(s.mp, s.user_kv, s.warnings)
+        if s.flags.kv_transfer == value and not s.flags.kv_transfer_dotted:
+            return  # already injected
+        _mp_drop_user_flag(s)
+    elif s.user_kv is not None:  # the user's LMCache connector stays as written
+        return
+    else:
+        value = contract.kv_transfer_json(contract.CONNECTOR_V0 if s.v0 else
+                                          contract.CONNECTOR_V1)
     if ln.form in ("exec", "args-only"):
         c["args"] = list(c.get("args") or []) + [contract.KV_TRANSFER_FLAG, value]
     elif ln.form == "shell":
@@ -664,6 +703,45 @@ def flag(s: _Pod) -> None:
     else:
         s.warnings.append(f"kvmesh found no vLLM command in container {c['name']!r}; add "
                           f"{contract.KV_TRANSFER_FLAG} '{value}' to its vLLM command line")
+
+
+# --- mp: the server sidecar and what it needs (kvmesh.core.mp) -------------------------------
+
+def _mp_plan(s: _Pod) -> mp.Plan:
+    pol, ov = s.ctx.policy, s.ov
+    namespace = s.ctx.namespace or str(s.meta.get("namespace") or "default")
+    gpu_all = (ov.mp_gpu_visibility or pol.mp_gpu_visibility) == "all"
+    rpc, p2p, http = s.mp
+    return mp.Plan(
+        rpc_port=rpc, p2p_port=p2p, http_port=http,
+        coordinator_url=mp.coordinator_url(ov.group or pol.group, namespace),
+        l1_gb=mp.l1_gb(ov.cpu_cache_gb, s.flags.offload_size, pol.cpu_cache_gb, s.warnings),
+        chunk_size=pol.chunk_size, hash_seed=pol.hash_seed,
+        transfer_mode=mp.transfer_mode(s.c, gpu_all, s.user_kv),
+        isolated_ipc=mp.user_isolated_ipc(s.user_kv),
+        gpu_all=gpu_all, host_network=s.spec.get("hostNetwork") is True)
+
+
+def _mp_drop_user_flag(s: _Pod) -> None:
+    """The user's own --kv-transfer-config gives way to kvmesh's merged one."""
+    if s.flags.kv_transfer is None and not s.flags.kv_transfer_dotted:
+        return
+    c, ln = s.c, s.launch
+    if ln.form in ("exec", "args-only"):
+        for k in ("command", "args"):
+            if c.get(k):
+                c[k] = mp.remove_flag(c[k])
+    elif ln.form == "shell" and s.flags.kv_transfer_dotted:
+        raise _Skip(R_SCRIPT, f"container {c['name']!r}: mp mode must rewrite the dotted "
+                              f"{contract.KV_TRANSFER_FLAG}.* options in the script; pass one "
+                              f"JSON {contract.KV_TRANSFER_FLAG} instead")
+    # shell form with JSON: kvmesh's value goes after the user's; vLLM keeps the last one
+
+
+def mp_server(s: _Pod) -> None:
+    if s.mode != names.MODE_MP:
+        return
+    mp.place(s.spec, mp.sidecar(s.mp, s.c))  # the plan the flag step made
 
 
 # --- stamp: the peer-group label and the status annotation -----------------------------------
@@ -694,5 +772,5 @@ def _hash(mode: str, c: dict) -> str:
     return "sha256:" + digest[:16]
 
 
-PIPELINE = (prepare, opt_in, target, parallelism, connector, ports, env, container_ports, flag,
-            stamp)
+PIPELINE = (prepare, opt_in, target, mp_gate, parallelism, connector, ports, env,
+            container_ports, flag, mp_server, stamp)

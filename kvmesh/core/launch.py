@@ -167,6 +167,9 @@ class Flags:
     port: Optional[str] = None
     kv_transfer: Optional[str] = None  # the JSON string as given
     kv_transfer_dotted: dict = field(default_factory=dict)  # --kv-transfer-config.key=value
+    # vLLM's own switch to LMCache's multiprocess connector (mp mode evidence)
+    offload_backend: Optional[str] = None
+    offload_size: Optional[str] = None
     has_config_file: bool = False
 
 
@@ -176,6 +179,8 @@ _ALIASES = {
     "--data-parallel-size": "dp", "-dp": "dp",
     "--port": "port",
     "--kv-transfer-config": "kv_transfer",
+    "--kv-offloading-backend": "offload_backend",
+    "--kv-offloading-size": "offload_size",
 }
 
 

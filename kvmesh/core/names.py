@@ -20,16 +20,24 @@ ANN_ALLOW_PARALLEL = PREFIX + "allow-parallel"
 ANN_GROUP = PREFIX + "group"
 ANN_CPU_CACHE_GB = PREFIX + "cpu-cache-gb"
 ANN_STATUS = PREFIX + "status"
+# mp mode: "all" gives the server sidecar every GPU of the node (docs/mp-mode.md §3, opt-in).
+ANN_MP_GPU_VISIBILITY = PREFIX + "mp-gpu-visibility"
 # Written by the controller on Deployments/StatefulSets; read there, accepted on pods too.
 ANN_INJECT = PREFIX + "inject"
 
 MODE_REDIS = "redis"
 MODE_CONTROLLER = "controller"
-MODES = (MODE_REDIS, MODE_CONTROLLER)
 # LMCache's multiprocess generation (issue 11; docs/mp-mode.md): a per-pod `lmcache server`
-# sidecar and one `lmcache coordinator` per group. Joins MODES once injection handles it.
+# sidecar and one `lmcache coordinator` per group.
 MODE_MP = "mp"
+MODES = (MODE_REDIS, MODE_CONTROLLER, MODE_MP)
 MP_SIDECAR = "kvm-lmcache-server"
+# The sidecar's emptyDir (survives its restarts, not the pod's): the incarnation counter.
+MP_STATE_VOLUME = "kvm-mp-state"
+MP_STATE_DIR = "/kvm-mp"
+# The sidecar's own view of the pod (downward API); referenced as $(VAR) in its args.
+MP_POD_IP_VAR = "POD_IP"
+MP_POD_UID_VAR = "POD_UID"
 # `lmcache coordinator`'s default HTTP port; the Service kvmesh-mp-<group> exposes it.
 COORDINATOR_PORT = 9300
 

@@ -26,6 +26,7 @@ class Overrides:
     allow_parallel: bool = False
     group: Optional[str] = None
     cpu_cache_gb: Optional[float] = None
+    mp_gpu_visibility: Optional[str] = None
 
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -72,6 +73,7 @@ ANNOTATIONS: dict[str, tuple[str, Callable[[str], object]]] = {
     names.ANN_ALLOW_PARALLEL: ("allow_parallel", _bool),
     names.ANN_GROUP: ("group", _group),
     names.ANN_CPU_CACHE_GB: ("cpu_cache_gb", _gb),
+    names.ANN_MP_GPU_VISIBILITY: ("mp_gpu_visibility", _choice("none", "all")),
 }
 # Keys kvmesh writes or that belong to the opt-in flow; accepted without parsing here.
 _PASSIVE = {names.ANN_STATUS, names.ANN_INJECT}

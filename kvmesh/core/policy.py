@@ -28,10 +28,11 @@ class PolicyDefaults(BaseModel):
     )
 
     # Forces a mode for every pod this policy covers; None lets the image tag decide.
-    mode: Optional[Literal["redis", "controller"]] = None
-    # Used when neither annotation, policy mode nor image tag says which generation runs.
-    # The current LMCache generation (0.3.7+) is the safer guess for new images.
-    default_mode: Literal["redis", "controller"] = names.MODE_CONTROLLER
+    mode: Optional[Literal["redis", "controller", "mp"]] = None
+    # Used when neither annotation, policy mode, the pod's own config nor the image tag says
+    # which generation runs. The in-process generation (0.3.7+) is the safer guess for new
+    # images (mp needs native sidecars; docs/mp-mode.md).
+    default_mode: Literal["redis", "controller", "mp"] = names.MODE_CONTROLLER
     group: str = names.DEFAULT_GROUP
     # LMCache's own default is 5 GB; P2P serves only from this CPU tier.
     cpu_cache_gb: float = Field(default=5.0, gt=0, le=4096)
@@ -49,6 +50,16 @@ class PolicyDefaults(BaseModel):
     redis_port: int = Field(default=6379, ge=1, le=65535)
     controller_pull_port: int = Field(default=8300, ge=1, le=65535)
     controller_reply_port: int = Field(default=8400, ge=1, le=65535)
+    # mp mode: the `lmcache server` sidecar's request port (peers send lookups there), its NIXL
+    # handshake port and its loopback-only HTTP port; each moved up past ports the pod uses.
+    mp_rpc_port: int = Field(default=5555, ge=1, le=65535)
+    mp_p2p_port: int = Field(default=8200, ge=1, le=65535)
+    mp_http_port: int = Field(default=8080, ge=1, le=65535)
+    # mp mode: "all" gives the server sidecar every GPU of the node through
+    # NVIDIA_VISIBLE_DEVICES (zero-copy CUDA IPC where the runtime honours it); "none" keeps
+    # it GPU-less (engine-driven transfer) unless the vLLM container's GPUs come from a DRA
+    # claim the sidecar can share (docs/mp-mode.md §3).
+    mp_gpu_visibility: Literal["none", "all"] = "none"
     # An external Redis (host:port) instead of the group's own; the controller then purges there.
     redis_address: Optional[str] = None
     # The image of a controller-mode group's lookup service (lmcache_controller). Unset: LMCache's
