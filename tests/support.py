@@ -19,7 +19,7 @@ from pathlib import Path
 
 import jsonpatch
 
-from kvmesh.core.names import ANN_STATUS, LABEL_PEER_GROUP, MP_SIDECAR
+from kvmesh.core.names import MP_SIDECAR
 from kvmesh.local.net import free_port  # noqa: F401  (the one helper; re-exported for tests)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -237,24 +237,14 @@ def injected_pod(case="01-deployment-vllm-serve", name="p-1", uid="u-1", ip="127
     return pod
 
 
-def mp_pod(name="p-1", uid="u-1", ip="127.64.0.9", sidecar_restarts=0, rpc=6555, p2p=6556):
-    """A Running, Ready mp-mode pod in the shape docs/mp-mode.md §4.1 prescribes (the
-    `lmcache server` native sidecar with its kvm-mp-* ports, the status annotation naming mode
-    mp), with the sidecar's initContainerStatuses. Hand-built for the controller's tests until
-    they can take the webhook's own mp injection."""
-    pod = injected_pod(name=name, uid=uid, ip=ip)
-    ann = json.loads(pod["metadata"]["annotations"][ANN_STATUS])
-    ann.update(mode="mp")
-    pod["metadata"]["annotations"][ANN_STATUS] = json.dumps(ann)
-    pod["metadata"]["labels"][LABEL_PEER_GROUP] = "mp-" + ann.get("group", "default")
-    c = pod["spec"]["containers"][0]
-    c["ports"] = [p for p in c.get("ports") or [] if not p["name"].startswith("kvm-")]
-    c["env"] = [e for e in c.get("env") or [] if not e["name"].startswith("LMCACHE_")]
-    pod["spec"]["initContainers"] = [{
-        "name": MP_SIDECAR, "image": c["image"], "restartPolicy": "Always",
-        "ports": [{"name": "kvm-mp-rpc", "containerPort": rpc},
-                  {"name": "kvm-mp-p2p", "containerPort": p2p}]}]
-    pod["status"]["initContainerStatuses"] = [{
-        "name": MP_SIDECAR, "restartCount": sidecar_restarts, "started": True,
-        "state": {"running": {"startedAt": "2026-11-30T10:00:00Z"}}}]
+def mp_pod(name="p-1", uid="u-1", ip="127.64.0.9", sidecar_restarts=0):
+    """A Running, Ready mp-mode pod as the webhook injects it (golden case 27: the
+    `lmcache server` native sidecar with its kvm-mp-* ports), with the sidecar's
+    initContainerStatuses as the kubelet reports a running native sidecar."""
+    pod = injected_pod("27-mp-annotation", name=name, uid=uid, ip=ip)
+    pod["status"]["initContainerStatuses"] = [
+        {"name": "fetch-model", "restartCount": 0,
+         "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}},
+        {"name": MP_SIDECAR, "restartCount": sidecar_restarts, "started": True,
+         "state": {"running": {"startedAt": "2026-11-30T10:00:00Z"}}}]
     return pod

@@ -38,9 +38,6 @@ def kv_transfer_json(connector: str) -> str:
 # --- LMCache version windows -------------------------------------------------------------
 
 REDIS_MAX_VERSION = (0, 3, 6)  # legacy P2P removed in 0.3.7
-# First stable release with multiprocess P2P (`lmcache server --p2p-*`, `lmcache coordinator`):
-# shared/docs/research/lmcache-mp-on-cpu.md §1.
-MP_MIN_VERSION = (0, 5, 0)
 V0_CONNECTOR_BELOW = (0, 3, 0)  # lmcache.experimental gone from 0.3.0
 
 _VERSION_IN_TAG = re.compile(r"^v?(\d+)\.(\d+)\.(\d+)")

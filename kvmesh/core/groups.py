@@ -105,10 +105,6 @@ def _env(container: dict) -> dict[str, dict]:
     return {e.get("name"): e for e in container.get("env") or [] if isinstance(e, dict)}
 
 
-# Modes whose pods are members (mp until it joins names.MODES).
-MEMBER_MODES = frozenset(names.MODES) | {names.MODE_MP}
-
-
 def _mp_sidecar(pod: dict) -> tuple[Optional[dict], dict]:
     """mp mode: the `lmcache server` native sidecar (initContainers[MP_SIDECAR]) and its
     status (initContainerStatuses; {} when none is reported yet)."""
@@ -193,7 +189,7 @@ def member_from_pod(pod: dict) -> Optional[Member]:
     mode, group = status.get("mode"), status.get("group", names.DEFAULT_GROUP)
     # The status annotation is pod-controlled input (anyone who can create a pod can write
     # it): a group name that does not fit the derived object names makes no member.
-    if (not isinstance(mode, str) or mode not in MEMBER_MODES or not isinstance(group, str)
+    if (not isinstance(mode, str) or mode not in names.MODES or not isinstance(group, str)
             or not GROUP_NAME.match(group)):
         return None
     container = next((c for c in (pod.get("spec") or {}).get("containers") or []

@@ -39,7 +39,7 @@ from typing import Iterable, Optional
 
 from pydantic import ValidationError
 
-from kvmesh.core import contract, names
+from kvmesh.core import contract, mp, names
 from kvmesh.core.groups import PeerGroupId
 from kvmesh.core.policy import LabelSelector, PolicyDefaults
 
@@ -203,8 +203,8 @@ def controller_image(policy: PolicyDefaults, member_images: Iterable[str]) -> st
 def mp_image(policy: PolicyDefaults, member_images: Iterable[str]) -> str:
     """The coordinator's image, chosen like controller_image: the policy's controllerImage, else
     LMCache's published image of the newest member version that has MP P2P
-    (contract.MP_MIN_VERSION), else names.LMCACHE_MP_IMAGE."""
-    return _published_image(policy, member_images, lambda v: v >= contract.MP_MIN_VERSION,
+    (mp.MIN_VERSION), else names.LMCACHE_MP_IMAGE."""
+    return _published_image(policy, member_images, lambda v: v >= mp.MIN_VERSION,
                             names.LMCACHE_MP_IMAGE)
 
 
@@ -314,16 +314,13 @@ def _lmcache_controller(ns: str, gid: PeerGroupId, owner: dict, policy: PolicyDe
 # must stay well above the servers' 1 s heartbeat; the sweep runs every second.
 COORDINATOR_INSTANCE_TIMEOUT = 10
 COORDINATOR_HEALTH_CHECK = 1
-# The hash LMCache's MP servers and connector use (their default); the coordinator resolves pin
-# and blend keys with it, so it must match the servers' --hash-algorithm.
-MP_HASH_ALGORITHM = "blake3"
 
 
 def coordinator_args(chunk_size: int) -> list[str]:
     """`lmcache coordinator`'s flags (lmcache 0.5.6 reads no environment for them,
     cli/commands/coordinator.py:248-335)."""
     return ["--host", "0.0.0.0", "--port", str(names.COORDINATOR_PORT),
-            "--chunk-size", str(chunk_size), "--hash-algorithm", MP_HASH_ALGORITHM,
+            "--chunk-size", str(chunk_size), "--hash-algorithm", mp.HASH_ALGORITHM,  # the servers' (pin/blend keys)
             "--instance-timeout", str(COORDINATOR_INSTANCE_TIMEOUT),
             "--health-check-interval", str(COORDINATOR_HEALTH_CHECK)]
 

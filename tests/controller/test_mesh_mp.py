@@ -123,7 +123,7 @@ async def test_sidecar_restart_deletes_the_previous_incarnation_at_once(coord, s
     await m._on_pod("ADDED", mp_pod(name="b", uid=ub, ip="127.64.0.3"), None)
     dead.crash()  # the sidecar's server died; the kubelet restarted it (incarnation 2)
     a2 = copy.deepcopy(a)
-    a2["status"]["initContainerStatuses"][0]["restartCount"] = 1
+    a2["status"]["initContainerStatuses"][1]["restartCount"] = 1
     t0 = time.monotonic()
     await m._on_pod("MODIFIED", a2, a)  # the purge runs on the watch path
     took = time.monotonic() - t0
@@ -187,7 +187,7 @@ async def test_unreachable_coordinator_is_retried_and_a_live_server_is_not_fough
     b = mp_pod(name="b", uid=ub)
     await m._on_pod("ADDED", b, None)
     b2 = copy.deepcopy(b)
-    b2["status"]["initContainerStatuses"][0]["restartCount"] = 1
+    b2["status"]["initContainerStatuses"][1]["restartCount"] = 1
     await m._on_pod("MODIFIED", b2, b)
     assert not m.pending
     t0 = time.monotonic()

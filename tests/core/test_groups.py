@@ -173,7 +173,9 @@ def test_mp_member_is_named_by_pod_uid_and_sidecar_incarnation():
     assert m.mode == "mp" and m.peer_group.label == "mp-default" and m.is_peer
     assert m.instance_id == names.mp_instance_id("0b4f-77", 3) == "kvm-0b4f-77-3"
     assert m.token == m.instance_id and m.restarts == 2
-    assert m.p2p_ports == (6555, 6556)  # the sidecar's kvm-mp-* ports
+    sidecar = next(c for c in mp_pod()["spec"]["initContainers"] if c["name"] == names.MP_SIDECAR)
+    assert m.p2p_ports == tuple(sorted(p["containerPort"] for p in sidecar["ports"]))
+    assert {p["name"] for p in sidecar["ports"]} == {"kvm-mp-rpc", "kvm-mp-p2p"}
     assert "registration kvm-0b4f-77-3" in groups.Departure(m, "deleted").what
 
 
@@ -181,7 +183,7 @@ def test_mp_vllm_restart_is_not_a_server_departure_but_the_sidecars_is():
     old, new = _mp_changed(lambda p: p["status"]["containerStatuses"][0]
                            .update(restartCount=4))
     assert groups.departure(old, new) is None and new.instance_id == old.instance_id
-    old, new = _mp_changed(lambda p: p["status"]["initContainerStatuses"][0]
+    old, new = _mp_changed(lambda p: p["status"]["initContainerStatuses"][1]
                            .update(restartCount=1))
     d = groups.departure(old, new)
     assert d.reason == "restarted" and d.member.instance_id == "kvm-u-1-1"
@@ -189,7 +191,7 @@ def test_mp_vllm_restart_is_not_a_server_departure_but_the_sidecars_is():
 
 
 @pytest.mark.parametrize("mutate", [
-    lambda p: p["status"]["initContainerStatuses"][0].update(
+    lambda p: p["status"]["initContainerStatuses"][1].update(
         state={"terminated": {"exitCode": 3}}),
     lambda p: p["status"].update(phase="Failed"),
 ])
@@ -204,7 +206,7 @@ def test_mp_stopped_server_is_a_departure(mutate):
 def test_mp_restart_count_that_is_no_count_counts_as_zero(count):
     from support import mp_pod
     p = mp_pod()
-    p["status"]["initContainerStatuses"][0]["restartCount"] = count
+    p["status"]["initContainerStatuses"][1]["restartCount"] = count
     assert groups.member_from_pod(p).instance_id == "kvm-u-1-1"
 
 
@@ -212,8 +214,9 @@ def test_compact_pod_keeps_the_mp_sidecar_and_its_status():
     from support import mp_pod
     for restarts, state in ((0, {"running": {}}), (5, {"terminated": {"exitCode": 1}})):
         p = mp_pod(sidecar_restarts=restarts)
-        p["status"]["initContainerStatuses"][0]["state"] = state
-        p["spec"]["initContainers"][0]["args"] = ["--port=6555"] * 50
+        p["status"]["initContainerStatuses"][1]["state"] = state
         small = groups.compact_pod(p)
         assert groups.member_from_pod(small) == groups.member_from_pod(p)
+        assert small["spec"]["initContainers"][0]["name"] == names.MP_SIDECAR
         assert "args" not in small["spec"]["initContainers"][0]
+        assert len(small["status"]["initContainerStatuses"]) == 1

@@ -201,7 +201,7 @@ def test_group_name_pattern_bounds_every_derived_name():
     from kvmesh.core.groups import GROUP_NAME
     assert GROUP_NAME.match(LONGEST) and not GROUP_NAME.match(LONGEST + "g")
     assert not GROUP_NAME.match("default\n")
-    for mode in (*names.MODES, names.MODE_MP):
+    for mode in names.MODES:
         for obj in _objects(mode, LONGEST):
             name = obj["metadata"]["name"]
             # Service and label values: DNS-1035/1123 labels (63); a StatefulSet's name plus
@@ -242,7 +242,7 @@ def test_controller_image_rejects_non_references(bad):
         PolicyDefaults(controllerImage=bad)
 
 
-@pytest.mark.parametrize("mode", (*names.MODES, names.MODE_MP))
+@pytest.mark.parametrize("mode", names.MODES)
 def test_lookup_pods_restricted_with_limits_and_probes(mode):
     for obj in _objects(mode, "default"):
         if obj["kind"] not in ("Deployment", "StatefulSet"):
