@@ -42,7 +42,7 @@ def coord(tmp_path_factory):
         pytest.fail(f"{e}\n(needed for the real lmcache coordinator: "
                     f"bash tests/consumers/setup_envs.sh {ENV})")
     try:
-        c.wait_up()
+        c.wait_up(timeout=240)
         yield c
     finally:
         c.stop()
@@ -58,7 +58,7 @@ def servers(coord, tmp_path):
                                 "mq_port": 6555} for i in ids],
                        tmp_path, heartbeat=0.5, tag=str(len(made)))
         made.append(r)
-        r.wait_registered()
+        r.wait_registered(timeout=240)  # a loaded 2-core machine
         return r
 
     yield make
