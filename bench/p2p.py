@@ -163,15 +163,16 @@ def mp_fetch_costs(s, chunk_counts: list[int], reps: int) -> None:
 
 
 def mp_events(s, bound: float) -> dict:
-    """Restart in place of one A, then deletion of another A's pod."""
+    """Deletion of one A's pod, then a restart in place of another A (last: without kvmesh
+    it can wedge the restarted server for good)."""
     b = s.members[0]
     out = {}
-    a = s.members[1]
-    s.prime(a, b, seed=9100, chunks=8)
-    out["restart"] = s.restart_in_place(a, b, seed=9100, chunks=8, bound=bound)
     a = s.members[2]
     s.prime(a, b, seed=9200, chunks=8)
     out["deleted"] = s.delete_pod(a, b, seed=9200, chunks=8, bound=bound)
+    a = s.members[1]
+    s.prime(a, b, seed=9100, chunks=8)
+    out["restart"] = s.restart_in_place(a, b, seed=9100, chunks=8, bound=bound)
     return out
 
 
