@@ -208,14 +208,7 @@ def member_from_pod(pod: dict) -> Optional[Member]:
     stopped = False
     port_sources = [container]
     if mode == names.MODE_MP:
-        # The registration belongs to the server sidecar, not to vLLM: its restarts count,
-        # and its id names the pod and the incarnation (docs/mp-mode.md §5).
-        sidecar, sidecar_st = _mp_sidecar(pod)
-        n = sidecar_st.get("restartCount", 0)
-        restarts = n if _is_count(n) else 0
-        instance = names.mp_instance_id(meta.get("uid", ""), restarts + 1)
-        stopped = (pstatus.get("phase") in ("Failed", "Succeeded")
-                   or "terminated" in (sidecar_st.get("state") or {}))
+        restarts, instance, stopped, sidecar = _mp_identity(pod)
         port_sources += [sidecar] if sidecar is not None else []
     elif mode == names.MODE_REDIS:
         url = (env.get("LMCACHE_DISTRIBUTED_URL") or {}).get("value", "")
@@ -241,6 +234,19 @@ def member_from_pod(pod: dict) -> Optional[Member]:
                   policy=status.get("policy"), p2p_ports=tuple(p2p),
                   labels=tuple(sorted((meta.get("labels") or {}).items())),
                   server_stopped=stopped)
+
+
+def _mp_identity(pod: dict) -> tuple[int, str, bool, Optional[dict]]:
+    """mp mode: the registration belongs to the server sidecar, not to vLLM: its restarts
+    count, and its id names the pod and the incarnation (docs/mp-mode.md §5). Returns
+    (restarts, instance id, server stopped for good, the sidecar)."""
+    sidecar, st = _mp_sidecar(pod)
+    n = st.get("restartCount", 0)
+    restarts = n if _is_count(n) else 0
+    uid = (pod.get("metadata") or {}).get("uid", "")
+    stopped = ((pod.get("status") or {}).get("phase") in ("Failed", "Succeeded")
+               or "terminated" in (st.get("state") or {}))
+    return restarts, names.mp_instance_id(uid, restarts + 1), stopped, sidecar
 
 
 def _is_count(n) -> bool:
