@@ -206,8 +206,17 @@ def mp_part(cluster, stack, tmp: Path, chunk_counts: list[int], reps: int, bound
         print(f"  with kvmesh (DELETE + 1 s heartbeat): {_fmt(rows[True][ev])}")
         print(f"  without (LMCache defaults)          : {_fmt(rows[False][ev])}"
               f"{'' if ev == 'deleted' else f' (watched {bound:.0f} s)'}")
-    print("times from the kill of A's server (the Kubernetes action follows within ms); "
-          "a server start here takes 30-90 s on a loaded 2-core machine")
+    o = rows[False]["restart"]
+    if o.registered_s is not None and o.clean_miss_s is not None:
+        won = o.registered_s > o.clean_miss_s
+        print(f"without kvmesh the restarted server registered {'after' if won else 'BEFORE'} B "
+              f"dropped the dead one ({o.registered_s:.0f} s vs {o.clean_miss_s:.0f} s): "
+              + ("healed only because its start outlasted eviction + 4 polls; a faster start "
+                 "(6.5 s in shared/docs/research/lmcache-mp-on-cpu.md) gave no hit in 150 s"
+                 if won else "the predecessor's entry can wedge it (docs/mp-mode.md §5)"))
+    print("times from the kill of A's server; the Kubernetes action (kubectl delete / status "
+          "patch) is started at the same moment beside B's lookups; a server start here takes "
+          "30-90 s on a loaded 2-core machine")
 
 
 def main() -> int:
