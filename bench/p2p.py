@@ -17,9 +17,18 @@ Part 2: time from a peer's death, as Kubernetes shows it, to B's first clean mis
 exception). With kvmesh's controller: the purge. Without it: B is observed for a bounded window;
 the stale keys stay until someone deletes them, then B misses at once.
 
+Part 3 (`--parts mp`): the same questions for the MP generation (LMCache 0.5.6 `lmcache server`
+sidecars + the group's `lmcache coordinator`, tests/p2p/mpscenario.py): B's P2P fetch per chunk
+count, and B's first clean miss after A's pod is deleted and after A's server restarts in place
+(plus, then, when B hits A's new incarnation), with kvmesh (its controller's DELETE, the
+sidecar's predecessor DELETE, 1 s heartbeat, 10 s coordinator eviction) and without it (LMCache's
+defaults: 5 s heartbeat, 30 s eviction swept every 10 s, a random id per server start, nothing
+deleted). Chunks are 16 tokens, 512 KiB of KV (8 layers x 8 heads x 128 dims x K,V x bf16).
+
 Needs: cluster/build.sh (cached), tests/consumers/setup_envs.sh lmcache-0.3.6-engine,
-redis-server, setarch. About 2 minutes on 2 cores. Not part of `make bench` (which does not
-build the engine venv): run it directly.
+redis-server, setarch; for mp also the vllm-0.33.0 venv, the nixl-1.5.1-cu13 overlay and root.
+About 2 minutes on 2 cores for the legacy parts, 10-15 more for mp. Not part of `make bench`
+(which does not build the engine venvs): run it directly.
 """
 
 from __future__ import annotations
@@ -131,6 +140,85 @@ def without_kvmesh(s: P2PScenario, window: float, chunks: int) -> dict:
     return out
 
 
+def mp_fetch_costs(s, chunk_counts: list[int], reps: int) -> None:
+    from mpscenario import CHUNK as MP_CHUNK, KIB_PER_CHUNK
+    b, a = s.members[0], s.members[1]
+    print("\n== Part 3a: mp mode, B fetches a prefix only A holds (coordinator lookup, NIXL "
+          "read over UCX/TCP on loopback) ==")
+    print(f"{'chunks':>6} {'KiB':>6} {'B lookup ms (median, min-max)':>30} {'ms/chunk':>8} "
+          f"{'copy into KV ms':>15}")
+    for n in chunk_counts:
+        looks, copies = [], []
+        for rep in range(reps):
+            got = s.share(a, b, seed=8000 + 100 * n + rep, chunks=n)
+            assert got["hit"] == n * MP_CHUNK and got["equal"], got
+            looks.append(got["lookup_ms"])
+            copies.append(got["retrieve_ms"])
+        med = statistics.median(looks)
+        print(f"{n:>6} {n * KIB_PER_CHUNK:>6} {med:>14.1f} ({min(looks):.1f}-{max(looks):.1f})"
+              f"{'':>3} {med / n:>8.2f} {statistics.median(copies):>15.1f}")
+    print("(lookup = B's scheduler lookup, during which B's server asks A and reads the chunks "
+          "into its L1 over NIXL; copy = the engine-driven CPU copy into B's KV tensors, which "
+          "a GPU node does over CUDA IPC instead; every fetch byte-identical)")
+
+
+def mp_events(s, bound: float) -> dict:
+    """Deletion of one A's pod, then a restart in place of another A (last: without kvmesh
+    it can wedge the restarted server for good)."""
+    b = s.members[0]
+    out = {}
+    a = s.members[2]
+    s.prime(a, b, seed=9200, chunks=8)
+    out["deleted"] = s.delete_pod(a, b, seed=9200, chunks=8, bound=bound)
+    a = s.members[1]
+    s.prime(a, b, seed=9100, chunks=8)
+    out["restart"] = s.restart_in_place(a, b, seed=9100, chunks=8, bound=bound)
+    return out
+
+
+def _fmt(o) -> str:
+    def sec(x):
+        return "never" if x is None else f"{x:.1f} s"
+    txt = f"clean miss {sec(o.clean_miss_s)} ({o.slow_lookups} lookups waited 3 s on the dead peer)"
+    if o.event == "restart in place":
+        txt += (f"; new incarnation registered {sec(o.registered_s)}, B peered "
+                f"{sec(o.peered_s)}, B's first hit {sec(o.first_hit_s)}")
+    return txt
+
+
+def mp_part(cluster, stack, tmp: Path, chunk_counts: list[int], reps: int, bound: float) -> None:
+    from mpscenario import MpScenario
+    rows = {}
+    for kvmesh in (True, False):
+        s = MpScenario(cluster, stack, tmp / ("mp-kvmesh" if kvmesh else "mp-defaults"),
+                       kvmesh=kvmesh)
+        try:
+            s.start(replicas=3)
+            if kvmesh:
+                mp_fetch_costs(s, [n for n in chunk_counts if n <= 32], reps)
+            rows[kvmesh] = mp_events(s, bound)
+        finally:
+            s.stop()
+    print("\n== Part 3b: mp mode, A's death / restart in place -> B (8-chunk prefix only A "
+          "held; clean miss = 0 tokens in < 1 s) ==")
+    for ev in ("deleted", "restart"):
+        print(f"{rows[True][ev].event}:")
+        print(f"  with kvmesh (DELETE + 1 s heartbeat): {_fmt(rows[True][ev])}")
+        print(f"  without (LMCache defaults)          : {_fmt(rows[False][ev])}"
+              f"{'' if ev == 'deleted' else f' (watched {bound:.0f} s)'}")
+    o = rows[False]["restart"]
+    if o.registered_s is not None and o.clean_miss_s is not None:
+        won = o.registered_s > o.clean_miss_s
+        print(f"without kvmesh the restarted server registered {'after' if won else 'BEFORE'} B "
+              f"dropped the dead one ({o.registered_s:.0f} s vs {o.clean_miss_s:.0f} s): "
+              + ("healed only because its start outlasted eviction + 4 polls; a faster start "
+                 "(6.5 s in shared/docs/research/lmcache-mp-on-cpu.md) gave no hit in 150 s"
+                 if won else "the predecessor's entry can wedge it (docs/mp-mode.md §5)"))
+    print("times from the kill of A's server; the Kubernetes action (kubectl delete / status "
+          "patch) is started at the same moment beside B's lookups; a server start here takes "
+          "30-90 s on a loaded 2-core machine")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--chunks", default="1,2,4,8,16,32")
@@ -138,7 +226,12 @@ def main() -> int:
     ap.add_argument("--death-reps", type=int, default=2, help="deaths per kind with kvmesh")
     ap.add_argument("--window", type=float, default=5.0,
                     help="seconds B is observed after a death without kvmesh's controller")
+    ap.add_argument("--parts", default="legacy,mp",
+                    help="legacy (LMCache 0.3.6 engines, Redis lookup) and/or mp")
+    ap.add_argument("--mp-bound", type=float, default=150.0,
+                    help="seconds B is watched after an mp death/restart")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
     chunk_counts = [int(x) for x in args.chunks.split(",")]
     t_start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="kvmesh-bench-p2p-") as tmp:
@@ -148,27 +241,30 @@ def main() -> int:
         s = None
         try:
             stack.apply_manifests()  # the scenario starts webhook and controller with its policy
-            s = P2PScenario(cluster, stack, Path(tmp) / "p2p").start()
-            fetch_costs(s, chunk_counts, args.reps)
-            print("\n== Part 2: peer death -> B's first clean miss (8-chunk prefix) ==")
-            w = with_kvmesh(s, args.death_reps, 8)
-            wo = without_kvmesh(s, args.window, 8)
-            print(f"{'death':>11} | {'with kvmesh: ms to clean miss':>30} | without kvmesh "
-                  f"(observed {args.window:.0f} s)")
-            for kind in KINDS:
-                ms = w[kind]
-                o = wo[kind]
-                if o["blocked"]:
-                    what = f"retrieve BLOCKED for the whole window ({o['stale']} stale-hit lookups)"
-                else:
-                    what = (f"{o['stale']} stale-hit lookups, {o['errors']} retrieves raised "
-                            f"{o['exc']}, {o['clean']} clean misses")
-                flushed = (f"; keys deleted by hand ({o['removed']}) -> clean miss "
-                           f"{o['after_flush_ms']:.0f} ms later" if o["after_flush_ms"] is not None
-                           else "")
-                print(f"{kind:>11} | {'  '.join(f'{x:.0f}' for x in ms):>30} | {what}{flushed}")
-            print("with kvmesh: from the Kubernetes action (kubectl delete / status patch) to the "
-                  "first lookup that misses; includes kubectl's own start-up (~0.1 s)")
+            if "mp" in parts:
+                mp_part(cluster, stack, Path(tmp), chunk_counts, args.reps, args.mp_bound)
+            if "legacy" in parts:
+                s = P2PScenario(cluster, stack, Path(tmp) / "p2p").start()
+                fetch_costs(s, chunk_counts, args.reps)
+                print("\n== Part 2: peer death -> B's first clean miss (8-chunk prefix) ==")
+                w = with_kvmesh(s, args.death_reps, 8)
+                wo = without_kvmesh(s, args.window, 8)
+                print(f"{'death':>11} | {'with kvmesh: ms to clean miss':>30} | without kvmesh "
+                      f"(observed {args.window:.0f} s)")
+                for kind in KINDS:
+                    ms = w[kind]
+                    o = wo[kind]
+                    if o["blocked"]:
+                        what = f"retrieve BLOCKED for the whole window ({o['stale']} stale-hit lookups)"
+                    else:
+                        what = (f"{o['stale']} stale-hit lookups, {o['errors']} retrieves raised "
+                                f"{o['exc']}, {o['clean']} clean misses")
+                    flushed = (f"; keys deleted by hand ({o['removed']}) -> clean miss "
+                               f"{o['after_flush_ms']:.0f} ms later" if o["after_flush_ms"] is not None
+                               else "")
+                    print(f"{kind:>11} | {'  '.join(f'{x:.0f}' for x in ms):>30} | {what}{flushed}")
+                print("with kvmesh: from the Kubernetes action (kubectl delete / status patch) to the "
+                      "first lookup that misses; includes kubectl's own start-up (~0.1 s)")
         finally:
             if s is not None:
                 s.stop()

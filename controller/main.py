@@ -61,8 +61,9 @@ class Metrics:
                               ["loop"], registry=r)
         self.purges = Counter("kvmesh_controller_purges_total", "Lookup-state purges of "
                               "departed peers", ["mode", "reason"], registry=r)
-        self.purged = Counter("kvmesh_controller_purged_total", "Redis keys (redis mode) or "
-                              "worker ranks (controller mode) removed", ["mode"], registry=r)
+        self.purged = Counter("kvmesh_controller_purged_total", "Redis keys (redis mode), "
+                              "worker ranks (controller mode) or coordinator registrations "
+                              "(mp mode) removed", ["mode"], registry=r)
         self.purge_seconds = Histogram("kvmesh_controller_purge_duration_seconds",
                                        "Time to purge one departed peer", ["mode"],
                                        buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1,
@@ -79,6 +80,11 @@ class Metrics:
         self.uninjected = Counter("kvmesh_controller_uninjected_pods_total",
                                   "Opted-in pods admitted without injection (webhook down "
                                   "with failurePolicy Ignore)", registry=r)
+        self.coordinator_deletes = Counter(
+            "kvmesh_controller_coordinator_deletes_total", "mp mode: DELETE /instances/{id} "
+            "of dead server incarnations, by result (confirmed: gone from GET /instances; "
+            "alive: it re-registered, so its server still runs; failed: coordinator "
+            "unreachable or wrong answer, retried)", ["result"], registry=r)
         self.optin = Counter("kvmesh_controller_optin_actions_total", "Workload opt-in "
                              "actions", ["action"], registry=r)
         self.queue_wait = Histogram("kvmesh_controller_queue_wait_seconds", "Time a peer "

@@ -30,6 +30,7 @@ from kvmesh.core import groups, lookup, names
 from kvmesh.core.groups import PeerGroupId
 from kvmesh.core.policy import PolicyDefaults
 from kvmesh.kube.api import ApiError
+from kvmesh.controller import mp
 from kvmesh.controller.health import GroupHealth
 from kvmesh.controller.workqueue import WorkQueue
 from kvmesh.kube import retry
@@ -52,6 +53,7 @@ REPAIR_EVERY = 10
 PEER_GROUP_API = f"{names.API_GROUP}/{names.API_VERSION}"
 
 GroupKey = tuple[str, PeerGroupId]  # (namespace, group)
+PURGED_UNIT = {names.MODE_REDIS: "keys", names.MODE_MP: "registrations"}
 
 
 def _now() -> str:
@@ -273,6 +275,10 @@ class Mesh:
         m = d.member
         if quiet_if_empty and m.mode != names.MODE_REDIS:
             return True
+        if m.mode == names.MODE_MP and not mp.deletes_on(d.reason):
+            # Not a death of its server (the sidecar outlives vLLM and deregisters itself):
+            # not done either, so the incarnation's later death still purges.
+            return False
         gkey = m.group_key
         t0 = time.perf_counter()
         try:
@@ -284,6 +290,8 @@ class Mesh:
                 swept = self.swept.pop(m.address, 0)
                 # Swept keys under a reused address predate the arriving pod: not its purge.
                 removed = res.deleted + (0 if quiet_if_empty else swept)
+            elif m.mode == names.MODE_MP:
+                removed = await mp.purge(self, d)
             else:
                 from kvmesh.backends import lmcache_controller as lmcache_ctrl
                 eps = await self.endpoints(m.namespace, m.peer_group, "pull", "http")
@@ -326,7 +334,7 @@ class Mesh:
                  m.name, d.reason, removed, seconds * 1000)
         self.background(self.event(m, "LookupStatePurged",
                          f"kvmesh removed the lookup state of pod {m.name} ({d.reason}): "
-                         f"{d.what}, {removed} {'keys' if m.mode == 'redis' else 'ranks'} "
+                         f"{d.what}, {removed} {PURGED_UNIT.get(m.mode, 'ranks')} "
                          f"in {seconds * 1000:.0f} ms, so peers miss cleanly instead of "
                          "fetching from a dead address", owners=list(self.owners.get(m.key) or [])))
         return True
@@ -432,6 +440,11 @@ class Mesh:
                 status["lookupAddress"] = f"{idx.host}:{idx.port}"
             except Exception as e:
                 log.debug("lookup Redis of %s/%s not reachable yet: %s", ns, gid, e)
+        if gid.mode == names.MODE_MP and g is not None and g.members:
+            try:  # the coordinator's registrations, by pod and incarnation
+                status.update(await mp.instances_status(self, ns, gid, g))
+            except Exception as e:
+                log.debug("lmcache coordinator of %s/%s not reachable yet: %s", ns, gid, e)
         if gkey in self.empty_at:
             status["emptySince"] = self.empty_at[gkey]
         rec = self.last_purge.get(gkey)
@@ -469,7 +482,8 @@ class Mesh:
         ctrl_ports = sorted({p for m in g.members.values() if m.mode == names.MODE_CONTROLLER
                              for p in m.worker_ports})
         await self.api.apply(lookup.peer_network_policy(
-            ns, gid, owner, ports, bool(isolating), ctrl_ports))
+            ns, gid, owner, ports, bool(isolating), ctrl_ports,
+            peers_any_port=gid.mode == names.MODE_MP))
         policy = f"{ns}/{names.PEER_POLICY_PREFIX}{gid}"
         unselected = sorted(m.name for m in g.members.values() if isolating
                             and not lookup.isolating_policies(policies, [dict(m.labels)]))

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import jsonpatch
 
+from kvmesh.core.names import MP_SIDECAR
 from kvmesh.local.net import free_port  # noqa: F401  (the one helper; re-exported for tests)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -299,3 +300,16 @@ class ApiProxy:
     async def __aexit__(self, *exc):
         await self.runner.cleanup()
         await self.session.close()
+
+
+def mp_pod(name="p-1", uid="u-1", ip="127.64.0.9", sidecar_restarts=0):
+    """A Running, Ready mp-mode pod as the webhook injects it (golden case 31: the
+    `lmcache server` native sidecar with its kvm-mp-* ports), with the sidecar's
+    initContainerStatuses as the kubelet reports a running native sidecar."""
+    pod = injected_pod("31-mp-annotation", name=name, uid=uid, ip=ip)
+    pod["status"]["initContainerStatuses"] = [
+        {"name": "fetch-model", "restartCount": 0,
+         "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}},
+        {"name": MP_SIDECAR, "restartCount": sidecar_restarts, "started": True,
+         "state": {"running": {"startedAt": "2026-11-30T10:00:00Z"}}}]
+    return pod

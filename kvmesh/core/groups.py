@@ -61,6 +61,8 @@ class Member:
     # What must be equal across a group for its chunk keys to match (core.health).
     hash_seed: Optional[str] = None
     chunk_size: Optional[str] = None
+    # mp mode: the server sidecar has stopped for good (terminated, or the pod Failed/Succeeded)
+    server_stopped: bool = False
 
     @property
     def key(self) -> tuple[str, str]:
@@ -96,12 +98,30 @@ class Departure:
     @property
     def what(self) -> str:
         m = self.member
+        if m.mode == names.MODE_MP:
+            return f"coordinator registration {m.instance_id}"
         return (f"{m.address}" if m.mode == names.MODE_REDIS
                 else f"instance {m.instance_id} ({len(m.worker_ports)} ranks)")
 
 
 def _env(container: dict) -> dict[str, dict]:
     return {e.get("name"): e for e in container.get("env") or [] if isinstance(e, dict)}
+
+
+def _mp_sidecar(pod: dict) -> tuple[Optional[dict], dict]:
+    """mp mode: the `lmcache server` native sidecar (initContainers[MP_SIDECAR]) and its
+    status (initContainerStatuses; {} when none is reported yet)."""
+    spec = next((c for c in (pod.get("spec") or {}).get("initContainers") or []
+                 if isinstance(c, dict) and c.get("name") == names.MP_SIDECAR), None)
+    st = next((cs for cs in (pod.get("status") or {}).get("initContainerStatuses") or []
+               if isinstance(cs, dict) and cs.get("name") == names.MP_SIDECAR), None)
+    return spec, st or {}
+
+
+def _kvm_ports(container: dict) -> list[dict]:
+    return [{"name": p.get("name"), "containerPort": p.get("containerPort")}
+            for p in container.get("ports") or [] if isinstance(p, dict)
+            and str(p.get("name", "")).startswith(names.PORT_NAME_PREFIX)]
 
 
 # The env of the injected container that member_from_pod reads; nothing else of it is kept.
@@ -136,9 +156,7 @@ def compact_pod(pod: dict) -> dict:
             "name": c.get("name"), "image": c.get("image", ""),
             "env": [e for e in c.get("env") or []
                     if isinstance(e, dict) and e.get("name") in MEMBER_ENV],
-            "ports": [{"name": p.get("name"), "containerPort": p.get("containerPort")}
-                      for p in c.get("ports") or [] if isinstance(p, dict)
-                      and str(p.get("name", "")).startswith(names.PORT_NAME_PREFIX)]})
+            "ports": _kvm_ports(c)})
     st = pod.get("status") or {}
     cstatus: dict = {k: st[k] for k in ("phase", "podIP") if k in st}
     cstatus["conditions"] = [{"type": c.get("type"), "status": c.get("status")}
@@ -148,8 +166,17 @@ def compact_pod(pod: dict) -> dict:
         {"name": cs.get("name"), "restartCount": cs.get("restartCount", 0)}
         for cs in st.get("containerStatuses") or []
         if isinstance(cs, dict) and cs.get("name") == wanted]
+    spec: dict = {"containers": containers}
+    sidecar, sidecar_st = _mp_sidecar(pod)
+    if sidecar is not None:
+        spec["initContainers"] = [{"name": names.MP_SIDECAR, "ports": _kvm_ports(sidecar)}]
+    if sidecar_st:
+        state = sidecar_st.get("state")
+        cstatus["initContainerStatuses"] = [{
+            "name": names.MP_SIDECAR, "restartCount": sidecar_st.get("restartCount", 0),
+            "state": {k: {} for k in state} if isinstance(state, dict) else {}}]
     return {"apiVersion": pod.get("apiVersion", "v1"), "kind": pod.get("kind", "Pod"),
-            "metadata": cmeta, "spec": {"containers": containers}, "status": cstatus}
+            "metadata": cmeta, "spec": spec, "status": cstatus}
 
 
 def member_from_pod(pod: dict) -> Optional[Member]:
@@ -165,7 +192,8 @@ def member_from_pod(pod: dict) -> Optional[Member]:
     mode, group = status.get("mode"), status.get("group", names.DEFAULT_GROUP)
     # The status annotation is pod-controlled input (anyone who can create a pod can write
     # it): a group name that does not fit the derived object names makes no member.
-    if mode not in names.MODES or not isinstance(group, str) or not GROUP_NAME.match(group):
+    if (not isinstance(mode, str) or mode not in names.MODES or not isinstance(group, str)
+            or not GROUP_NAME.match(group)):
         return None
     container = next((c for c in (pod.get("spec") or {}).get("containers") or []
                       if isinstance(c, dict) and c.get("name") == status.get("container")), None)
@@ -180,7 +208,12 @@ def member_from_pod(pod: dict) -> Optional[Member]:
     env = _env(container)
     address = instance = None
     ports: tuple[int, ...] = ()
-    if mode == names.MODE_REDIS:
+    stopped = False
+    port_sources = [container]
+    if mode == names.MODE_MP:
+        restarts, instance, stopped, sidecar = _mp_identity(pod)
+        port_sources += [sidecar] if sidecar is not None else []
+    elif mode == names.MODE_REDIS:
         url = (env.get("LMCACHE_DISTRIBUTED_URL") or {}).get("value", "")
         port = url.rsplit(":", 1)[-1] if ":" in url else ""
         address = f"{ip}:{port}" if ip and port.isdigit() else None
@@ -193,7 +226,7 @@ def member_from_pod(pod: dict) -> Optional[Member]:
         raw = (env.get("LMCACHE_LMCACHE_WORKER_PORTS") or {}).get("value", "")
         ports = tuple(int(p) for p in raw.split(",")[:MAX_RANKS]
                       if p.strip().isdigit() and 0 < int(p) <= 65535)
-    p2p = sorted({p["containerPort"] for p in container.get("ports") or []
+    p2p = sorted({p["containerPort"] for c in port_sources for p in c.get("ports") or []
                   if isinstance(p, dict) and isinstance(p.get("containerPort"), int)
                   and str(p.get("name", "")).startswith(names.PORT_NAME_PREFIX)})
     return Member(namespace=meta.get("namespace", ""), name=meta.get("name", ""),
@@ -204,13 +237,31 @@ def member_from_pod(pod: dict) -> Optional[Member]:
                   policy=status.get("policy"), p2p_ports=tuple(p2p),
                   labels=tuple(sorted((meta.get("labels") or {}).items())),
                   hash_seed=_str_value(env.get("PYTHONHASHSEED")),
-                  chunk_size=_str_value(env.get("LMCACHE_CHUNK_SIZE")))
+                  chunk_size=_str_value(env.get("LMCACHE_CHUNK_SIZE")),
+                  server_stopped=stopped)
 
 
 def _str_value(entry: Optional[dict]) -> Optional[str]:
     """A plain env value as a short string; None for valueFrom or absent (not comparable)."""
     v = (entry or {}).get("value")
     return str(v)[:32] if v is not None else None
+
+
+def _mp_identity(pod: dict) -> tuple[int, str, bool, Optional[dict]]:
+    """mp mode: the registration belongs to the server sidecar, not to vLLM: its restarts
+    count, and its id names the pod and the incarnation (docs/mp-mode.md §5). Returns
+    (restarts, instance id, server stopped for good, the sidecar)."""
+    sidecar, st = _mp_sidecar(pod)
+    n = st.get("restartCount", 0)
+    restarts = n if _is_count(n) else 0
+    uid = (pod.get("metadata") or {}).get("uid", "")
+    stopped = ((pod.get("status") or {}).get("phase") in ("Failed", "Succeeded")
+               or "terminated" in (st.get("state") or {}))
+    return restarts, names.mp_instance_id(uid, restarts + 1), stopped, sidecar
+
+
+def _is_count(n) -> bool:
+    return type(n) is int and 0 <= n < 1 << 31
 
 
 def departure(old: Optional[Member], new: Optional[Member]) -> Optional[Departure]:
@@ -228,6 +279,8 @@ def departure(old: Optional[Member], new: Optional[Member]) -> Optional[Departur
         return Departure(old, "ip-changed")
     if new.restarts > old.restarts:
         return Departure(old, "restarted")
+    if new.server_stopped and not old.server_stopped:
+        return Departure(old, "server-stopped")
     if new.terminating and not old.terminating:
         return Departure(old, "terminating")
     if old.ready and not new.ready:

@@ -14,6 +14,12 @@ env settings are overridden by argparse defaults), heartbeat port on, health che
 image the policy names (`controllerImage`, default names.LMCACHE_CONTROLLER_IMAGE); bound to its stable DNS name so the heartbeat URL it hands
 out survives a reschedule.
 
+mp mode: `lmcache coordinator` (LMCache's multiprocess generation, docs/mp-mode.md §2) as a
+Deployment with exactly one replica and `strategy: Recreate` (two coordinators behind one
+Service would split the membership), `--chunk-size` and `--hash-algorithm` equal to the
+servers', a 1 s health sweep and a 10 s instance timeout (the backstop for deaths the controller
+does not see), readiness and liveness on `GET /healthz`.
+
 NetworkPolicies (both Ingress only): `kvmesh-lookup-<gid>` lets only the group's pods (and
 kvmesh) reach the lookup service. `kvmesh-peers-<gid>` selects the group's vLLM pods and lets
 only the group's pods reach their P2P ports (`kvm-*` containerPorts), and in controller mode the
@@ -33,7 +39,7 @@ from typing import Iterable, Optional
 
 from pydantic import ValidationError
 
-from kvmesh.core import contract, hashseed, names
+from kvmesh.core import contract, hashseed, mp, names
 from kvmesh.core.groups import PeerGroupId
 from kvmesh.core.policy import LabelSelector, PolicyDefaults
 
@@ -169,9 +175,22 @@ def desired(group_obj: dict, policy: PolicyDefaults,
         if policy.redis_address:
             return [network_policy(ns, gid, owner, lookup_ports=[])]  # external Redis
         return _redis(ns, gid, owner, policy, redis_password_sha256)
+    if gid.mode == names.MODE_MP:  # blake3 chunk hashes: no seed
+        return _mp_coordinator(ns, gid, owner, policy, mp_image(policy, member_images))
     seed = hashseed.for_group(policy.hash_seed, hash_seed_key, ns, gid.label)
     return _lmcache_controller(ns, gid, owner, policy, controller_image(policy, member_images),
                                seed)
+
+
+def _published_image(policy: PolicyDefaults, member_images: Iterable[str], usable,
+                     default: str) -> str:
+    if policy.controller_image:
+        return policy.controller_image
+    versions = [v for v in map(contract.lmcache_version_from_image, member_images)
+                if v is not None and usable(v)]
+    if not versions:
+        return default
+    return f"{names.LMCACHE_IMAGE_REPO}:v{contract.fmt_version(max(versions))}"
 
 
 def controller_image(policy: PolicyDefaults, member_images: Iterable[str]) -> str:
@@ -180,13 +199,18 @@ def controller_image(policy: PolicyDefaults, member_images: Iterable[str]) -> st
     whose messages change between releases, so a fixed image would break other versions'
     groups); else names.LMCACHE_CONTROLLER_IMAGE. A member can choose at most which release of
     the official image runs, never another image."""
-    if policy.controller_image:
-        return policy.controller_image
-    versions = [v for v in map(contract.lmcache_version_from_image, member_images)
-                if v is not None and contract.mode_for_version(v) == names.MODE_CONTROLLER]
-    if not versions:
-        return names.LMCACHE_CONTROLLER_IMAGE
-    return f"{names.LMCACHE_IMAGE_REPO}:v{contract.fmt_version(max(versions))}"
+    return _published_image(
+        policy, member_images,
+        lambda v: contract.mode_for_version(v) == names.MODE_CONTROLLER,
+        names.LMCACHE_CONTROLLER_IMAGE)
+
+
+def mp_image(policy: PolicyDefaults, member_images: Iterable[str]) -> str:
+    """The coordinator's image, chosen like controller_image: the policy's controllerImage, else
+    LMCache's published image of the newest member version that has MP P2P
+    (mp.MIN_VERSION), else names.LMCACHE_MP_IMAGE."""
+    return _published_image(policy, member_images, lambda v: v >= mp.MIN_VERSION,
+                            names.LMCACHE_MP_IMAGE)
 
 
 def _redis(ns: str, gid: PeerGroupId, owner: dict, policy: PolicyDefaults,
@@ -291,6 +315,58 @@ def _lmcache_controller(ns: str, gid: PeerGroupId, owner: dict, policy: PolicyDe
     return objs
 
 
+# The coordinator's eviction backstop (docs/mp-mode.md §2): a server silent for this long is
+# dropped from GET /instances (deaths the controller cannot see, e.g. a partitioned node). It
+# must stay well above the servers' 1 s heartbeat; the sweep runs every second.
+COORDINATOR_INSTANCE_TIMEOUT = 10
+COORDINATOR_HEALTH_CHECK = 1
+
+
+def coordinator_args(chunk_size: int) -> list[str]:
+    """`lmcache coordinator`'s flags (lmcache 0.5.6 reads no environment for them,
+    cli/commands/coordinator.py:248-335)."""
+    return ["--host", "0.0.0.0", "--port", str(names.COORDINATOR_PORT),
+            "--chunk-size", str(chunk_size), "--hash-algorithm", mp.HASH_ALGORITHM,  # the servers' (pin/blend keys)
+            "--instance-timeout", str(COORDINATOR_INSTANCE_TIMEOUT),
+            "--health-check-interval", str(COORDINATOR_HEALTH_CHECK)]
+
+
+def _mp_coordinator(ns: str, gid: PeerGroupId, owner: dict, policy: PolicyDefaults,
+                    image: str) -> list[dict]:
+    svc = names.lookup_service_name(gid.mode, gid.group)
+    selector = {names.LABEL_LOOKUP_FOR: gid.label}
+    comp = "lookup-lmcache-coordinator"
+    healthz = {"httpGet": {"path": "/healthz", "port": "http"}}
+    container = {
+        "name": "coordinator", "image": image, "command": ["lmcache", "coordinator"],
+        "args": coordinator_args(policy.chunk_size),
+        "env": [{"name": "LMCACHE_TRACK_USAGE", "value": "false"},
+                {"name": "DO_NOT_TRACK", "value": "1"}],
+        "ports": [{"name": "http", "containerPort": names.COORDINATOR_PORT}],
+        # The registry is in memory; a start on a loaded node takes seconds (python imports).
+        "startupProbe": {**healthz, "periodSeconds": 2, "failureThreshold": 60},
+        "readinessProbe": {**healthz, "periodSeconds": 2},
+        "livenessProbe": {**healthz, "periodSeconds": 10, "timeoutSeconds": 5,
+                          "failureThreshold": 3},
+        # ~650 MB RSS measured idle (shared/docs/research/lmcache-mp-on-cpu.md §2).
+        "resources": {"requests": {"cpu": "100m", "memory": "768Mi"},
+                      "limits": {"cpu": "1", "memory": "2Gi"}}}
+    return [{"apiVersion": "apps/v1", "kind": "Deployment",
+             "metadata": _meta(svc, ns, gid, owner, comp),
+             # One replica, never two at once: a second coordinator splits the membership.
+             "spec": {"replicas": 1, "strategy": {"type": "Recreate"},
+                      "selector": {"matchLabels": selector},
+                      "template": {"metadata": {"labels": {
+                          **selector, "app.kubernetes.io/part-of": "kvmesh"}},
+                          "spec": _pod_spec(container)}}},
+            {"apiVersion": "v1", "kind": "Service",
+             "metadata": _meta(svc, ns, gid, owner, comp),
+             "spec": {"selector": selector,
+                      "ports": [{"name": "http", "port": names.COORDINATOR_PORT,
+                                 "targetPort": "http"}]}},
+            network_policy(ns, gid, owner, lookup_ports=[names.COORDINATOR_PORT])]
+
+
 def network_policy(ns: str, gid: PeerGroupId, owner: dict, lookup_ports: list[int]) -> dict:
     """Only the group's pods (and kvmesh's controller) reach the lookup service."""
     peers = {"podSelector": {"matchLabels": {names.LABEL_PEER_GROUP: gid.label}}}
@@ -326,8 +402,8 @@ def _tcp(ports: Iterable[int]) -> list[dict]:
 
 
 def peer_network_policy(ns: str, gid: PeerGroupId, owner: dict, p2p_ports: Iterable[int],
-                        user_isolated: bool, controller_ports: Iterable[int] = ()
-                        ) -> Optional[dict]:
+                        user_isolated: bool, controller_ports: Iterable[int] = (),
+                        peers_any_port: bool = False) -> Optional[dict]:
     """The group's vLLM pods accept P2P connections only from the group's pods.
 
     controller_ports: the worker ports the group's lmcache_controller connects to (control
@@ -335,7 +411,10 @@ def peer_network_policy(ns: str, gid: PeerGroupId, owner: dict, p2p_ports: Itera
     user_isolated: a user's policy already selects some of the group's pods. Then this policy
     only adds the P2P allowances. Otherwise selecting the pods here would cut every other port
     (the serving port too), so a rule without `from` keeps all non-P2P TCP ports, UDP and SCTP
-    open to everyone, as they were. None when there are no P2P ports."""
+    open to everyone, as they were. None when there are no P2P ports.
+    peers_any_port (mp mode): the group's pods also reach each other on every port, because
+    NIXL's UCX backend opens its data listeners on ephemeral ports besides the two named ones
+    (docs/mp-mode.md §4.3)."""
     ports = sorted(set(p2p_ports))
     if not ports:
         return None
@@ -345,6 +424,9 @@ def peer_network_policy(ns: str, gid: PeerGroupId, owner: dict, p2p_ports: Itera
     ctrl = sorted(set(controller_ports))
     if ctrl:
         ingress.append({"from": [lookup_pods], "ports": _tcp(ctrl)})
+    if peers_any_port:
+        ingress.append({"from": [{"podSelector": {"matchLabels": {
+            names.LABEL_PEER_GROUP: gid.label}}}]})
     if not user_isolated:
         # endPort is GA since Kubernetes 1.25; a single port needs none.
         rest = [{"protocol": "TCP", "port": a, **({"endPort": b} if b > a else {})}

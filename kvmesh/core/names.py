@@ -85,6 +85,10 @@ HASH_SEED_SECRET = "kvmesh-hash-seed"
 # LMCache release of manifests/samples/).
 LMCACHE_IMAGE_REPO = "lmcache/vllm-openai"
 LMCACHE_CONTROLLER_IMAGE = LMCACHE_IMAGE_REPO + ":v0.3.9"
+# The `lmcache coordinator` image of an mp-mode group whose members' tags name no LMCache
+# >= 0.5.0, unless a policy's controllerImage says otherwise: the LMCache release whose wheel
+# the project's consumer tests run (0.5.6).
+LMCACHE_MP_IMAGE = LMCACHE_IMAGE_REPO + ":v0.5.6"
 
 
 def lookup_service_name(mode: str, group: str) -> str:

@@ -155,3 +155,68 @@ def test_compact_pod_keeps_everything_a_member_reads():
         assert len(_json.dumps(small)) < 0.6 * len(_json.dumps(full)), case
         checked += 1
     assert checked >= 3
+
+
+# --- mp mode: the registration belongs to the server sidecar --------------------------------
+
+def _mp_changed(mutate, **kw):
+    from support import mp_pod
+    old = mp_pod(**kw)
+    new = copy.deepcopy(old)
+    mutate(new)
+    return groups.member_from_pod(old), groups.member_from_pod(new)
+
+
+def test_mp_member_is_named_by_pod_uid_and_sidecar_incarnation():
+    from support import mp_pod
+    m = groups.member_from_pod(mp_pod(uid="0b4f-77", sidecar_restarts=2))
+    assert m.mode == "mp" and m.peer_group.label == "mp-default" and m.is_peer
+    assert m.instance_id == names.mp_instance_id("0b4f-77", 3) == "kvm-0b4f-77-3"
+    assert m.token == m.instance_id and m.restarts == 2
+    sidecar = next(c for c in mp_pod()["spec"]["initContainers"] if c["name"] == names.MP_SIDECAR)
+    assert m.p2p_ports == tuple(sorted(p["containerPort"] for p in sidecar["ports"]))
+    assert {p["name"] for p in sidecar["ports"]} == {"kvm-mp-rpc", "kvm-mp-p2p"}
+    assert "registration kvm-0b4f-77-3" in groups.Departure(m, "deleted").what
+
+
+def test_mp_vllm_restart_is_not_a_server_departure_but_the_sidecars_is():
+    old, new = _mp_changed(lambda p: p["status"]["containerStatuses"][0]
+                           .update(restartCount=4))
+    assert groups.departure(old, new) is None and new.instance_id == old.instance_id
+    old, new = _mp_changed(lambda p: p["status"]["initContainerStatuses"][1]
+                           .update(restartCount=1))
+    d = groups.departure(old, new)
+    assert d.reason == "restarted" and d.member.instance_id == "kvm-u-1-1"
+    assert new.instance_id == "kvm-u-1-2"
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda p: p["status"]["initContainerStatuses"][1].update(
+        state={"terminated": {"exitCode": 3}}),
+    lambda p: p["status"].update(phase="Failed"),
+])
+def test_mp_stopped_server_is_a_departure(mutate):
+    old, new = _mp_changed(mutate)
+    d = groups.departure(old, new)
+    assert new.server_stopped and d is not None
+    assert d.reason == "server-stopped" and d.member.instance_id == "kvm-u-1-1"
+
+
+@pytest.mark.parametrize("count", [-1, "3", 1 << 40, None, True])
+def test_mp_restart_count_that_is_no_count_counts_as_zero(count):
+    from support import mp_pod
+    p = mp_pod()
+    p["status"]["initContainerStatuses"][1]["restartCount"] = count
+    assert groups.member_from_pod(p).instance_id == "kvm-u-1-1"
+
+
+def test_compact_pod_keeps_the_mp_sidecar_and_its_status():
+    from support import mp_pod
+    for restarts, state in ((0, {"running": {}}), (5, {"terminated": {"exitCode": 1}})):
+        p = mp_pod(sidecar_restarts=restarts)
+        p["status"]["initContainerStatuses"][1]["state"] = state
+        small = groups.compact_pod(p)
+        assert groups.member_from_pod(small) == groups.member_from_pod(p)
+        assert small["spec"]["initContainers"][0]["name"] == names.MP_SIDECAR
+        assert "args" not in small["spec"]["initContainers"][0]
+        assert len(small["status"]["initContainerStatuses"]) == 1

@@ -274,3 +274,54 @@ def test_group_redis_gets_acls_and_only_the_password_hash():
     assert f"#{lookup.password_sha256(pw)}" in args and pw not in " ".join(args)
     with pytest.raises(ValueError):
         lookup.redis_acl_args("not-a-hash")
+
+
+# --- mp mode: one lmcache coordinator per group ----------------------------------------------
+
+def test_mp_coordinator_is_one_recreated_replica_matching_the_groups_chunk_size():
+    objs = {o["kind"]: o for o in _objects("mp", "team-x", chunkSize=64)}
+    assert set(objs) == {"Deployment", "Service", "NetworkPolicy"}
+    dep, svc, pol = objs["Deployment"], objs["Service"], objs["NetworkPolicy"]
+    assert dep["metadata"]["name"] == svc["metadata"]["name"] == "kvmesh-mp-team-x" \
+        == names.lookup_service_name("mp", "team-x")
+    # Never two coordinators at once: they would split the membership.
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "Recreate"}
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    assert c["command"] == ["lmcache", "coordinator"] and c["image"] == names.LMCACHE_MP_IMAGE
+    args = dict(zip(c["args"][::2], c["args"][1::2]))
+    assert args == {"--host": "0.0.0.0", "--port": "9300", "--chunk-size": "64",
+                    "--hash-algorithm": "blake3", "--instance-timeout": "10",
+                    "--health-check-interval": "1"}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert c["ports"] == [{"name": "http", "containerPort": names.COORDINATOR_PORT}]
+    assert svc["spec"]["ports"] == [{"name": "http", "port": 9300, "targetPort": "http"}]
+    assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"] == \
+        {names.LABEL_LOOKUP_FOR: "mp-team-x"}
+    # Only the group's pods and kvmesh reach the coordinator.
+    (rule,) = pol["spec"]["ingress"]
+    assert rule["ports"] == [{"port": 9300, "protocol": "TCP"}]
+    assert rule["from"][0] == {"podSelector": {"matchLabels": {
+        names.LABEL_PEER_GROUP: "mp-team-x"}}}
+
+
+def test_mp_coordinator_image_is_published_lmcache_with_mp_p2p_or_the_policys():
+    from kvmesh.core.policy import PolicyDefaults
+    pol = PolicyDefaults()
+    assert lookup.mp_image(pol, ["lmcache/vllm-openai:v0.5.1", "lmcache/vllm-openai:v0.4.7",
+                                 "evil.example/x:v9.9.9"]) == "lmcache/vllm-openai:v0.5.1"
+    assert lookup.mp_image(pol, ["lmcache/vllm-openai:v0.4.7"]) == names.LMCACHE_MP_IMAGE
+    assert lookup.mp_image(PolicyDefaults(controllerImage="r/c:1"), []) == "r/c:1"
+
+
+def test_mp_peers_reach_each_other_on_every_port_for_nixls_data_listeners():
+    gid = PeerGroupId("mp", "default")
+    for isolated in (False, True):
+        pol = lookup.peer_network_policy("ns", gid, OWNER, [6555, 6556], isolated,
+                                         peers_any_port=True)
+        peers = {"podSelector": {"matchLabels": {names.LABEL_PEER_GROUP: gid.label}}}
+        assert {"from": [peers]} in pol["spec"]["ingress"]  # no ports: all of them
+        assert pol["spec"]["ingress"][0]["ports"] == [{"protocol": "TCP", "port": 6555},
+                                                      {"protocol": "TCP", "port": 6556}]
+    plain = lookup.peer_network_policy("ns", GID, OWNER, P2P, True)
+    assert all("ports" in r for r in plain["spec"]["ingress"])  # other modes: unchanged
