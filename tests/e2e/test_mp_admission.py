@@ -57,6 +57,8 @@ def test_injected_mp_pods_pass_api_validation_with_a_native_sidecar(devcluster, 
     pod = pods[0]
     for c in pod["spec"]["initContainers"]:
         c.pop("restartPolicy", None)
+    # Opted out, so the webhook leaves it as it is (opted in, it would put the sidecar back).
+    pod["metadata"].setdefault("labels", {})[names.LABEL_INJECT] = names.INJECT_DISABLED
     got = devcluster.kubectl("create", "--dry-run=server", "-o", "json", "-f", "-",
                              input=json.dumps(pod), check=False)
     assert got.returncode != 0 and "startupProbe" in got.stderr, got.stderr

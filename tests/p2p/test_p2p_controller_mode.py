@@ -128,7 +128,10 @@ def offline_pod(name: str, ip: str, ns: str) -> dict:
                       "labels": {names.LABEL_INJECT: "enabled"}},
          "spec": {"containers": [{"name": "vllm", "image": IMAGE,
                                   "command": ["vllm", "serve", "Qwen/Qwen2.5-0.5B-Instruct"]}]}}
-    r = decide(p, Context(ns, PolicyDefaults(cpu_cache_gb=1, heartbeat_seconds=HEARTBEAT_S), selected=True))
+    # With a hash-seed key, as the webhook decides: both engines get their group's one
+    # PYTHONHASHSEED (without it each process hashes with its own random seed: no shared key).
+    r = decide(p, Context(ns, PolicyDefaults(cpu_cache_gb=1, heartbeat_seconds=HEARTBEAT_S),
+                          selected=True, hash_seed_key=b"p2p-test-hash-seed-key.........."))
     assert r.mode == "controller", (r.action, r.reason, r.message)
     r.pod["status"] = {"podIP": ip, "podIPs": [{"ip": ip}], "phase": "Running"}
     return r.pod
