@@ -184,6 +184,7 @@ async def run(kubeconfig: Optional[str], metrics_port: int, cert_interval: float
         mesh.pods.add_handler(events.on_pod)  # injected pods: reductions and warnings
         loops = [mesh.run(), optin.run(kube, metrics),
                  optin.watch_uninjected(kube, metrics, events),
+                 workload_events.run_skipped(kube, events),  # any opt-in path
                  workload_events.run_denials(kube, events),
                  policies.run(kube, mesh, webhook_url,
                               on_error=metrics.errors.labels("policies").inc)]

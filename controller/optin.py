@@ -15,6 +15,7 @@ import asyncio
 import logging
 from typing import Optional
 
+from kvmesh.controller import workload_events
 from kvmesh.core import names
 from kvmesh.kube.api import ApiError, Kube
 
@@ -132,8 +133,9 @@ async def run(kube: Kube, metrics) -> None:
 
 async def watch_uninjected(kube: Kube, metrics, events=None) -> None:
     """Opted-in pods that were admitted without kvmesh's status annotation: the webhook was
-    unreachable under failurePolicy Ignore. Made visible as a metric and an Event. Those with
-    a status were skipped: `events` (controller/workload_events.py) tells their workload."""
+    unreachable under failurePolicy Ignore. Made visible as a metric and an Event. Skipped
+    pods are workload_events.run_skipped's (by their kvmesh.dev/skipped label); one here with
+    a status was skipped by an older webhook, and `events` tells its workload all the same."""
 
     async def on(type_, obj, old):
         # The informer reports ADDED once per pod (relists only report what changed).
@@ -155,21 +157,13 @@ async def watch_uninjected(kube: Kube, metrics, events=None) -> None:
             "(the webhook was unreachable and failurePolicy is Ignore); delete the pod to "
             "have it recreated with injection", "Warning")
 
-    # Injected pods carry the peer-group label and are the membership watch's: excluding them
-    # here keeps one cached copy of each injected pod in the controller, and this watch holds
-    # only the (normally no) pods the webhook missed, as a stub of their metadata.
+    # Injected pods carry the peer-group label and are the membership watch's, skipped ones
+    # the skip label and workload_events.run_skipped's: excluding both keeps one cached copy
+    # of each pod in the controller, and this watch holds only the (normally no) pods the
+    # webhook missed, as a stub of their metadata (plus skipped pods admitted by a webhook
+    # older than the skip label, which still have their status reported from here).
     await kube.informer("v1", "Pod",
                         label_selector=f"{names.LABEL_INJECT}={names.INJECT_ENABLED},"
-                                       f"!{names.LABEL_PEER_GROUP}",
+                                       f"!{names.LABEL_PEER_GROUP},!{names.LABEL_SKIPPED}",
                         handlers=[on], name="opted-in pods not injected",
-                        transform=_stub).run()
-
-
-def _stub(pod: dict) -> dict:
-    meta = pod.get("metadata") or {}
-    ann = meta.get("annotations") or {}
-    return {"metadata": {"name": meta.get("name"), "namespace": meta.get("namespace"),
-                         "uid": meta.get("uid"),
-                         "annotations": {k: ann[k] for k in (names.ANN_STATUS,) if k in ann},
-                         "ownerReferences": [o for o in meta.get("ownerReferences") or []
-                                             if o.get("controller")]}}
+                        transform=workload_events.pod_stub).run()

@@ -12,6 +12,11 @@ workload (`kubectl describe deployment` shows it):
 - InjectionDenied: the webhook refused a pod; the workload controller's FailedCreate Event
   (on a ReplicaSet, a Job, a LeaderWorkerSet's StatefulSet) holds the webhook's message.
 
+Pods come from three watches, each holding a compact stub per pod: injected pods (the
+membership watch, by kvmesh.dev/peer-group), skipped pods (run_skipped, by the
+kvmesh.dev/skipped label the webhook stamps, so pods opted in by their namespace or a
+KVMeshPolicy are seen too) and opted-in pods without either label (optin.watch_uninjected).
+
 The owner is found by walking controller ownerReferences up through the objects a workload
 creates (Pod -> ReplicaSet -> Deployment, Pod -> StatefulSet -> LeaderWorkerSet, Pod -> Job ->
 CronJob), one cached GET per intermediate object. One Event per (workload, kind, reason) per
@@ -299,6 +304,28 @@ def _message(f: Finding, who: str) -> str:
             "warned": "kvmesh injected LMCache P2P with warnings",
             "denied": "kvmesh refused to admit a pod"}[f.kind]
     return f"{head}, first seen on {who}: {f.message}"
+
+
+async def run_skipped(kube, events: WorkloadEvents) -> None:
+    """Watch the pods the webhook skipped, by the kvmesh.dev/skipped label it stamps on them:
+    this sees pods opted in by their namespace's label or a KVMeshPolicy too, which carry no
+    kvmesh.dev/inject label of their own. Skipped pods are few and each is cached as a stub
+    of a few hundred bytes (pod_stub). optin.watch_uninjected leaves labelled pods to this
+    watch, so no pod is held or reported twice."""
+    await kube.informer("v1", "Pod", label_selector=names.LABEL_SKIPPED,
+                        handlers=[events.on_pod], name="skipped pods",
+                        transform=pod_stub).run()
+
+
+def pod_stub(pod: dict) -> dict:
+    """What on_pod reads of a pod, and no more (the informer caches this, not the pod)."""
+    meta = pod.get("metadata") or {}
+    ann = meta.get("annotations") or {}
+    return {"metadata": {"name": meta.get("name"), "namespace": meta.get("namespace"),
+                         "uid": meta.get("uid"),
+                         "annotations": {k: ann[k] for k in (names.ANN_STATUS,) if k in ann},
+                         "ownerReferences": [o for o in meta.get("ownerReferences") or []
+                                             if o.get("controller")]}}
 
 
 async def run_denials(kube, events: WorkloadEvents) -> None:

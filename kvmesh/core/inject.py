@@ -14,8 +14,9 @@ output changes nothing (the webhook's reinvocationPolicy: IfNeeded relies on it)
 (mp_gate and mp_server act in mp mode only; the mp plan itself is kvmesh.core.mp.)
 
 Each step reads what earlier steps found on a `_Pod` and adds to it. A step ends the pipeline
-by raising `_Deny` (the pod is refused) or `_Skip` (admitted untouched; once the target
-container is known, with the reason and message in the status annotation). The rule: kvmesh
+by raising `_Deny` (the pod is refused) or `_Skip` (admitted untouched; once the pod is opted
+in, with the reason and message in the status annotation and the reason in the
+kvmesh.dev/skipped label, which the controller watches). The rule: kvmesh
 injects only what it fully understands. The steps from other_injector to understood each
 name one thing it does not, in the order a user should fix them (what no setting can change
 first). The reasons, and what a user does about each new one, are named once below.
@@ -176,6 +177,9 @@ def decide(pod: Any, ctx: Context) -> Result:
         # An opted-in pod always says why it was not injected (the controller takes an
         # opted-in pod without status for one the webhook never saw).
         name = s.c["name"] if s.c is not None else None
+        # The label lets the controller watch skipped pods by selector, whatever opted them in.
+        s.meta["labels"] = s.labels
+        s.labels[names.LABEL_SKIPPED] = skip.reason
         _set_status(s.annotations, {"injected": False, "reason": skip.reason,
                                     "message": str(skip), "mode": s.mode,
                                     "modeReason": s.mode_reason, "container": name})
@@ -1052,6 +1056,7 @@ def stamp(s: _Pod) -> None:
     # The controller watches injected pods by this label (one watch, no annotation scans).
     s.meta["labels"] = s.labels
     s.labels[names.LABEL_PEER_GROUP] = names.group_id(s.mode, group)
+    s.labels.pop(names.LABEL_SKIPPED, None)  # a template skipped before, now injected
     if s.ranks > 1:  # only now: a pod skipped later must not read "injecting"
         s.warnings.append(f"{names.ANN_ALLOW_PARALLEL}: injecting for {s.ranks} ranks although "
                           "upstream LMCache P2P does not work across ranks (LMCache#2405)")

@@ -119,6 +119,10 @@ POLICY_ENTRY_SUFFIX = ".policies.kvmesh.dev"
 
 # Written by the webhook on injected pods, so the controller can watch exactly its peers.
 LABEL_PEER_GROUP = PREFIX + "peer-group"
+# Written by the webhook on opted-in pods it skipped (value: the skip reason, a short kebab-case
+# word), so the controller can watch them however they were opted in (own label, namespace
+# label, KVMeshPolicy) and say so on their workload; never on an injected pod.
+LABEL_SKIPPED = PREFIX + "skipped"
 # On a group's lookup objects and lookup pods (value: the group id).
 LABEL_LOOKUP_FOR = PREFIX + "lookup-for"
 # NetworkPolicies per group (+ group id): one fences the lookup service, one the P2P ports.

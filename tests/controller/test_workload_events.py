@@ -1,6 +1,6 @@
 """controller/workload_events.py: which statuses become Events, on which workload, how often.
-The API is a small in-memory stand-in here (GETs counted); tests/e2e/test_workload_events.py
-runs the same code against the real API server."""
+The API is a small in-memory stand-in here (GETs counted);
+tests/e2e/test_workload_events_on_cluster.py runs the same code against the real API server."""
 
 from __future__ import annotations
 
@@ -246,3 +246,75 @@ async def test_denial_goes_above_the_replicaset(owned_rs, expect):
     assert [(e[0]["kind"], e[0]["name"]) for e in api.events] == expect
     if expect:
         assert api.events[0][1] == "InjectionDenied" and "'sidecar'" in api.events[0][2]
+
+
+# --- which watch sees which pod: the skip label closes the namespace/policy opt-in gap --------
+
+class Watches(Api):
+    """Api plus informers that list a fixed set of pods through their label selector (the
+    API server's `k`, `!k`, `k=v` forms) and transform, as kvmesh.kube.informer does once."""
+
+    def __init__(self, pods: list[dict], objects: dict):
+        super().__init__(objects)
+        self.pods, self.cached = pods, {}  # watch name -> stubs it holds
+
+    def informer(self, api_version, kind, *, label_selector, handlers, name, transform):
+        def selected(labels: dict) -> bool:
+            for term in label_selector.split(","):
+                k, _, v = term.partition("=")
+                if (k[1:] in labels if k.startswith("!") else
+                        labels.get(k) != v if v else k not in labels):
+                    return False
+            return True
+
+        async def run():
+            held = self.cached[name] = [transform(p) for p in self.pods
+                                        if selected(p["metadata"].get("labels") or {})]
+            for stub in held:
+                for h in handlers:
+                    await h("ADDED", stub, None)
+        return type("Informer", (), {"run": staticmethod(run)})()
+
+
+async def test_a_pod_opted_in_by_its_namespace_is_reported_once_like_a_labelled_one():
+    from kvmesh.controller import optin
+    from kvmesh.core.inject import Context, decide
+
+    def vllm_pod(name, owner, labels, *args):
+        p = owned("Pod", name, "ReplicaSet", owner)
+        p["metadata"]["labels"] = labels
+        p["spec"] = {"containers": [{"name": "vllm", "image": "lmcache/vllm-openai:v0.3.9",
+                                     "command": ["vllm", "serve", "m", *args]}]}
+        return p
+
+    # As the webhook admits them: the pods' own labels, or the namespace's (selected=True).
+    by_ns, by_label = Context(NS, selected=True), Context(NS)
+    enabled = {names.LABEL_INJECT: names.INJECT_ENABLED}
+    admitted = [decide(vllm_pod("ns-0", "rs-ns", {"app": "a"}, "-tp", "2"), by_ns).pod,
+                decide(vllm_pod("ns-1", "rs-ns", {"app": "a"}, "-tp", "2"), by_ns).pod,
+                decide(vllm_pod("lab-0", "rs-lab", dict(enabled), "-tp", "2"), by_label).pod,
+                vllm_pod("missed", "rs-lab", dict(enabled)),  # the webhook never saw it
+                decide(vllm_pod("ok", "rs-ok", dict(enabled)), by_label).pod]
+    assert names.LABEL_INJECT not in admitted[0]["metadata"]["labels"]
+    assert names.LABEL_PEER_GROUP in admitted[-1]["metadata"]["labels"]  # injected
+    objs = {("ReplicaSet", rs): owned("ReplicaSet", rs, "Deployment", d)
+            for rs, d in (("rs-ns", "by-namespace"), ("rs-lab", "by-label"), ("rs-ok", "ok"))}
+    api, m = Watches(admitted, objs), Metrics()
+    m.uninjected = Counter("u", "", registry=CollectorRegistry())
+    ev = we.WorkloadEvents(api, m)
+    await optin.watch_uninjected(api, m, ev)
+    await we.run_skipped(api, ev)
+    await ev.drain()
+    held = {w: [s["metadata"]["name"] for s in stubs] for w, stubs in api.cached.items()}
+    assert held == {"opted-in pods not injected": ["missed"],
+                    "skipped pods": ["ns-0", "ns-1", "lab-0"]}  # each pod in one watch
+    # The stub is compact: name, namespace, uid, the status, the controller reference.
+    assert set(api.cached["skipped pods"][0]["metadata"]) == {
+        "name", "namespace", "uid", "annotations", "ownerReferences"}
+    skipped = sorted((e[0]["kind"], e[0]["name"]) for e in api.events
+                     if e[1] == "InjectionSkipped")
+    assert skipped == [("Deployment", "by-label"), ("Deployment", "by-namespace")]
+    assert all("(parallelism-unsupported)" in e[2] for e in api.events
+               if e[1] == "InjectionSkipped")
+    assert [e[0]["name"] for e in api.events if e[1] == "NotInjected"] == ["missed"]
+    assert m.uninjected._value.get() == 1

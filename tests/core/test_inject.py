@@ -188,6 +188,47 @@ def test_skips_with_named_reason_and_status(args, reason):
     assert "env" not in r.pod["spec"]["containers"][0]
 
 
+def test_skipped_pod_is_labelled_with_its_reason_whatever_opted_it_in():
+    """The controller finds skipped pods by the kvmesh.dev/skipped label: a pod opted in only
+    by its namespace or a policy (no label of its own) must carry it too."""
+    by_label = pod(vllm(args=["-tp", "2"]), labels={"app": "x"})
+    by_namespace = copy.deepcopy(by_label)
+    del by_namespace["metadata"]["labels"][names.LABEL_INJECT]
+    for p, ctx in ((by_label, CTX), (by_namespace, Context("ns", selected=True))):
+        r = decide(p, ctx)
+        assert r.reason == inject.R_PARALLEL
+        assert r.pod["metadata"]["labels"] == {**p["metadata"]["labels"],
+                                               names.LABEL_SKIPPED: inject.R_PARALLEL}
+        assert names.LABEL_SKIPPED not in p["metadata"]["labels"]  # input untouched
+        again = decide(r.pod, ctx)  # the webhook's reinvocation: nothing changes
+        assert again.pod == r.pod
+    bare = pod(vllm(image="busybox", command=("sleep", "1")))
+    del bare["metadata"]["labels"]
+    r = decide(bare, Context("ns", selected=True))  # no labels at all before
+    assert r.pod["metadata"]["labels"] == {names.LABEL_SKIPPED: inject.R_NO_VLLM}
+
+
+def test_skip_label_is_never_on_injected_or_untouched_pods():
+    # A template skipped before (e.g. rendered offline) and injected now loses the label.
+    r = decide(pod(vllm(), labels={names.LABEL_SKIPPED: inject.R_PARALLEL}), CTX)
+    assert r.action == "inject" and names.LABEL_SKIPPED not in r.pod["metadata"]["labels"]
+    assert names.LABEL_PEER_GROUP in r.pod["metadata"]["labels"]
+    opted_out = pod(vllm(args=["-tp", "2"]), labels={names.LABEL_INJECT: "disabled"})
+    not_opted_in = pod(vllm(args=["-tp", "2"]))
+    del not_opted_in["metadata"]["labels"][names.LABEL_INJECT]
+    for p, ctx, reason in ((opted_out, Context("ns", selected=True), inject.R_OPTED_OUT),
+                           (not_opted_in, CTX, inject.R_NOT_OPTED_IN)):
+        r = decide(p, ctx)  # not kvmesh's pod: returned as it came
+        assert r.reason == reason and r.pod is p
+
+
+def test_every_skip_reason_is_a_valid_label_value():
+    import re
+    value = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")  # and short kebab-case
+    reasons = [v for k, v in vars(inject).items() if k.startswith("R_")]
+    assert len(reasons) > 20 and all(value.match(r) for r in reasons), reasons
+
+
 def test_tp_from_env_reference():
     r = decide(pod(vllm(args=["--tensor-parallel-size", "$(TP)"],
                         env=[{"name": "TP", "value": "4"}])), CTX)

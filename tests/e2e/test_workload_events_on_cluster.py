@@ -1,8 +1,9 @@
 """What kvmesh decided about a workload's pods is said on the workload, once (real API server,
 KWOK nodes, the real webhook and controller processes): a Deployment of 20 skipped replicas
-gets one InjectionSkipped Event naming the reason, not twenty; a Deployment whose pods the
-webhook refuses gets an InjectionDenied Event on the Deployment (the API server puts the
-refusal only on the ReplicaSet)."""
+gets one InjectionSkipped Event naming the reason, not twenty, also when the pods are opted in
+only by their namespace's label; a Deployment whose pods the webhook refuses gets an
+InjectionDenied Event on the Deployment (the API server puts the refusal only on the
+ReplicaSet)."""
 
 from __future__ import annotations
 
@@ -72,6 +73,27 @@ def test_twenty_skipped_replicas_make_one_event_on_the_deployment(stack, devclus
          e["firstTimestamp"], e["message"][:120]) for e in mine]
     assert controller_metric(stack, 'kvmesh_controller_workload_events_total{kind="skipped",'
                                     'reason="parallelism-unsupported"}') >= 1
+
+
+def test_pods_opted_in_by_their_namespace_are_reported_too(stack, devcluster, namespace):
+    """No kvmesh.dev/inject label on the pods: the namespace's label opts them in. The webhook
+    stamps kvmesh.dev/skipped on the pods it skips, which is how the controller finds them."""
+    devcluster.kubectl("label", "namespace", namespace, f"{names.LABEL_INJECT}=enabled")
+    apply(devcluster, vllm_deployment("nsopt", namespace, replicas=3,
+                                      extra_args=("--tensor-parallel-size", "2")))
+    got = seen_by_webhook(devcluster, namespace, "app=nsopt", 3)
+    for p in got:
+        labels = p["metadata"]["labels"]
+        assert names.LABEL_INJECT not in labels, labels
+        assert labels.get(names.LABEL_SKIPPED) == "parallelism-unsupported", labels
+    ev = wait_for("an InjectionSkipped Event on the Deployment", lambda: on(
+        kvmesh_events(devcluster, namespace), "Deployment", "nsopt", "InjectionSkipped"), 30)
+    assert "parallelism-unsupported" in ev[0]["message"], ev[0]["message"]
+    time.sleep(3)  # every pod seen: still one Event, none on the pods
+    mine = [e for e in kvmesh_events(devcluster, namespace)
+            if e["reason"].startswith("Injection")]
+    assert len(mine) == 1 and mine[0].get("count", 1) == 1, [
+        (e["reason"], e["involvedObject"]["kind"], e["involvedObject"]["name"]) for e in mine]
 
 
 def test_denied_pods_are_reported_on_the_deployment(stack, devcluster, namespace):
