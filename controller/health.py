@@ -11,7 +11,14 @@ the last answer), so a busy group costs no extra requests per pod event:
   (backends.lmcache_controller.workers) for every peer that has been Ready for
   REGISTER_GRACE_RESYNCS resync periods and was not listed before (once listed, never asked
   again): an engine registers at start, before it is Ready, so one still missing then never
-  will (a version the controller cannot decode, a NetworkPolicy or address it cannot reach).
+  will (a version the controller cannot decode, a NetworkPolicy or address it cannot reach);
+- mp mode: the coordinator's `GET /instances`, read once per reconcile by
+  controller.mp.instances_status (no extra request: it hands the ids over in `mp_listed`):
+  answering or not, and every peer Ready for REGISTER_GRACE_RESYNCS resync periods whose
+  current incarnation (names.mp_instance_id) is absent. Asked afresh each time, not
+  confirmed once: the coordinator evicts a server that stops heartbeating, and the server
+  registers again at its next heartbeat (docs/mp-mode.md §5), so one absent for a whole grace
+  period is not coming back by itself.
 """
 
 from __future__ import annotations
@@ -84,6 +91,11 @@ class GroupHealth:
         self.registered: dict[GroupKey, set[str]] = {}  # monotonic, per group with members
         self.reported: dict[GroupKey, tuple] = {}  # the problems last told in an Event
         self.series: dict[GroupKey, set[str]] = {}  # reasons with a series, per group
+        # mp mode: the ids this reconcile's GET /instances listed (set by mp.instances_status,
+        # taken by _probe; absent: the coordinator did not answer), and per instance id the
+        # monotonic time it was first seen a peer (a new incarnation gets its own grace)
+        self.mp_listed: dict[GroupKey, frozenset[str]] = {}
+        self.mp_since: dict[GroupKey, dict[str, float]] = {}
 
     # --- probes ----------------------------------------------------------------------------
 
@@ -124,14 +136,27 @@ class GroupHealth:
             return None, ()
         return True, tuple(missing)
 
+    def _probe_mp(self, gkey: GroupKey, g: Group, listed: Optional[frozenset[str]]
+                  ) -> tuple[Optional[bool], tuple[str, ...]]:
+        """(coordinator answered, peers past the grace whose registration it does not list)."""
+        if listed is None:
+            return False, ()
+        now, since = time.monotonic(), self.mp_since.get(gkey, {})
+        return True, tuple(m.name for m in sorted(g.peers, key=lambda m: m.name)
+                           if m.instance_id and m.instance_id not in listed
+                           and now - since.get(m.instance_id, now) >= self._grace())
+
     async def _probe(self, gkey: GroupKey, g: Group, status: dict
                      ) -> tuple[Optional[bool], tuple[str, ...]]:
         ns, gid = gkey
+        listed = self.mp_listed.pop(gkey, None)  # this reconcile's, never a stale one
         if time.monotonic() - self.first_seen.setdefault(gkey, time.monotonic()) < self._grace():
             return None, ()  # a new group's lookup service is still starting: not judged
         if gid.mode == names.MODE_REDIS:
             idx = self.mesh.redis.get(status.get("lookupAddress"))
             return idx is not None and idx.subscribed, ()
+        if gid.mode == names.MODE_MP:  # fresh each reconcile, and no request of its own
+            return self._probe_mp(gkey, g, listed)
         last = self.probed.get(gkey)
         if last and time.monotonic() - last[0] < self.mesh.resync_seconds:
             return last[1], last[2]
@@ -152,6 +177,10 @@ class GroupHealth:
         members: list[Member] = list(g.members.values()) if g else []
         now, old = time.monotonic(), self.peer_since.get(gkey, {})
         self.peer_since[gkey] = {m.uid: old.get(m.uid, now) for m in members if m.is_peer}
+        if gkey[1].mode == names.MODE_MP:
+            old = self.mp_since.get(gkey, {})
+            self.mp_since[gkey] = {m.instance_id: old.get(m.instance_id, now)
+                                   for m in members if m.is_peer and m.instance_id}
         problems: list[health.Problem] = []
         if members:
             lookup_ready, unregistered = await self._probe(gkey, g, status)
@@ -159,7 +188,7 @@ class GroupHealth:
             if unregistered and lookup_ready:
                 problems.append(health.Problem(
                     health.NOT_REGISTERED, f"{', '.join(unregistered)} not registered with the "
-                    "group's lmcache_controller", unregistered))
+                    f"group's {_TIER.get(gkey[1].mode, 'lookup tier')}", unregistered))
         previous = ((self.mesh.status_written.get(gkey) or {}).get("conditions")
                     or ((cr or {}).get("status") or {}).get("conditions") or [])
         conds = health.conditions(problems, status.get("readyPeers", 0),
@@ -223,6 +252,8 @@ class GroupHealth:
         self.peer_since.pop(gkey, None)
         self.first_seen.pop(gkey, None)
         self.registered.pop(gkey, None)
+        self.mp_listed.pop(gkey, None)
+        self.mp_since.pop(gkey, None)
         self.reported.pop(gkey, None)
         reasons = self.series.pop(gkey, set())
         if self.metrics:
@@ -235,6 +266,10 @@ class GroupHealth:
                     g.remove(*lbl)
                 except KeyError:
                     pass
+
+
+_TIER = {names.MODE_CONTROLLER: "lmcache_controller",
+         names.MODE_MP: "lmcache coordinator (GET /instances)"}
 
 
 def _now_iso() -> str:
