@@ -3,15 +3,20 @@ controller can see (is the lookup tier answering, did each member register with 
 into the KVMeshPeerGroup's conditions, Events on transitions, and `kvmesh_group_*` metrics.
 
 A group's lookup tier is judged only once the group is REGISTER_GRACE_RESYNCS resync periods
-old (its lookup pod is still starting before that). Probes of the lookup tier run at most once per resync period per group (the event path reuses
-the last answer), so a busy group costs no extra requests per pod event:
+old (its lookup pod is still starting before that). Probes of the lookup tier run at most
+once per resync period per group (the event path reuses the last answer), so a busy group
+costs no extra requests per pod event:
 
-- redis mode: the controller's own subscription to the group's Redis (its address index);
+- redis mode: the controller's own subscription to the group's Redis (its address index),
+  and `peersWithChunks` from that index: the peers whose address some lookup key names;
 - controller mode: the lmcache_controller's fresh per-instance listing
   (backends.lmcache_controller.workers) for every peer that has been Ready for
   REGISTER_GRACE_RESYNCS resync periods and was not listed before (once listed, never asked
   again): an engine registers at start, before it is Ready, so one still missing then never
   will (a version the controller cannot decode, a NetworkPolicy or address it cannot reach);
+  and then its all-instances listing (one request, the controller's 30 s cache): whether it
+  answers at all, and `peersWithChunks`, how many ready peers it holds chunks for (read-only,
+  shown by `kvmesh check --probe`);
 - mp mode: the coordinator's `GET /instances`, read once per reconcile by
   controller.mp.instances_status (no extra request: it hands the ids over in `mp_listed`):
   answering or not, and every peer Ready for REGISTER_GRACE_RESYNCS resync periods whose
@@ -23,6 +28,7 @@ the last answer), so a busy group costs no extra requests per pod event:
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import time
@@ -37,8 +43,6 @@ log = logging.getLogger("kvmesh.health")
 GroupKey = tuple[str, PeerGroupId]
 REGISTER_GRACE_RESYNCS = 4  # 60 s with the default 15 s resync
 PROBE_TIMEOUT_S = 3.0
-# The instance asked for when every peer is already confirmed: only whether the tier answers.
-PROBE_INSTANCE = "kvmesh-probe"
 
 _METRICS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -95,6 +99,11 @@ class GroupHealth:
         # taken by _probe; absent: the coordinator did not answer), and per instance id the
         # monotonic time it was first seen a peer (a new incarnation gets its own grace)
         self.mp_listed: dict[GroupKey, frozenset[str]] = {}
+        # ready peers the lookup tier holds chunks for (controller mode: the lmcache_controller's
+        # key_count, None before LMCache 0.4; redis mode: kvmesh's address index), shown as
+        # status.peersWithChunks by `kvmesh check --probe`
+        self.chunks: dict[GroupKey, Optional[int]] = {}
+        self.chunks_at: dict[GroupKey, float] = {}  # redis mode: when last counted
         self.mp_since: dict[GroupKey, dict[str, float]] = {}
 
     # --- probes ----------------------------------------------------------------------------
@@ -116,6 +125,7 @@ class GroupHealth:
         since = self.peer_since.get(gkey, {})
         confirmed = self.registered.setdefault(gkey, set())
         confirmed &= set(since)  # incarnations that are still peers
+        self.chunks.pop(gkey, None)  # known again only from an answer
         try:
             for m in sorted(g.peers, key=lambda m: m.name):
                 if not m.instance_id or m.uid in confirmed or \
@@ -126,8 +136,10 @@ class GroupHealth:
                     confirmed.add(m.uid)  # registered once: not asked again
                 else:
                     missing.append(m.name)
-            if not asked:  # is it answering at all? (an unknown instance: a fresh empty list)
-                await lmcache_ctrl.workers(url, PROBE_INSTANCE, timeout=PROBE_TIMEOUT_S)
+            # Is it answering at all, and which peers have chunks in it (the all-instances
+            # listing: one request, served from the controller's 30 s cache)?
+            listing = await lmcache_ctrl.workers(url, None, timeout=PROBE_TIMEOUT_S)
+            self.chunks[gkey] = peers_with_chunks(g, listing)
         except lmcache_ctrl.ControllerUnreachable:
             return False, ()
         except lmcache_ctrl.LMCacheControllerError as e:
@@ -146,6 +158,27 @@ class GroupHealth:
                            if m.instance_id and m.instance_id not in listed
                            and now - since.get(m.instance_id, now) >= self._grace())
 
+    async def _redis_chunks(self, gkey: GroupKey, g: Group, idx) -> None:
+        """redis mode's `peersWithChunks`: peers with keys in kvmesh's own address index (one
+        EXISTS over their index sets, once per resync), known only while the index is
+        complete (it catches up after a gap in notifications)."""
+        if idx is None or not idx.index_complete:
+            self.chunks.pop(gkey, None)
+            return
+        if time.monotonic() - self.chunks_at.get(gkey, -1e9) < self.mesh.resync_seconds:
+            return
+        self.chunks_at[gkey] = time.monotonic()
+        from kvmesh.backends.redis_scripts import index_key
+        addrs = sorted({m.address for m in g.peers if m.address})
+        try:
+            self.chunks[gkey] = int(await asyncio.wait_for(
+                idx.redis.exists(*(index_key(a) for a in addrs)), PROBE_TIMEOUT_S)) \
+                if addrs else 0
+        except Exception as e:  # a probe never fails the group's reconcile
+            log.debug("group %s/%s: cannot count the peers in the address index: %s",
+                      gkey[0], gkey[1], e)
+            self.chunks.pop(gkey, None)
+
     async def _probe(self, gkey: GroupKey, g: Group, status: dict
                      ) -> tuple[Optional[bool], tuple[str, ...]]:
         ns, gid = gkey
@@ -154,6 +187,7 @@ class GroupHealth:
             return None, ()  # a new group's lookup service is still starting: not judged
         if gid.mode == names.MODE_REDIS:
             idx = self.mesh.redis.get(status.get("lookupAddress"))
+            await self._redis_chunks(gkey, g, idx)
             return idx is not None and idx.subscribed, ()
         if gid.mode == names.MODE_MP:  # fresh each reconcile, and no request of its own
             return self._probe_mp(gkey, g, listed)
@@ -195,7 +229,10 @@ class GroupHealth:
                                   _now_iso(), previous)
         self._metrics(gkey, conds, problems, status.get("readyPeers", 0))
         self._events(gkey, members, problems, cr)
-        return {"conditions": conds}
+        out: dict = {"conditions": conds}
+        if members and self.chunks.get(gkey) is not None:
+            out["peersWithChunks"] = self.chunks[gkey]
+        return out
 
     def _metrics(self, gkey: GroupKey, conds: list[dict], problems: list[health.Problem],
                  ready: int) -> None:
@@ -254,6 +291,8 @@ class GroupHealth:
         self.registered.pop(gkey, None)
         self.mp_listed.pop(gkey, None)
         self.mp_since.pop(gkey, None)
+        self.chunks.pop(gkey, None)
+        self.chunks_at.pop(gkey, None)
         self.reported.pop(gkey, None)
         reasons = self.series.pop(gkey, set())
         if self.metrics:
@@ -266,6 +305,17 @@ class GroupHealth:
                     g.remove(*lbl)
                 except KeyError:
                     pass
+
+
+def peers_with_chunks(g: Group, listing: list[dict]) -> Optional[int]:
+    """How many of `g`'s ready peers the lmcache_controller's worker listing shows holding
+    keys (its registry's admitted chunks: what another peer's BatchedP2PLookupMsg resolves);
+    None when the listing carries no key_count (LMCache before 0.4's /query_worker_info)."""
+    if any(isinstance(w, dict) and "key_count" not in w for w in listing):
+        return None
+    holding = {w.get("instance_id") for w in listing if isinstance(w, dict)
+               and isinstance(w.get("key_count"), int) and w["key_count"] > 0}
+    return sum(1 for m in g.peers if m.instance_id and m.instance_id in holding)
 
 
 _TIER = {names.MODE_CONTROLLER: "lmcache_controller",
