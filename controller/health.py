@@ -64,9 +64,13 @@ class GroupMetrics:
                                   registry=registry)
         self.ready_peers = Gauge("kvmesh_group_ready_peers", "Ready peers of the group",
                                  labels, registry=registry)
+        self.with_chunks = Gauge("kvmesh_group_peers_with_chunks", "Ready peers the group's "
+                                 "lookup tier holds chunks for (controller and redis modes; "
+                                 "absent when not known)", labels, registry=registry)
 
     def clear(self) -> None:
-        for g in (self.sharing, self.degraded, self.problem_pods, self.ready_peers):
+        for g in (self.sharing, self.degraded, self.problem_pods, self.ready_peers,
+                  self.with_chunks):
             g.clear()
 
 
@@ -243,6 +247,11 @@ class GroupHealth:
         sharing = next(c for c in conds if c["type"] == health.SHARING)["status"] == "True"
         self.metrics.sharing.labels(*lbl).set(1 if sharing else 0)
         self.metrics.ready_peers.labels(*lbl).set(ready)
+        chunks = self.chunks.get(gkey)
+        if chunks is not None:
+            self.metrics.with_chunks.labels(*lbl).set(chunks)
+        else:
+            _remove(self.metrics.with_chunks, lbl)
         now = {p.reason: p for p in problems}
         for reason in self.series.get(gkey, set()) - set(now):
             self.metrics.degraded.remove(*lbl, reason)
@@ -300,11 +309,16 @@ class GroupHealth:
             for reason in reasons:
                 self.metrics.degraded.remove(*lbl, reason)
                 self.metrics.problem_pods.remove(*lbl, reason)
-            for g in (self.metrics.sharing, self.metrics.ready_peers):
-                try:
-                    g.remove(*lbl)
-                except KeyError:
-                    pass
+            for g in (self.metrics.sharing, self.metrics.ready_peers,
+                      self.metrics.with_chunks):
+                _remove(g, lbl)
+
+
+def _remove(gauge, labels: tuple) -> None:
+    try:
+        gauge.remove(*labels)
+    except KeyError:
+        pass
 
 
 def peers_with_chunks(g: Group, listing: list[dict]) -> Optional[int]:
