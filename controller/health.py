@@ -3,19 +3,32 @@ controller can see (is the lookup tier answering, did each member register with 
 into the KVMeshPeerGroup's conditions, Events on transitions, and `kvmesh_group_*` metrics.
 
 A group's lookup tier is judged only once the group is REGISTER_GRACE_RESYNCS resync periods
-old (its lookup pod is still starting before that). Probes of the lookup tier run at most once per resync period per group (the event path reuses
-the last answer), so a busy group costs no extra requests per pod event:
+old (its lookup pod is still starting before that). Probes of the lookup tier run at most
+once per resync period per group (the event path reuses the last answer), so a busy group
+costs no extra requests per pod event:
 
-- redis mode: the controller's own subscription to the group's Redis (its address index);
+- redis mode: the controller's own subscription to the group's Redis (its address index),
+  and `peersWithChunks` from that index: the peers whose address some lookup key names;
 - controller mode: the lmcache_controller's fresh per-instance listing
   (backends.lmcache_controller.workers) for every peer that has been Ready for
   REGISTER_GRACE_RESYNCS resync periods and was not listed before (once listed, never asked
   again): an engine registers at start, before it is Ready, so one still missing then never
-  will (a version the controller cannot decode, a NetworkPolicy or address it cannot reach).
+  will (a version the controller cannot decode, a NetworkPolicy or address it cannot reach);
+  and then its all-instances listing (one request, the controller's 30 s cache): whether it
+  answers at all, and `peersWithChunks`, how many ready peers it holds chunks for (read-only,
+  shown by `kvmesh check --probe`);
+- mp mode: the coordinator's `GET /instances`, read once per reconcile by
+  controller.mp.instances_status (no extra request: it hands the ids over in `mp_listed`):
+  answering or not, and every peer Ready for REGISTER_GRACE_RESYNCS resync periods whose
+  current incarnation (names.mp_instance_id) is absent. Asked afresh each time, not
+  confirmed once: the coordinator evicts a server that stops heartbeating, and the server
+  registers again at its next heartbeat (docs/mp-mode.md §5), so one absent for a whole grace
+  period is not coming back by itself.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import time
@@ -30,8 +43,6 @@ log = logging.getLogger("kvmesh.health")
 GroupKey = tuple[str, PeerGroupId]
 REGISTER_GRACE_RESYNCS = 4  # 60 s with the default 15 s resync
 PROBE_TIMEOUT_S = 3.0
-# The instance asked for when every peer is already confirmed: only whether the tier answers.
-PROBE_INSTANCE = "kvmesh-probe"
 
 _METRICS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -53,9 +64,13 @@ class GroupMetrics:
                                   registry=registry)
         self.ready_peers = Gauge("kvmesh_group_ready_peers", "Ready peers of the group",
                                  labels, registry=registry)
+        self.with_chunks = Gauge("kvmesh_group_peers_with_chunks", "Ready peers the group's "
+                                 "lookup tier holds chunks for (controller and redis modes; "
+                                 "absent when not known)", labels, registry=registry)
 
     def clear(self) -> None:
-        for g in (self.sharing, self.degraded, self.problem_pods, self.ready_peers):
+        for g in (self.sharing, self.degraded, self.problem_pods, self.ready_peers,
+                  self.with_chunks):
             g.clear()
 
 
@@ -84,6 +99,16 @@ class GroupHealth:
         self.registered: dict[GroupKey, set[str]] = {}  # monotonic, per group with members
         self.reported: dict[GroupKey, tuple] = {}  # the problems last told in an Event
         self.series: dict[GroupKey, set[str]] = {}  # reasons with a series, per group
+        # mp mode: the ids this reconcile's GET /instances listed (set by mp.instances_status,
+        # taken by _probe; absent: the coordinator did not answer), and per instance id the
+        # monotonic time it was first seen a peer (a new incarnation gets its own grace)
+        self.mp_listed: dict[GroupKey, frozenset[str]] = {}
+        # ready peers the lookup tier holds chunks for (controller mode: the lmcache_controller's
+        # key_count, None before LMCache 0.4; redis mode: kvmesh's address index), shown as
+        # status.peersWithChunks by `kvmesh check --probe`
+        self.chunks: dict[GroupKey, Optional[int]] = {}
+        self.chunks_at: dict[GroupKey, float] = {}  # redis mode: when last counted
+        self.mp_since: dict[GroupKey, dict[str, float]] = {}
 
     # --- probes ----------------------------------------------------------------------------
 
@@ -104,6 +129,7 @@ class GroupHealth:
         since = self.peer_since.get(gkey, {})
         confirmed = self.registered.setdefault(gkey, set())
         confirmed &= set(since)  # incarnations that are still peers
+        self.chunks.pop(gkey, None)  # known again only from an answer
         try:
             for m in sorted(g.peers, key=lambda m: m.name):
                 if not m.instance_id or m.uid in confirmed or \
@@ -114,8 +140,10 @@ class GroupHealth:
                     confirmed.add(m.uid)  # registered once: not asked again
                 else:
                     missing.append(m.name)
-            if not asked:  # is it answering at all? (an unknown instance: a fresh empty list)
-                await lmcache_ctrl.workers(url, PROBE_INSTANCE, timeout=PROBE_TIMEOUT_S)
+            # Is it answering at all, and which peers have chunks in it (the all-instances
+            # listing: one request, served from the controller's 30 s cache)?
+            listing = await lmcache_ctrl.workers(url, None, timeout=PROBE_TIMEOUT_S)
+            self.chunks[gkey] = peers_with_chunks(g, listing)
         except lmcache_ctrl.ControllerUnreachable:
             return False, ()
         except lmcache_ctrl.LMCacheControllerError as e:
@@ -124,14 +152,49 @@ class GroupHealth:
             return None, ()
         return True, tuple(missing)
 
+    def _probe_mp(self, gkey: GroupKey, g: Group, listed: Optional[frozenset[str]]
+                  ) -> tuple[Optional[bool], tuple[str, ...]]:
+        """(coordinator answered, peers past the grace whose registration it does not list)."""
+        if listed is None:
+            return False, ()
+        now, since = time.monotonic(), self.mp_since.get(gkey, {})
+        return True, tuple(m.name for m in sorted(g.peers, key=lambda m: m.name)
+                           if m.instance_id and m.instance_id not in listed
+                           and now - since.get(m.instance_id, now) >= self._grace())
+
+    async def _redis_chunks(self, gkey: GroupKey, g: Group, idx) -> None:
+        """redis mode's `peersWithChunks`: peers with keys in kvmesh's own address index (one
+        EXISTS over their index sets, once per resync), known only while the index is
+        complete (it catches up after a gap in notifications)."""
+        if idx is None or not idx.index_complete:
+            self.chunks.pop(gkey, None)
+            return
+        if time.monotonic() - self.chunks_at.get(gkey, -1e9) < self.mesh.resync_seconds:
+            return
+        self.chunks_at[gkey] = time.monotonic()
+        from kvmesh.backends.redis_scripts import index_key
+        addrs = sorted({m.address for m in g.peers if m.address})
+        try:
+            self.chunks[gkey] = int(await asyncio.wait_for(
+                idx.redis.exists(*(index_key(a) for a in addrs)), PROBE_TIMEOUT_S)) \
+                if addrs else 0
+        except Exception as e:  # a probe never fails the group's reconcile
+            log.debug("group %s/%s: cannot count the peers in the address index: %s",
+                      gkey[0], gkey[1], e)
+            self.chunks.pop(gkey, None)
+
     async def _probe(self, gkey: GroupKey, g: Group, status: dict
                      ) -> tuple[Optional[bool], tuple[str, ...]]:
         ns, gid = gkey
+        listed = self.mp_listed.pop(gkey, None)  # this reconcile's, never a stale one
         if time.monotonic() - self.first_seen.setdefault(gkey, time.monotonic()) < self._grace():
             return None, ()  # a new group's lookup service is still starting: not judged
         if gid.mode == names.MODE_REDIS:
             idx = self.mesh.redis.get(status.get("lookupAddress"))
+            await self._redis_chunks(gkey, g, idx)
             return idx is not None and idx.subscribed, ()
+        if gid.mode == names.MODE_MP:  # fresh each reconcile, and no request of its own
+            return self._probe_mp(gkey, g, listed)
         last = self.probed.get(gkey)
         if last and time.monotonic() - last[0] < self.mesh.resync_seconds:
             return last[1], last[2]
@@ -152,6 +215,10 @@ class GroupHealth:
         members: list[Member] = list(g.members.values()) if g else []
         now, old = time.monotonic(), self.peer_since.get(gkey, {})
         self.peer_since[gkey] = {m.uid: old.get(m.uid, now) for m in members if m.is_peer}
+        if gkey[1].mode == names.MODE_MP:
+            old = self.mp_since.get(gkey, {})
+            self.mp_since[gkey] = {m.instance_id: old.get(m.instance_id, now)
+                                   for m in members if m.is_peer and m.instance_id}
         problems: list[health.Problem] = []
         if members:
             lookup_ready, unregistered = await self._probe(gkey, g, status)
@@ -159,14 +226,17 @@ class GroupHealth:
             if unregistered and lookup_ready:
                 problems.append(health.Problem(
                     health.NOT_REGISTERED, f"{', '.join(unregistered)} not registered with the "
-                    "group's lmcache_controller", unregistered))
+                    f"group's {_TIER.get(gkey[1].mode, 'lookup tier')}", unregistered))
         previous = ((self.mesh.status_written.get(gkey) or {}).get("conditions")
                     or ((cr or {}).get("status") or {}).get("conditions") or [])
         conds = health.conditions(problems, status.get("readyPeers", 0),
                                   _now_iso(), previous)
         self._metrics(gkey, conds, problems, status.get("readyPeers", 0))
         self._events(gkey, members, problems, cr)
-        return {"conditions": conds}
+        out: dict = {"conditions": conds}
+        if members and self.chunks.get(gkey) is not None:
+            out["peersWithChunks"] = self.chunks[gkey]
+        return out
 
     def _metrics(self, gkey: GroupKey, conds: list[dict], problems: list[health.Problem],
                  ready: int) -> None:
@@ -177,6 +247,11 @@ class GroupHealth:
         sharing = next(c for c in conds if c["type"] == health.SHARING)["status"] == "True"
         self.metrics.sharing.labels(*lbl).set(1 if sharing else 0)
         self.metrics.ready_peers.labels(*lbl).set(ready)
+        chunks = self.chunks.get(gkey)
+        if chunks is not None:
+            self.metrics.with_chunks.labels(*lbl).set(chunks)
+        else:
+            _remove(self.metrics.with_chunks, lbl)
         now = {p.reason: p for p in problems}
         for reason in self.series.get(gkey, set()) - set(now):
             self.metrics.degraded.remove(*lbl, reason)
@@ -223,6 +298,10 @@ class GroupHealth:
         self.peer_since.pop(gkey, None)
         self.first_seen.pop(gkey, None)
         self.registered.pop(gkey, None)
+        self.mp_listed.pop(gkey, None)
+        self.mp_since.pop(gkey, None)
+        self.chunks.pop(gkey, None)
+        self.chunks_at.pop(gkey, None)
         self.reported.pop(gkey, None)
         reasons = self.series.pop(gkey, set())
         if self.metrics:
@@ -230,11 +309,31 @@ class GroupHealth:
             for reason in reasons:
                 self.metrics.degraded.remove(*lbl, reason)
                 self.metrics.problem_pods.remove(*lbl, reason)
-            for g in (self.metrics.sharing, self.metrics.ready_peers):
-                try:
-                    g.remove(*lbl)
-                except KeyError:
-                    pass
+            for g in (self.metrics.sharing, self.metrics.ready_peers,
+                      self.metrics.with_chunks):
+                _remove(g, lbl)
+
+
+def _remove(gauge, labels: tuple) -> None:
+    try:
+        gauge.remove(*labels)
+    except KeyError:
+        pass
+
+
+def peers_with_chunks(g: Group, listing: list[dict]) -> Optional[int]:
+    """How many of `g`'s ready peers the lmcache_controller's worker listing shows holding
+    keys (its registry's admitted chunks: what another peer's BatchedP2PLookupMsg resolves);
+    None when the listing carries no key_count (LMCache before 0.4's /query_worker_info)."""
+    if any(isinstance(w, dict) and "key_count" not in w for w in listing):
+        return None
+    holding = {w.get("instance_id") for w in listing if isinstance(w, dict)
+               and isinstance(w.get("key_count"), int) and w["key_count"] > 0}
+    return sum(1 for m in g.peers if m.instance_id and m.instance_id in holding)
+
+
+_TIER = {names.MODE_CONTROLLER: "lmcache_controller",
+         names.MODE_MP: "lmcache coordinator (GET /instances)"}
 
 
 def _now_iso() -> str:

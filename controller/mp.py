@@ -136,6 +136,9 @@ async def instances_status(mesh, namespace: str, gid: PeerGroupId,
     url = await coordinator_url(mesh, namespace, gid.group)
     async with coord.Coordinator(url, timeout=CALL_SECONDS) as c:
         listed = await c.instances()
+    health = getattr(mesh, "health", None)
+    if health is not None:  # every id (the status lists at most STATUS_MAX_INSTANCES)
+        health.mp_listed[(namespace, gid)] = frozenset(i.instance_id for i in listed)
     by_uid = {m.uid: m.name for m in (g.members.values() if g else [])}
     rows = []
     for i in sorted(listed, key=lambda i: i.instance_id)[:STATUS_MAX_INSTANCES]:

@@ -13,6 +13,12 @@ What is checked (in this order, each with a fix hint when it fails):
                       the API server reached and trusted the webhook (nothing is stored)
     controller-leader the leader Lease is held and renewed within its duration
     peer-groups       every KVMeshPeerGroup's Sharing/Degraded conditions
+    probe (--probe)   read-only, per group: how many ready peers have chunks in the lookup
+                      tier that another peer's lookup resolves (status.peersWithChunks, which
+                      the controller reads from the lmcache_controller's worker listing or its
+                      own Redis address index); nothing is written anywhere. Why there is no
+                      store-on-A, hit-on-B probe and why redis and mp groups are not probed:
+                      NOT_PROBED and the README.
 
 The pure verdicts (`*_result`) take API objects as dicts; `run` does the I/O.
 """
@@ -37,7 +43,7 @@ from kvmesh.core import health, names
 from kvmesh.kube import connect
 from kvmesh.kube.api import ADMISSION_API, CRD_API, ApiError, Kube
 
-OK, FAIL, WARN = "ok", "fail", "warn"
+OK, FAIL, WARN, SKIP = "ok", "fail", "warn", "skip"
 CRDS = ("kvmeshpolicies.kvmesh.dev", "kvmeshpeergroups.kvmesh.dev")
 CRD_KIND = ("apiextensions.k8s.io/v1", "CustomResourceDefinition")
 LEASE_API = "coordination.k8s.io/v1"
@@ -52,7 +58,7 @@ LEASE_SLACK_SECONDS = 5
 @dataclass
 class Result:
     name: str
-    status: str  # ok | fail | warn
+    status: str  # ok | fail | warn | skip
     message: str
     fix: str = ""
 
@@ -252,6 +258,42 @@ def groups_result(groups: list[dict]) -> list[Result]:
     return out
 
 
+NOT_PROBED = {
+    names.MODE_MP: "mp mode is not probed: peers look chunks up in each other's lmcache "
+                   "server directly, and the coordinator's key directory is fed only when the "
+                   "servers run with --coordinator-event-reporting (off by default; it also "
+                   "drives L2 quota eviction), which kvmesh does not turn on",
+}
+TIER = {names.MODE_CONTROLLER: "lmcache_controller", names.MODE_REDIS: "lookup Redis"}
+PROBE_FIX = ("send one request to a replica and run again; still none after a minute: read "
+             "that pod's log for LMCache errors (its stores do not reach the lookup tier)")
+
+
+def keys_result(where: str, mode: str, ready: int, with_chunks: Optional[int]) -> Result:
+    """`--probe`'s verdict for one group, from `status.peersWithChunks`: the ready peers the
+    lookup tier holds chunks for, which any other peer's lookup resolves (controller mode:
+    the lmcache_controller's registry, whose batched_p2p_lookup excludes only the asker,
+    lmcache 0.5.6 kv_controller.py; redis mode: keys naming the peer's address). Read-only:
+    nothing is stored anywhere."""
+    name = f"probe {where}"
+    if mode in NOT_PROBED:
+        return Result(name, SKIP, NOT_PROBED[mode])
+    tier = TIER.get(mode, "lookup tier")
+    if with_chunks is None:
+        return Result(name, SKIP, f"no key counts from the group's {tier} yet (not answering, "
+                                  "index catching up, or an lmcache_controller older than "
+                                  "LMCache 0.4): not probed")
+    if with_chunks and ready >= 2:
+        return Result(name, OK, f"the {tier} holds chunks of {with_chunks} of {ready} ready "
+                                "peers; another peer's lookup resolves them")
+    if with_chunks:
+        return Result(name, WARN, f"{with_chunks} peer(s) with chunks, {ready} ready: no "
+                                  "peer to share them with",
+                      health.fix_for(health.NO_PEERS))
+    return Result(name, WARN, f"none of {ready} ready peers has a chunk in the {tier} yet",
+                  PROBE_FIX)
+
+
 # --- I/O ---------------------------------------------------------------------------------------
 
 async def served_leaf(host: str, port: int, timeout: float = 3.0) -> object:
@@ -313,9 +355,22 @@ async def _webhook_pods(kube: Kube, mwc: dict) -> tuple[Result, dict[str, object
     return worst, served
 
 
+def probe_groups(groups: list[dict]) -> list[Result]:
+    """`--probe`: one line per group from what the controller read (it reaches the lookup
+    tier inside the cluster; the API server's pod proxy carries no Redis protocol)."""
+    out = []
+    for g in sorted(groups, key=lambda g: (g["metadata"]["namespace"], g["metadata"]["name"])):
+        st = g.get("status") or {}
+        n = st.get("peersWithChunks")
+        out.append(keys_result(f"{g['metadata']['namespace']}/{g['metadata']['name']}",
+                               (g.get("spec") or {}).get("mode", ""),
+                               st.get("readyPeers", 0), n if isinstance(n, int) else None))
+    return out
+
+
 async def run(kube: Kube, probe_namespace: str = "default",
               now: Optional[dt.datetime] = None,
-              namespace: Optional[str] = None) -> list[Result]:
+              namespace: Optional[str] = None, probe: bool = False) -> list[Result]:
     """Every check; peer groups of `namespace` only when given (else all namespaces)."""
     now = now or _now()
     out = [crds_result({n: await kube.get(*CRD_KIND, n) for n in CRDS})]
@@ -335,7 +390,10 @@ async def run(kube: Kube, probe_namespace: str = "default",
         out.append(probe_result(answer, error))
     out.append(lease_result(await kube.get(LEASE_API, "Lease", names.LEADER_LEASE,
                                            names.SYSTEM_NAMESPACE), now))
-    out += groups_result(await kube.list(CRD_API, names.PEER_GROUP_KIND, namespace))
+    groups = await kube.list(CRD_API, names.PEER_GROUP_KIND, namespace)
+    out += groups_result(groups)
+    if probe:
+        out += probe_groups(groups)
     return out
 
 
@@ -377,7 +435,7 @@ def render_json(results: list[Result], server: str) -> str:
 
 
 async def main(kubeconfig: Optional[str], output: str, probe_namespace: Optional[str],
-               namespace: Optional[str] = None) -> int:
+               namespace: Optional[str] = None, probe: bool = False) -> int:
     """Prints the report; exit status 1 when any check failed, 2 when the API is unreachable."""
     if kubeconfig and not os.path.isfile(kubeconfig):
         print(f"kvmesh check: kubeconfig {kubeconfig} does not exist")
@@ -390,7 +448,7 @@ async def main(kubeconfig: Optional[str], output: str, probe_namespace: Optional
     server = kube.api.configuration.host
     try:
         results = await run(kube, probe_namespace or namespace or "default",
-                            namespace=namespace)
+                            namespace=namespace, probe=probe)
     except ApiError as e:
         if e.status in (401, 403):
             print(f"kvmesh check: the API server at {server} refused this identity "

@@ -200,7 +200,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from kvmesh import check
     return asyncio.run(check.main(args.kubeconfig, args.output, args.probe_namespace,
-                                  args.namespace))
+                                  args.namespace, probe=args.probe))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -301,6 +301,9 @@ def parser() -> argparse.ArgumentParser:
                    "(default: all namespaces)")
     p.add_argument("--probe-namespace", help="namespace of the dry-run probe pod (nothing is "
                    "stored; default: --namespace, else default)")
+    p.add_argument("--probe", action="store_true", help="also ask each group's lookup tier, "
+                   "read-only, which ready peers have chunks another peer's lookup would find "
+                   "(controller mode; needs pods/proxy)")
     p.set_defaults(fn=cmd_check)
     p = sub.add_parser("demo", help="kvmesh on a local control plane with a sample vLLM "
                                     "Deployment")

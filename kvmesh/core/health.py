@@ -11,7 +11,7 @@ error anywhere, and how kvmesh sees it from the members alone:
   each other's chunks (LMCache#1799);
 - two members advertising one address: lookups for one land on the other (production-stack
   #1062);
-- the lookup tier not reachable, or (controller mode) a member it never registered.
+- the lookup tier not reachable, or (controller and mp modes) a member it never registered.
 
 kvmesh does not mix incompatible versions silently: the group is marked Degraded with reason
 VersionMismatch naming the members that cannot share with the group's version, and an Event
@@ -55,10 +55,12 @@ FIXES = {
                        "fixed IP): drop hostNetwork or spread them one per node",
     LOOKUP_NOT_READY: "kubectl -n NAMESPACE get pods -l kvmesh.dev/lookup-for=GROUP; for "
                       "redisAddress policies, check that Redis answers",
-    NOT_REGISTERED: "the engine never registered with the group's lmcache_controller: read the "
-                    "pod's log for LMCache controller errors; usual causes are a version the "
-                    "controller cannot decode (see VersionMismatch) or a NetworkPolicy between "
-                    "them",
+    NOT_REGISTERED: "the pod never registered with the group's lookup tier (controller mode: "
+                    "the engine with the lmcache_controller; mp mode: the lmcache server "
+                    "sidecar with the lmcache coordinator): read that container's log for "
+                    "LMCache controller/coordinator errors; usual causes are a version the "
+                    "lookup tier cannot decode (see VersionMismatch) or a NetworkPolicy "
+                    "between them",
     NO_PEERS: "scale the workload to 2+ replicas (or wait for them to become ready)",
 }
 

@@ -114,3 +114,23 @@ def test_text_and_json_rendering():
     assert text.endswith("1 check(s) failed")
     data = json.loads(check.render_json(rs, "https://x"))
     assert data["ok"] is False and data["checks"][1]["fix"] == "start it"
+
+
+def test_probe_lines_from_peers_with_chunks():
+    def group(i, mode, ready, n=None):
+        st = {"readyPeers": ready, **({"peersWithChunks": n} if n is not None else {})}
+        return {"metadata": {"namespace": "ns", "name": f"g{i}"}, "spec": {"mode": mode},
+                "status": st}
+    ok, none_yet, alone, unknown, mp = check.probe_groups([
+        group(1, "controller", 3, 2), group(2, "redis", 2, 0), group(3, "redis", 1, 1),
+        group(4, "controller", 2), group(5, "mp", 2, 5)])
+    assert (ok.name, ok.status) == ("probe ns/g1", check.OK)
+    assert "lmcache_controller holds chunks of 2 of 3 ready peers" in ok.message
+    assert none_yet.status == check.WARN and none_yet.fix == check.PROBE_FIX
+    assert "none of 2 ready peers has a chunk in the lookup Redis" in none_yet.message
+    assert alone.status == check.WARN and alone.fix == health.FIXES[health.NO_PEERS]
+    assert unknown.status == check.SKIP and "not probed" in unknown.message
+    assert mp.status == check.SKIP and "--coordinator-event-reporting" in mp.message
+    # SKIP and WARN never fail the run
+    assert json.loads(check.render_json([ok, none_yet, unknown], "s"))["ok"] is True
+    assert "[SKIP]" in check.render_text([unknown], "s")

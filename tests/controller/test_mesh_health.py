@@ -80,3 +80,22 @@ async def test_a_new_leadership_reuses_the_registry():
     metrics = Metrics()
     Mesh(FakeMeshClient(), PolicyDefaults(), metrics)
     Mesh(FakeMeshClient(), PolicyDefaults(), metrics)  # no "Duplicated timeseries"
+
+
+def test_peers_with_chunks_counts_ready_peers_the_listing_shows_holding_keys():
+    from kvmesh.controller.health import peers_with_chunks
+
+    class M:  # the fields peers_with_chunks reads
+        def __init__(self, iid):
+            self.instance_id = iid
+
+    class G:
+        peers = [M("a"), M("b"), M("c")]
+    listing = [{"instance_id": "a", "worker_id": 0, "key_count": 0},
+               {"instance_id": "a", "worker_id": 1, "key_count": 5},  # one rank holds keys
+               {"instance_id": "b", "worker_id": 0, "key_count": 0},
+               {"instance_id": "gone", "worker_id": 0, "key_count": 9}]  # not a peer
+    assert peers_with_chunks(G(), listing) == 1
+    # LMCache before 0.4 (/query_worker_info): no key_count, nothing known
+    assert peers_with_chunks(G(), [{"instance_id": "a", "worker_id": 0}]) is None
+    assert peers_with_chunks(G(), []) == 0

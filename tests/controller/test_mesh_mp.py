@@ -12,6 +12,7 @@ group's lookup pod in it points at the real coordinator.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import sys
 import time
@@ -195,6 +196,56 @@ async def test_unreachable_coordinator_is_retried_and_a_live_server_is_not_fough
         assert time.monotonic() - t0 < 10, "the live server did not register again"
         time.sleep(0.1)
     assert live.alive() and live.registrations().count(f"kvm-{ub}-1") == 2
+
+
+async def test_a_peer_the_coordinator_does_not_list_is_not_registered(coord, servers):
+    """Group health (issue 14): a Ready peer whose registration the real coordinator's
+    GET /instances does not list for the grace (4 resyncs of 1 s) makes the group Degraded,
+    NotRegistered, naming that pod (condition, Event, kvmesh_group_* series); its server
+    registering ends it. Before the grace, nobody is named."""
+    from prometheus_client import generate_latest
+    from kvmesh.core import health
+    ua, ub = uid(), uid() + "b"
+    servers(names.mp_instance_id(ua, 1))  # a's server registered; b's never does
+    m, api, metrics = mesh_for(int(coord.url.rsplit(":", 1)[1]))
+    await m._on_pod("ADDED", mp_pod(name="a", uid=ua, ip="127.64.0.2"), None)
+    await m._on_pod("ADDED", mp_pod(name="b", uid=ub, ip="127.64.0.3"), None)
+
+    def conds() -> dict:
+        return {c["type"]: c for c in api.status_applied[-1]["status"]["conditions"]}
+
+    await m.resync_once()  # every group
+    assert conds()[health.DEGRADED]["status"] == "False"  # within the grace: not judged
+    t0 = time.monotonic()
+    while conds()[health.DEGRADED]["reason"] != health.NOT_REGISTERED:
+        assert time.monotonic() - t0 < 30, conds()
+        time.sleep(0.5)
+        await m.resync_once()  # every group
+    assert time.monotonic() - t0 >= 3  # not before the grace (4 s from the first sight)
+    c = conds()[health.DEGRADED]
+    assert c["status"] == "True"
+    assert c["message"] == ("b not registered with the group's lmcache coordinator "
+                            "(GET /instances)")
+    assert conds()[health.SHARING]["status"] == "False"
+    await asyncio.sleep(0.2)  # Events are sent in the background
+    ev = [e for e in api.events if e[1] == health.NOT_REGISTERED]
+    assert ev and ev[0][3] == "Warning" and "Fix:" in ev[0][2]
+    text = generate_latest(metrics.registry).decode()
+    assert metric_sum(text, "kvmesh_group_degraded", reason=health.NOT_REGISTERED) == 1
+    assert metric_sum(text, "kvmesh_group_problem_members", reason=health.NOT_REGISTERED) == 1
+
+    servers(names.mp_instance_id(ub, 1))  # b's server registers: the group shares
+    await m.resync_once()  # every group
+    assert conds()[health.SHARING]["status"] == "True", conds()
+    assert conds()[health.DEGRADED]["reason"] == health.HEALTHY
+    await asyncio.sleep(0.2)
+    assert any(e[1] == "SharingRestored" for e in api.events)
+    assert "NotRegistered" not in generate_latest(metrics.registry).decode()
+
+    # The coordinator stops answering: LookupNotReady (no stale listing reused).
+    api.lookup = [lookup_pod(free_port())]
+    await m.resync_once()  # every group
+    assert conds()[health.DEGRADED]["reason"] == health.LOOKUP_NOT_READY
 
 
 def metric_sum_errors(metrics: Metrics) -> float:

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from kvmesh.core import health, names
-from helpers import apply, running_pods, vllm_deployment, wait_for
+from helpers import apply, publish_keys, running_pods, vllm_deployment, wait_for
 from lmcache_controller import LMCacheController, child_env
 from test_mesh import group_cr, group_redis, lookup_pod, WorkerSim
 
@@ -52,11 +52,28 @@ def events(cluster, ns, reason):
             if e["reason"] == reason]
 
 
-def check_json(cluster) -> dict:
+def check_json(cluster, *args: str) -> dict:
     r = subprocess.run([sys.executable, "-m", "kvmesh.cli", "check", "--kubeconfig",
-                        cluster.kubeconfig, "-o", "json"], capture_output=True, text=True,
-                       timeout=60)
+                        cluster.kubeconfig, "-o", "json", *args], capture_output=True,
+                       text=True, timeout=60)
     return json.loads(r.stdout)
+
+
+def peers(cluster, ns, gid) -> dict[str, str]:
+    """pod -> token (redis: its address; controller: its instance id), from the status."""
+    st = (group_cr(cluster, ns, gid) or {}).get("status") or {}
+    return dict(p.split("=", 1) for p in st.get("peers") or [])
+
+
+def probe_line(cluster, ns, gid) -> dict:
+    [line] = [c for c in check_json(cluster, "--probe", "-n", ns)["checks"]
+              if c["name"] == f"probe {ns}/{gid}"]
+    return line
+
+
+def wait_chunks(cluster, ns, gid, n, timeout=60):
+    return wait_for(f"{gid} peersWithChunks={n}", lambda: ((group_cr(cluster, ns, gid) or {})
+                    .get("status") or {}).get("peersWithChunks") == n or None, timeout)
 
 
 def test_hash_seed_mismatch_and_the_redis_lookup_tier(fast, devcluster, namespace, tmp_path):
@@ -69,7 +86,8 @@ def test_hash_seed_mismatch_and_the_redis_lookup_tier(fast, devcluster, namespac
     [odd] = running_pods(devcluster, namespace, "app=odd", 1)
     c = wait_condition(devcluster, namespace, gid, health.DEGRADED, "True",
                        health.HASH_SEED_MISMATCH)
-    assert f"PYTHONHASHSEED 7 on {odd['metadata']['name']} differs from the group's 0" \
+    # (the group's own seed is the one kvmesh derives for it from its hash-seed key)
+    assert f"PYTHONHASHSEED 7 on {odd['metadata']['name']} differs from the group's " \
         in c["message"]
     assert condition(devcluster, namespace, gid, health.SHARING)["status"] == "False"
     ev = wait_for("HashSeedMismatch Event", lambda: events(devcluster, namespace,
@@ -95,13 +113,30 @@ def test_hash_seed_mismatch_and_the_redis_lookup_tier(fast, devcluster, namespac
                    health.LOOKUP_NOT_READY, 60)
     # A real redis-server behind the lookup pod: the group shares.
     rpod = wait_for("Redis lookup pod", lambda: lookup_pod(devcluster, namespace, gid))
-    server, _ = group_redis(devcluster, namespace, rpod, tmp_path)
+    server, admin = group_redis(devcluster, namespace, rpod, tmp_path)
     try:
         c = wait_condition(devcluster, namespace, gid, health.SHARING, "True",
                            health.HEALTHY, 60)
         assert c["message"] == "2 ready peers, compatible"
         wait_for("SharingRestored Event", lambda: events(devcluster, namespace,
                                                         "SharingRestored"), 20)
+        # kvmesh check --probe (read-only): no peer has stored a chunk yet; one engine
+        # publishes chunks the way LMCache does: 1 of 2 peers holds some, found by kvmesh's
+        # own address index.
+        wait_chunks(devcluster, namespace, gid, 0)
+        line = probe_line(devcluster, namespace, gid)
+        assert line["status"] == "warn" and "none of 2 ready peers" in line["message"]
+        (pod_a, addr_a), _ = sorted(peers(devcluster, namespace, gid).items())
+        keys = publish_keys(server.client, pod_a, addr_a, 5)
+        wait_chunks(devcluster, namespace, gid, 1)
+        line = probe_line(devcluster, namespace, gid)
+        assert line["status"] == "ok", line
+        assert "lookup Redis holds chunks of 1 of 2 ready peers" in line["message"]
+        # read-only: the lookup keys are the engine's five, each still naming its address
+        def text(v):
+            return v.decode() if isinstance(v, bytes) else v
+        assert sorted(text(k) for k in admin.scan_iter("vllm@*")) == sorted(keys)
+        assert {text(admin.get(k)) for k in keys} == {addr_a}
     finally:
         server.stop()
     wait_condition(devcluster, namespace, gid, health.DEGRADED, "True",
@@ -160,6 +195,17 @@ def test_member_not_registered_with_lmcache_controller(fast, devcluster, namespa
         sip = next(p["status"]["podIP"] for p in vllm if p["metadata"]["name"] == silent)
         sim.register(silent, 0, sip, 8500, f"{sip}:8200")
         wait_condition(devcluster, namespace, gid, health.SHARING, "True", health.HEALTHY, 60)
+        # kvmesh check --probe: the lmcache_controller holds no chunk of either yet; the
+        # registered engine admits three (LMCacheWorker's KV admit): 1 of 2. The listing is
+        # the controller's 30 s cache, so allow for it.
+        wait_chunks(devcluster, namespace, gid, 0)
+        line = probe_line(devcluster, namespace, gid)
+        assert line["status"] == "warn" and "none of 2 ready peers" in line["message"], line
+        sim.admit(peers(devcluster, namespace, gid)[registered], 0, [11, 12, 13])
+        wait_chunks(devcluster, namespace, gid, 1, 90)
+        line = probe_line(devcluster, namespace, gid)
+        assert line["status"] == "ok", line
+        assert "lmcache_controller holds chunks of 1 of 2 ready peers" in line["message"]
     finally:
         if sim is not None:
             sim.close()
