@@ -54,7 +54,7 @@ from pathlib import Path
 from kvmesh.local.devcluster import SERVICE_CIDR, DevCluster, DevClusterError, _PKI, _valid_bin_dir
 from kvmesh.local.net import free_ports
 
-__all__ = ["RealNodeCluster", "node_bin_dir", "prerequisites", "GLOBAL_SYSCTLS", "cleanup_stale"]
+__all__ = ["RealNodeCluster", "node_bin_dir", "platform_unsupported", "prerequisites", "GLOBAL_SYSCTLS", "cleanup_stale"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONTROL_PLANE_BUILD = REPO_ROOT / "cluster" / "build.sh"
@@ -113,6 +113,24 @@ def image_tarball(name: str, *extra: str) -> tuple[str, Path] | None:
         return None
     ref, path = res.stdout.strip().splitlines()[-2:]
     return ref, Path(path)
+
+
+def platform_unsupported() -> str | None:
+    """Why this machine cannot run a real node at all (not something a build would fix), or
+    None: it needs root, and unshare(1) must be able to create network and mount namespaces
+    (a container without CAP_SYS_ADMIN, or a kernel without them, cannot)."""
+    if os.geteuid() != 0:
+        return "needs root (the node creates network and mount namespaces, cgroups and mounts)"
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return "unshare(1) not found (util-linux)"
+    try:
+        res = subprocess.run([unshare, "--net", "--mount", "true"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"`unshare --net --mount true` did not run: {e}"
+    if res.returncode != 0:
+        return f"this machine does not allow new network/mount namespaces (`unshare --net --mount true`: {res.stderr.strip()})"
+    return None
 
 
 def prerequisites(images: tuple[str, ...] = ()) -> list[str]:

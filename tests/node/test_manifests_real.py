@@ -10,7 +10,7 @@ Test-only stand-ins, named as such: the "vLLM" image is the pause binary install
 so that admission sees a real LMCache image name while the node runs a few-MB process instead of a
 CUDA image; Debian's redis-server image (images/build.py redis) is tagged as the controller's
 default `redis:7.2-alpine`, since the node cannot pull from Docker Hub.
-Skipped unless `make node` has built everything (KVMESH_REQUIRE_NODE=1: fail instead).
+Skipped unless `make node` has built everything (fails instead under `make test`: see require()).
 """
 
 from __future__ import annotations
