@@ -103,6 +103,14 @@ def deployed(cluster):
     return c
 
 
+def tenant_namespace(c, ns: str) -> None:
+    """A namespace whose peer groups kvmesh may manage: the admin's per-namespace grant the
+    README documents (the controller's tenant ClusterRole bound in that namespace)."""
+    c.kubectl("create", "namespace", ns)
+    c.kubectl("create", "rolebinding", "kvmesh-controller-tenant", "-n", ns, "--clusterrole=kvmesh-controller-tenant",
+              "--serviceaccount=kvmesh-system:kvmesh-controller")
+
+
 def webhook_pods(c) -> list[dict]:
     return c.kubectl_json("-n", "kvmesh-system", "get", "pods", "-l",
                           "app.kubernetes.io/name=kvmesh-webhook")["items"]
@@ -138,7 +146,7 @@ def test_shipped_manifests_ready_and_inject_through_the_service(deployed):
     assert sum(len(e.get("endpoints") or []) for e in eps) == 2
 
     # A labelled Deployment, injected on admission by the webhook pods.
-    c.kubectl("create", "namespace", "serving")
+    tenant_namespace(c, "serving")
     deploy = {
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "qwen", "namespace": "serving"},
         "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "qwen"}},
@@ -324,6 +332,13 @@ def resp_ping(c, ip: str, port: int) -> bytes:
     return out["reply"]
 
 
+def pod_spec_redis_cli(image: str, args: list[str]) -> dict:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "redis-cli"},
+            "spec": {"restartPolicy": "Never", "nodeSelector": {"kvmesh.dev/real-node": "true"},
+                     "containers": [{"name": "c", "image": image, "imagePullPolicy": "Never",
+                                     "command": ["redis-cli"], "args": args}]}}
+
+
 def test_redis_lookup_service_runs_as_a_real_pod(deployed):
     """A redis-generation group: the controller's Redis Deployment runs (Debian's redis-server
     image), its Service routes through kube-proxy to the real pod and answers PING, and the
@@ -331,7 +346,7 @@ def test_redis_lookup_service_runs_as_a_real_pod(deployed):
     c = deployed
     c._ctr("images", "tag", "--force", c.image_refs["redis"], "docker.io/library/redis:7.2-alpine")
     c._ctr("images", "tag", "--force", STANDIN_REF, "docker.io/lmcache/vllm-openai:v0.3.6")
-    c.kubectl("create", "namespace", "legacy")
+    tenant_namespace(c, "legacy")
     deploy = {
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "old", "namespace": "legacy"},
         "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "old"}},
@@ -359,6 +374,18 @@ def test_redis_lookup_service_runs_as_a_real_pod(deployed):
             return False
 
     wait("PONG through the Service", pong, timeout=30)
+    # From a pod on the bridge, by the Service's name through the kubelet's resolv.conf and
+    # CoreDNS: Redis must accept a pod IP (protected mode off by the controller's arguments,
+    # the image runs plain redis-server).
+    client = pod_spec_redis_cli(c.image_refs["redis"], ["-h", "kvmesh-redis-default", "-p", str(port), "ping"])
+    c.api("POST", "/api/v1/namespaces/legacy/pods", client)
+    wait("redis-cli pod done", lambda: c.api("GET", "/api/v1/namespaces/legacy/pods/redis-cli")
+         .get("status", {}).get("phase") in ("Succeeded", "Failed"), timeout=90)
+    # The kubelet's log file (the API server's logs proxy dials the node by name, which does
+    # not resolve here): CRI format "<time> stdout F <line>".
+    (log,) = Path(c.workdir).glob("node/pod-logs/legacy_redis-cli_*/c/*.log")
+    out = [line.split(" ", 3)[-1] for line in log.read_text().splitlines()]
+    assert out == ["PONG"], out
     group = wait("peer group sees 2 ready peers", lambda: (
         g := c.kubectl_json("-n", "legacy", "get", "kvmeshpeergroups", "redis-default", check=False)
     ).get("status", {}).get("readyPeers") == 2 and g, timeout=60)
