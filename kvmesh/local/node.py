@@ -625,6 +625,9 @@ class RealNodeCluster(DevCluster):
             # Webhook Services are dialled at their endpoints' IPs (pods on the bridge).
             "--enable-aggregator-routing=true",
             f"--kubelet-client-certificate={kl_crt}", f"--kubelet-client-key={kl_key}",
+            # logs/exec/port-forward dial the kubelet: by its InternalIP (10.244.0.1), since the
+            # node's name resolves nowhere in the namespace (the default order tries Hostname first).
+            "--kubelet-preferred-address-types=InternalIP",
             "--profiling=false", f"--cert-dir={w / 'apiserver-certs'}",
             f"--requestheader-client-ca-file={pki.ca_cert}",
             "--requestheader-allowed-names=front-proxy-client",
