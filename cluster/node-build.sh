@@ -16,7 +16,7 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-DEB_PACKAGES=(containerd runc containernetworking-plugins iptables conntrack)
+DEB_PACKAGES=(containerd runc containernetworking-plugins iptables conntrack ipset)
 
 if [[ "${1:-}" == "--packages" ]]; then
   missing=()
