@@ -126,13 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     c.start()
     try:
         started = time.monotonic() - t0
-        ref = c.image_refs["kvmesh"]
-        c.kubectl("apply", "-f", str(REPO / "manifests" / "00-namespace.yaml"))
-        c.kubectl("apply", "-f", "-", input=manifests_real.rendered_manifests(ref), timeout=120)
-        for d in ("kvmesh-webhook", "kvmesh-controller"):
-            c.kubectl("-n", "kvmesh-system", "rollout", "status", f"deployment/{d}", "--timeout=300s", timeout=310)
-        rolled = time.monotonic() - t0 - started
-        c.import_image(manifests_real.standin_vllm_image(c.node_bin / "pause", Path(c.workdir)))
+        manifests_real.deploy_manifests(c)
+        rolled = c.rollout_seconds
         ns = "bench"
         manifests_real.tenant_namespace(c, ns)
         realnode_wait_sa(c, ns)
