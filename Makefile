@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 export KVMESH_CACHE ?= $(HOME)/.cache/kvmesh
 
-.PHONY: demo test bench setup consumers cluster system-packages clean image images node test-node
+.PHONY: demo test bench setup consumers cluster system-packages clean image images node node-if-supported test-node
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,7 @@ system-packages:
 	command -v redis-server >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null)
 	command -v prometheus >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null)
 
-test: setup consumers cluster system-packages
+test: setup consumers cluster system-packages node-if-supported
 	KVMESH_REQUIRE_CLUSTER=1 $(VENV)/bin/python -m pytest -q -p no:cacheprovider
 
 # Benchmarks print figures next to a baseline measured in the same run; not part of `test`.
@@ -59,8 +59,13 @@ node: cluster images
 	bash cluster/node-build.sh >/dev/null
 	$(PYTHON) images/build.py pause --binary "$$(bash cluster/node-build.sh --check | tail -1)/pause"
 
-# The image and real-node tests, with everything they need built first (not part of `test`
-# yet: the node's cold build is ~17 min on 2 busy cores, mostly CoreDNS; see docs/real-node.md).
+# `make test` builds the node and images too, unless the machine cannot run a node at all
+# (not root, or no network/mount namespaces): then tests/node skips and says why.
+node-if-supported: setup
+	@why="$$($(VENV)/bin/python -c 'from kvmesh.local.node import platform_unsupported as p; print(p() or "")')"; \
+	if [ -z "$$why" ]; then $(MAKE) --no-print-directory node; else echo "make: no real node here: $$why"; fi
+
+# Only the image and real-node tests, with everything they need built first.
 test-node: setup node
 	KVMESH_REQUIRE_NODE=1 $(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/images tests/node
 

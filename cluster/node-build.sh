@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the pieces of a REAL kubelet node for the dev cluster from Go modules:
 # kubelet and kube-proxy (same module and version as the control plane, see
-# go.mod's tool block), CoreDNS, and a static `pause` binary for the sandbox image.
+# go.mod's tool block), CoreDNS with only a cluster DNS's plugins (coredns/main.go,
+# version pinned in coredns/go.mod), and a static `pause` binary for the sandbox image.
 # containerd, runc, the CNI plugins, iptables and conntrack come from Debian
 # packages (`node-build.sh --packages` installs them when missing).
 #
@@ -15,8 +16,7 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-COREDNS_VERSION="v1.15.0"
-DEB_PACKAGES=(containerd runc containernetworking-plugins iptables conntrack)
+DEB_PACKAGES=(containerd runc containernetworking-plugins iptables conntrack ipset)
 
 if [[ "${1:-}" == "--packages" ]]; then
   missing=()
@@ -31,13 +31,18 @@ if [[ "${1:-}" == "--packages" ]]; then
   exit 0
 fi
 
-modver() { awk -v m="$1" '{for (i = 1; i < NF; i++) if ($i == m && $(i+1) ~ /^v[0-9]/ && $(i+2) != "=>") {print $(i+1); exit}}' "$HERE/go.mod"; }
+modver() { awk -v m="$1" '{for (i = 1; i < NF; i++) if ($i == m && $(i+1) ~ /^v[0-9]/ && $(i+2) != "=>") {print $(i+1); exit}}' "${2:-$HERE/go.mod}"; }
 K8S_VERSION="$(modver k8s.io/kubernetes)"
 [[ -n "$K8S_VERSION" ]] || { echo "node-build.sh: cannot read the k8s version from $HERE/go.mod" >&2; exit 1; }
 grep -q 'k8s.io/kubernetes/cmd/kubelet' "$HERE/go.mod" || { echo "node-build.sh: go.mod lacks kubelet in its tool block" >&2; exit 1; }
 
+COREDNS_VERSION="$(modver github.com/coredns/coredns "$HERE/coredns/go.mod")"
+[[ -n "$COREDNS_VERSION" ]] || { echo "node-build.sh: cannot read the coredns version from $HERE/coredns/go.mod" >&2; exit 1; }
+# The plugin set is part of the key: a changed coredns/main.go or go.sum is a new build.
+COREDNS_SRC="$(cat "$HERE/coredns/main.go" "$HERE/coredns/go.mod" "$HERE/coredns/go.sum" | sha256sum | cut -c1-8)"
+
 CACHE="${KVMESH_CACHE:-$HOME/.cache/kvmesh}"
-KEY="node-k8s-${K8S_VERSION}-coredns-${COREDNS_VERSION}"
+KEY="node-k8s-${K8S_VERSION}-coredns-${COREDNS_VERSION}-${COREDNS_SRC}"
 OUT="$CACHE/$KEY"
 STAMP="$OUT/.complete"
 
@@ -71,8 +76,8 @@ log "building kubelet kube-proxy"
 (cd "$HERE" && go mod download && go build -mod=readonly -trimpath -ldflags "$K8S_LDFLAGS" -o "$TMP/bin/" \
   k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-proxy)
 
-log "building coredns"
-(cd "$TMP" && GOBIN="$TMP/bin" go install -trimpath -ldflags "-s -w" "github.com/coredns/coredns@$COREDNS_VERSION")
+log "building coredns (cluster-DNS plugins only)"
+(cd "$HERE/coredns" && go mod download && go build -mod=readonly -trimpath -ldflags "-s -w" -o "$TMP/bin/coredns" .)
 
 # The pod sandbox's process: waits for signals, reaps children (after
 # kubernetes/build/pause/linux/pause.c), static, no C compiler needed.

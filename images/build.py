@@ -274,11 +274,9 @@ def build_redis(out: Path, ref: str, work: Path) -> dict:
     layer = work / "rootfs.tar"
     # redis-server pulls redis-tools (redis-cli, used by the lookup Deployment's liveness probe).
     mmdebstrap(layer, ["redis-server"], [_nonroot_hook()])
-    # Protected mode off, as in the official redis image (which patches the default): the
-    # controller starts Redis with flags only, no config file and no password, and Debian's
-    # default would answer every client outside loopback with -DENIED. Who may connect is the
-    # lookup NetworkPolicy's job.
-    config = {"User": f"{NONROOT}:{NONROOT}", "Entrypoint": ["redis-server", "--protected-mode", "no"],
+    # Plain redis-server, like the official image: the controller's arguments turn protected
+    # mode off (kvmesh/core/lookup.py REDIS_PROTECTED_MODE_OFF), for this image or any other.
+    config = {"User": f"{NONROOT}:{NONROOT}", "Entrypoint": ["redis-server"],
               "WorkingDir": "/tmp",
               "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
               "ExposedPorts": {"6379/tcp": {}},

@@ -54,6 +54,11 @@ REDIS_NOTIFY = names.REDIS_NOTIFY_FLAGS
 # A burst of chunk stores must not drop the controller's subscription (default hard limit
 # 32 MB); a drop costs a full reconciliation.
 REDIS_PUBSUB_BUFFER = "pubsub 256mb 64mb 60"
+# Redis's protected mode (on by default in upstream and Debian builds; the official image
+# patches it off) refuses every client outside loopback with -DENIED while the default user
+# has no password, which LMCache's pods need (below). Who may connect is the lookup
+# NetworkPolicy's job and what they may do the ACLs'; so it is off for any image.
+REDIS_PROTECTED_MODE_OFF = ("--protected-mode", "no")
 # Redis ACLs of a group's lookup Redis.
 # Pods (LMCache) are Redis's `default` user: LMCache 0.3.6's RedisLookupServer connects with
 # `redis.Redis(host=..., port=..., decode_responses=True)` and no credentials
@@ -228,6 +233,7 @@ def _redis(ns: str, gid: PeerGroupId, owner: dict, policy: PolicyDefaults,
                               "spec": _pod_spec({
                                   "name": "redis", "image": REDIS_IMAGE,
                                   "args": ["--port", str(port), "--save", "",
+                                           *REDIS_PROTECTED_MODE_OFF,
                                            "--appendonly", "no",
                                            "--maxmemory", f"{REDIS_MAXMEMORY_MB}mb",
                                            "--maxmemory-policy", "allkeys-lru",

@@ -54,11 +54,13 @@ from pathlib import Path
 from kvmesh.local.devcluster import SERVICE_CIDR, DevCluster, DevClusterError, _PKI, _valid_bin_dir
 from kvmesh.local.net import free_ports
 
-__all__ = ["RealNodeCluster", "node_bin_dir", "prerequisites", "GLOBAL_SYSCTLS", "cleanup_stale"]
+__all__ = ["RealNodeCluster", "node_bin_dir", "kube_router_bin", "network_policy_missing", "platform_unsupported",
+           "prerequisites", "GLOBAL_SYSCTLS", "cleanup_stale"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONTROL_PLANE_BUILD = REPO_ROOT / "cluster" / "build.sh"
 NODE_BUILD = REPO_ROOT / "cluster" / "node-build.sh"
+KUBE_ROUTER_BUILD = REPO_ROOT / "cluster" / "kube-router-build.sh"
 IMAGE_BUILD = REPO_ROOT / "images" / "build.py"
 NODE_BINARIES = ("kubelet", "kube-proxy", "coredns", "pause")
 DEB_TOOLS = {"containerd": "/usr/bin/containerd", "ctr": "/usr/bin/ctr", "runc": "/usr/sbin/runc",
@@ -96,6 +98,21 @@ def control_plane_bin_dir() -> Path | None:
     return path if _valid_bin_dir(path) else None
 
 
+def kube_router_bin() -> Path | None:
+    """cluster/kube-router-build.sh's kube-router if built, else None (never builds)."""
+    res = subprocess.run(["bash", str(KUBE_ROUTER_BUILD), "--check"], capture_output=True, text=True)
+    if res.returncode != 0:
+        return None
+    path = Path(res.stdout.strip().splitlines()[-1]) / "kube-router"
+    return path if path.is_file() else None
+
+
+def network_policy_missing() -> list[str]:
+    """What a node with NetworkPolicy enforcement needs beyond prerequisites()."""
+    missing = [] if kube_router_bin() else [f"kube-router ({KUBE_ROUTER_BUILD.name})"]
+    return missing + ([] if shutil.which("ipset") else ["ipset (Debian package ipset)"])
+
+
 def node_bin_dir() -> Path | None:
     """cluster/node-build.sh's bin dir if built, else None (never builds)."""
     res = subprocess.run(["bash", str(NODE_BUILD), "--check"], capture_output=True, text=True)
@@ -113,6 +130,24 @@ def image_tarball(name: str, *extra: str) -> tuple[str, Path] | None:
         return None
     ref, path = res.stdout.strip().splitlines()[-2:]
     return ref, Path(path)
+
+
+def platform_unsupported() -> str | None:
+    """Why this machine cannot run a real node at all (not something a build would fix), or
+    None: it needs root, and unshare(1) must be able to create network and mount namespaces
+    (a container without CAP_SYS_ADMIN, or a kernel without them, cannot)."""
+    if os.geteuid() != 0:
+        return "needs root (the node creates network and mount namespaces, cgroups and mounts)"
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return "unshare(1) not found (util-linux)"
+    try:
+        res = subprocess.run([unshare, "--net", "--mount", "true"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"`unshare --net --mount true` did not run: {e}"
+    if res.returncode != 0:
+        return f"this machine does not allow new network/mount namespaces (`unshare --net --mount true`: {res.stderr.strip()})"
+    return None
 
 
 def prerequisites(images: tuple[str, ...] = ()) -> list[str]:
@@ -438,7 +473,8 @@ class RealNodeCluster(DevCluster):
 
     def __init__(self, bin_dir=None, *, images: tuple[str, ...] | list[str] = ("kvmesh",),
                  kwok_nodes: int = 0, node_name: str = "kvmesh-node-0", workdir=None,
-                 keep_workdir: bool = False, start_timeout: float = 120.0, verbose: bool = False):
+                 keep_workdir: bool = False, start_timeout: float = 120.0, verbose: bool = False,
+                 network_policy: bool = False):
         if bin_dir is None:
             bin_dir = control_plane_bin_dir()
             if bin_dir is None:
@@ -452,6 +488,7 @@ class RealNodeCluster(DevCluster):
         self.node_bin = nb
         self.images = tuple(images)
         self.node_name = node_name
+        self.network_policy = network_policy
         self.id = secrets.token_hex(4)
         self.netns = f"kvmesh-node-{self.id}"
         self.cgroup_root = f"/kvmesh-node-{self.id}"
@@ -607,6 +644,9 @@ class RealNodeCluster(DevCluster):
             # Webhook Services are dialled at their endpoints' IPs (pods on the bridge).
             "--enable-aggregator-routing=true",
             f"--kubelet-client-certificate={kl_crt}", f"--kubelet-client-key={kl_key}",
+            # logs/exec/port-forward dial the kubelet: by its InternalIP (10.244.0.1), since the
+            # node's name resolves nowhere in the namespace (the default order tries Hostname first).
+            "--kubelet-preferred-address-types=InternalIP",
             "--profiling=false", f"--cert-dir={w / 'apiserver-certs'}",
             f"--requestheader-client-ca-file={pki.ca_cert}",
             "--requestheader-allowed-names=front-proxy-client",
@@ -740,9 +780,39 @@ class RealNodeCluster(DevCluster):
         t = time.monotonic()
         self._wait("real node Ready", self._real_node_ready)
         self.timings["kubelet_to_ready"] = time.monotonic() - t
+        if self.network_policy:  # it reads its Node object once, at start
+            self._start_kube_router()
         self._wait("kubernetes Service endpoints",
                    lambda: bool(self.api("GET", "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices"
                                               "?labelSelector=kubernetes.io%2Fservice-name%3Dkubernetes")["items"]))
+
+    def _start_kube_router(self) -> None:
+        """kube-router's network policy controller only (no routing, no proxy: kube-proxy and the
+        bridge do those): iptables and ipsets in the node's namespace, gone with it."""
+        binary = kube_router_bin()
+        if binary is None or not shutil.which("ipset"):
+            raise DevClusterError("NetworkPolicy enforcement needs " + "; ".join(network_policy_missing()))
+        user = "kvmesh-dev:kube-router"
+        kc = self._write_kubeconfig(self.workdir / "kube-router.kubeconfig",
+                                    *self.pki.client("kube-router", user))
+        read = ["get", "list", "watch"]
+        self.api("POST", "/apis/rbac.authorization.k8s.io/v1/clusterroles", {
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": user},
+            "rules": [{"apiGroups": [""], "resources": ["pods", "namespaces", "nodes", "services", "endpoints"],
+                       "verbs": read},
+                      {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": read},
+                      {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": read}]})
+        self.api("POST", "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings", {
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": user},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": user},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]})
+        self._spawn_node("kube-router", [
+            binary, f"--kubeconfig={kc}", f"--hostname-override={self.node_name}",
+            "--run-firewall=true", "--run-router=false", "--run-service-proxy=false",
+            "--enable-ipv6=false", f"--service-cluster-ip-range={SERVICE_CIDR}",
+            "--health-port=0", "--metrics-port=0", "--v=1"])
+        self._wait("kube-router's policy chains", lambda: self.ns_run(
+            "iptables", "-w", "-S", "KUBE-ROUTER-FORWARD", check=False).returncode == 0, timeout=60)
 
     def _spawn_node(self, name: str, argv: list) -> None:
         self._spawn(name, argv)

@@ -1,0 +1,44 @@
+"""TEST CODE, run INSIDE an engine pod on the real node (tests/node/test_p2p_real.py): the pod's
+`vllm` process. It listens on the pod's control port; the first connection gets a real LMCache
+engine (tests/p2p/engine_node.py or engine_node_ctrl.py) whose stdin and stdout are that
+connection, so the test drives it with the same JSON-lines protocol as tests/p2p does through a
+pipe. The engine inherits this container's environment untouched: the env the API server stored
+after admission, expanded by the kubelet. Later connections (a second driver) are refused with
+one error line. Stdlib only: it runs on the engine venv's Python.
+
+    pod_bridge.py PORT ENGINE_SCRIPT
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+
+
+def main() -> None:
+    port, script = int(sys.argv[1]), sys.argv[2]
+    # PID 1 of the container: without a handler SIGTERM is ignored and every deletion would
+    # wait out the grace period. Exiting ends the engine too (its PID namespace goes).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", port))
+    srv.listen(4)
+    print(f"pod_bridge: control port {port}, engine {script}", file=sys.stderr, flush=True)
+    engine = None
+    while True:
+        conn, peer = srv.accept()
+        if engine is None or engine.poll() is not None:
+            # stdout/stdin are the connection; stderr stays the container's log (kubectl logs).
+            engine = subprocess.Popen([sys.executable, "-s", script], stdin=conn, stdout=conn)
+            print(f"pod_bridge: engine pid {engine.pid} for {peer}", file=sys.stderr, flush=True)
+        else:
+            conn.sendall((json.dumps({"event": "fatal", "error": "engine already driven"}) + "\n").encode())
+        conn.close()  # the engine holds its own copy
+
+
+if __name__ == "__main__":
+    main()
