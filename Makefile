@@ -53,11 +53,13 @@ images: image
 	$(PYTHON) images/build.py redis
 
 # A real node's pieces (kvmesh/local/node.py): Debian's containerd/runc/CNI/iptables,
-# kubelet + kube-proxy + CoreDNS + pause from Go modules, the pause image.
+# kubelet + kube-proxy + CoreDNS + pause from Go modules, the pause image, and kube-router's
+# policy controller (test-only: enforces NetworkPolicies inside the node's namespace).
 node: cluster images
 	bash cluster/node-build.sh --packages
 	bash cluster/node-build.sh >/dev/null
 	$(PYTHON) images/build.py pause --binary "$$(bash cluster/node-build.sh --check | tail -1)/pause"
+	bash cluster/kube-router-build.sh >/dev/null
 
 # `make test` builds the node and images too, unless the machine cannot run a node at all
 # (not root, or no network/mount namespaces): then tests/node skips and says why.
