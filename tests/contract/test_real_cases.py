@@ -55,12 +55,19 @@ def _without_status(doc: dict, w: rc.Workload) -> dict:
         meta["annotations"] = ann
     else:
         meta.pop("annotations", None)
+    labels = meta.get("labels") or {}
+    labels.pop(names.LABEL_SKIPPED, None)
+    if labels:
+        meta["labels"] = labels
+    else:
+        meta.pop("labels", None)
     return doc
 
 
 @pytest.mark.parametrize("case", IDS)
 def test_decision_is_whole(case, outcomes):
-    """Denied: nothing written; skipped or passed through: only the status annotation added."""
+    """Denied: nothing written; skipped or passed through: only the status annotation (and,
+    when skipped, the kvmesh.dev/skipped label naming the same reason) added."""
     o = outcomes[case]
     assert "Traceback" not in o.stderr, o.stderr
     assert o.rc in (0, 1), o.stderr
@@ -82,8 +89,9 @@ def test_decision_is_whole(case, outcomes):
             assert st["injected"] is False
             assert isinstance(st.get("reason"), str) and st["reason"], st
             assert isinstance(st.get("message"), str) and st["message"], st
-            assert names.LABEL_PEER_GROUP not in \
-                (w.template(w.doc_out)["metadata"].get("labels") or {})
+            labels = w.template(w.doc_out)["metadata"].get("labels") or {}
+            assert names.LABEL_PEER_GROUP not in labels
+            assert labels.get(names.LABEL_SKIPPED) == st["reason"], labels
 
 
 @pytest.mark.parametrize("case", IDS)
