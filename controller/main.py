@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from kvmesh.certs import authority, store
 from kvmesh.controller import optin, policies, workload_events
-from kvmesh.runtime import exit_watchdog
+from kvmesh.runtime import exit_watchdog, watch_loop_lag
 from kvmesh.controller.mesh import Mesh
 from kvmesh.core import names
 from kvmesh.core.policy import PolicyDefaults
@@ -126,19 +126,6 @@ class Metrics:
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
-async def loop_lag(metrics: Metrics, period: float = 0.1) -> None:
-    """Event-loop lag: a busy loop delays every watch event, status write and lease renewal."""
-    loop = asyncio.get_running_loop()
-    worst = 0.0
-    while True:
-        t0 = loop.time()
-        await asyncio.sleep(period)
-        lag = max(0.0, loop.time() - t0 - period)
-        metrics.loop_lag.observe(lag)
-        if lag > worst:
-            worst = lag
-            metrics.loop_lag_max.set(lag)
-
 
 async def cert_loop(kube: Kube, metrics: Metrics, interval: float, ca_validity) -> None:
     while True:
@@ -211,7 +198,7 @@ async def run(kubeconfig: Optional[str], metrics_port: int, cert_interval: float
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
-    lag = asyncio.create_task(loop_lag(metrics))
+    lag = asyncio.create_task(watch_loop_lag(metrics.loop_lag, metrics.loop_lag_max, 0.1))
     campaign = asyncio.create_task(elector.run(lead))
     log.info("kvmesh controller %s campaigning for lease %s", identity, names.LEADER_LEASE)
     if started:

@@ -38,7 +38,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from kvmesh.runtime import exit_watchdog
+from kvmesh.runtime import exit_watchdog, watch_loop_lag
 from kvmesh.webhook import admission, heavy
 from kvmesh.core.policy import PolicyDefaults
 
@@ -723,19 +723,6 @@ def _loop_errors(limited: Limited) -> Callable[[asyncio.AbstractEventLoop, dict]
     return handle
 
 
-async def _watch_loop(metrics: Metrics, period: float = 0.05) -> None:
-    loop = asyncio.get_running_loop()
-    worst = 0.0
-    while True:
-        t0 = loop.time()
-        await asyncio.sleep(period)
-        lag = max(0.0, loop.time() - t0 - period)
-        metrics.loop_lag.observe(lag)
-        if lag > worst:
-            worst = lag
-            metrics.loop_lag_max.set(lag)
-
-
 async def serve(host: str, port: int, cert: str, key: str,
                 policy: Union[PolicyDefaults, admission.Resolver], grace: float = 3.0,
                 cert_source: Optional[object] = None,
@@ -796,7 +783,7 @@ async def serve(host: str, port: int, cert: str, key: str,
     await ops_edge.start(metrics_host, metrics_port)
     tasks = [asyncio.create_task(reloader.watch()), asyncio.create_task(edge.run()),
              asyncio.create_task(ops_edge.run()),
-             asyncio.create_task(_watch_loop(metrics))]
+             asyncio.create_task(watch_loop_lag(metrics.loop_lag, metrics.loop_lag_max, 0.05))]
     if cert_source is not None:
         tasks.append(asyncio.create_task(cert_source.run()))
     if policy_cache is not None:

@@ -47,6 +47,8 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "consumers"))
 import consumers  # noqa: E402
 import ctrlrunner  # noqa: E402
+sys.path.insert(0, str(HERE.parent / "backends"))
+from lmcache_mp import get_json  # noqa: E402,F401  (the backends tier's; also used by mpscenario)
 
 from kvmesh.core import names  # noqa: E402
 
@@ -86,16 +88,6 @@ def pod_network(value: str, pod_ip: str) -> str:
         if value.endswith("//" + addr):
             value = value[: -len(addr)] + pod_ip
     return value
-
-
-def get_json(url: str, timeout: float = 1.0):
-    import urllib.request
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(url, timeout=timeout) as r:
-            return json.loads(r.read(1 << 20))
-    except (OSError, ValueError):
-        return None
 
 
 class _Proc:

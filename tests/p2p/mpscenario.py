@@ -29,6 +29,7 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (support)
 import mprunner  # noqa: E402
 from mprunner import CoordinatorPod, DriverPod, ServerPod  # noqa: E402
+from scenario import DeploymentViews  # noqa: E402
 from support import wait_for  # noqa: E402
 
 from kvmesh.core import names  # noqa: E402
@@ -72,7 +73,7 @@ class Outcome:
     detail: dict = field(default_factory=dict)
 
 
-class MpScenario:
+class MpScenario(DeploymentViews):
     def __init__(self, cluster, stack, workdir: Path, kvmesh: bool = True):
         self.cluster, self.stack, self.workdir = cluster, stack, workdir
         self.kvmesh = kvmesh  # False: LMCache defaults, kvmesh's controller stopped
@@ -161,26 +162,6 @@ class MpScenario:
             self.stack.start_controller(*self.controller_args)
 
     # -- Kubernetes views
-
-    def pods(self) -> list[dict]:
-        return self.cluster.kubectl_json("get", "pods", "-n", self.namespace, "-l",
-                                         f"app={self.deployment}")["items"]
-
-    def pod(self, name: str) -> Optional[dict]:
-        r = self.cluster.kubectl("get", "pod", "-n", self.namespace, name, "-o", "json",
-                                 check=False)
-        return json.loads(r.stdout) if r.returncode == 0 else None
-
-    @staticmethod
-    def is_ready(p: dict) -> bool:
-        st = p.get("status") or {}
-        cond = {c["type"]: c["status"] for c in st.get("conditions") or []}
-        return (st.get("phase") == "Running" and bool(st.get("podIP"))
-                and cond.get("Ready") == "True" and not p["metadata"].get("deletionTimestamp"))
-
-    def _ready_pods(self, n: int) -> Optional[list[dict]]:
-        ps = [p for p in self.pods() if self.is_ready(p)]
-        return ps if len(ps) >= n else None
 
     def _coordinator_pod(self) -> Optional[dict]:
         ps = [p for p in self.cluster.kubectl_json(

@@ -124,7 +124,32 @@ class Death:
     detail: dict = field(default_factory=dict)
 
 
-class P2PScenario:
+class DeploymentViews:
+    """The scenario's view of its Deployment's pods through the real API server (needs
+    `cluster`, `namespace` and `deployment`); shared by the legacy and mp scenarios."""
+
+    def pods(self) -> list[dict]:
+        return self.cluster.kubectl_json("get", "pods", "-n", self.namespace, "-l",
+                                         f"app={self.deployment}")["items"]
+
+    def pod(self, name: str) -> Optional[dict]:
+        r = self.cluster.kubectl("get", "pod", "-n", self.namespace, name, "-o", "json",
+                                 check=False)
+        return json.loads(r.stdout) if r.returncode == 0 else None
+
+    @staticmethod
+    def is_ready(p: dict) -> bool:
+        st = p.get("status") or {}
+        cond = {c["type"]: c["status"] for c in st.get("conditions") or []}
+        return (st.get("phase") == "Running" and bool(st.get("podIP"))
+                and cond.get("Ready") == "True" and not p["metadata"].get("deletionTimestamp"))
+
+    def _ready_pods(self, n: int) -> Optional[list[dict]]:
+        ps = [p for p in self.pods() if self.is_ready(p)]
+        return ps if len(ps) >= n else None
+
+
+class P2PScenario(DeploymentViews):
     def __init__(self, cluster, stack, workdir: Path, deployment: str = "llm"):
         self.cluster, self.stack, self.workdir = cluster, stack, workdir
         self.deployment = deployment
@@ -172,26 +197,6 @@ class P2PScenario:
             self.redis.stop()
 
     # -- Kubernetes views
-
-    def pods(self) -> list[dict]:
-        return self.cluster.kubectl_json("get", "pods", "-n", self.namespace, "-l",
-                                         f"app={self.deployment}")["items"]
-
-    def pod(self, name: str) -> Optional[dict]:
-        r = self.cluster.kubectl("get", "pod", "-n", self.namespace, name, "-o", "json",
-                                 check=False)
-        return json.loads(r.stdout) if r.returncode == 0 else None
-
-    @staticmethod
-    def is_ready(p: dict) -> bool:
-        st = p.get("status") or {}
-        cond = {c["type"]: c["status"] for c in st.get("conditions") or []}
-        return (st.get("phase") == "Running" and bool(st.get("podIP"))
-                and cond.get("Ready") == "True" and not p["metadata"].get("deletionTimestamp"))
-
-    def _ready_pods(self, n: int) -> Optional[list[dict]]:
-        ps = [p for p in self.pods() if self.is_ready(p)]
-        return ps if len(ps) >= n else None
 
     # -- peers
 
