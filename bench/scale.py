@@ -44,6 +44,7 @@ this API server at this load).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import asyncio
 import json
 import os
@@ -186,7 +187,11 @@ def member(pod: dict):
 
 
 def keys_of(name: str) -> list[str]:
-    return [f"vllm@m@1@0@{name}-{i:x}" for i in range(KEYS_PER_POD)]
+    """The pod's lookup keys in LMCache 0.3.x's format (`<fmt>@<model>@<world size>@<worker>@<chunk
+    hash in hex>`): the purge deletes only keys of that shape (issue 12), so a name in the hash
+    field would never be purged and the bench would measure nothing."""
+    h = hashlib.blake2b(name.encode(), digest_size=6).hexdigest()
+    return [f"vllm@m@1@0@{h}{i:02x}" for i in range(KEYS_PER_POD)]
 
 
 def parse_metrics(text: str) -> dict[tuple, float]:
