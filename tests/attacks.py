@@ -73,21 +73,19 @@ class Target:
         (pages they share counted twice: an overestimate)."""
         return sum(_status_kib(pid, "VmRSS") for pid in self.group_pids()) / 1024
 
-    def loop_late(self, over_s: float = 0.01) -> tuple[int, int]:
-        """(times the event loop ran its 50 ms timer more than `over_s` late, ticks in all),
-        from the webhook's own lag histogram on the ops port."""
+    def lag_buckets(self) -> dict[float, int]:
+        """The webhook's own event-loop lag histogram (its 50 ms timer), from the ops port:
+        cumulative tick counts by upper bound in seconds (+Inf = every tick)."""
         import urllib.request
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
                                     timeout=10) as r:
             text = r.read().decode()
-        le = total = 0
+        out: dict[float, int] = {}
         for line in text.splitlines():
-            if line.startswith("kvmesh_webhook_event_loop_lag_seconds_bucket") and \
-                    f'le="{over_s}"' in line:
-                le = int(float(line.split()[-1]))
-            elif line.startswith("kvmesh_webhook_event_loop_lag_seconds_count"):
-                total = int(float(line.split()[-1]))
-        return total - le, total
+            if line.startswith("kvmesh_webhook_event_loop_lag_seconds_bucket"):
+                le = line.split('le="', 1)[1].split('"', 1)[0]
+                out[float(le)] = int(float(line.split()[-1]))
+        return out
 
     def connect(self, timeout: float = 10) -> http.client.HTTPSConnection:
         return http.client.HTTPSConnection("127.0.0.1", self.port, context=self.ctx,
