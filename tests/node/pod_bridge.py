@@ -4,9 +4,12 @@ engine (tests/p2p/engine_node.py or engine_node_ctrl.py) whose stdin and stdout 
 connection, so the test drives it with the same JSON-lines protocol as tests/p2p does through a
 pipe. The engine inherits this container's environment untouched: the env the API server stored
 after admission, expanded by the kubelet. Later connections (a second driver) are refused with
-one error line. Stdlib only: it runs on the engine venv's Python.
+one error line. With HEALTH_PORT it also answers `GET /health` there, like vLLM's own endpoint,
+for the pod's readiness probe: a frozen container (`ctr tasks pause`) then stops answering and
+the kubelet marks the pod not Ready, as it would a hung vLLM. Stdlib only: it runs on the engine
+venv's Python.
 
-    pod_bridge.py PORT ENGINE_SCRIPT
+    pod_bridge.py PORT ENGINE_SCRIPT [HEALTH_PORT]
 """
 
 from __future__ import annotations
@@ -16,10 +19,26 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class Health(BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        ok = self.path == "/health"
+        self.send_response(200 if ok else 404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):  # one line per probe would drown the container's log
+        pass
 
 
 def main() -> None:
     port, script = int(sys.argv[1]), sys.argv[2]
+    if len(sys.argv) > 3:
+        health = ThreadingHTTPServer(("0.0.0.0", int(sys.argv[3])), Health)
+        threading.Thread(target=health.serve_forever, daemon=True).start()
     # PID 1 of the container: without a handler SIGTERM is ignored and every deletion would
     # wait out the grace period. Exiting ends the engine too (its PID namespace goes).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

@@ -1,8 +1,9 @@
 """TEST CODE. One real, unpatched LMCache 0.3.6 engine ("a vLLM pod's LMCache") per process.
 
-Runs inside the `lmcache-0.3.6-engine` venv (tests/consumers/setup_envs.sh), started by
-tests/p2p/podrunner.py with exactly the environment the kubelet would give the pod's vLLM
-container. Everything LMCache needs comes from that environment (`LMCacheEngineConfig.from_env`):
+Runs inside the `lmcache-0.3.6-engine` venv (tests/consumers/setup_envs.sh): in a real pod on
+the real node (tests/node/pod_bridge.py starts it with the container's own environment, expanded
+by the kubelet), or for bench/p2p.py on KWOK pods, started by tests/p2p/podrunner.py with exactly
+the environment the kubelet would give the pod's vLLM container. Everything LMCache needs comes from that environment (`LMCacheEngineConfig.from_env`):
 the lookup Redis (LMCACHE_LOOKUP_URL), the address it binds and advertises
 (LMCACHE_DISTRIBUTED_URL), chunk size, CPU tier size.
 

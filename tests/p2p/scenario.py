@@ -1,5 +1,7 @@
-"""TEST CODE: the P2P sharing scenario on the real control plane, shared by
-tests/p2p/test_p2p_e2e.py (which asserts) and bench/p2p.py (which times).
+"""TEST CODE: the P2P sharing scenario on the real control plane with KWOK pods, used by
+bench/p2p.py (which times) and tests/p2p/test_p2p_controller_mode.py (its Kubernetes side). The
+asserting 0.3.6 test runs on the real node instead (tests/node/test_p2p_real.py: a kubelet,
+CoreDNS and the pod network in place of the stand-ins below, each kind of death done by the node).
 
 Pieces, all real except the engines' three labelled stand-ins (see engine_node.py):
   - a redis-server on 127.0.0.1 (free port) = the external lookup Redis of the policy
@@ -241,11 +243,6 @@ class P2PScenario(DeploymentViews):
         self.cluster.kubectl("patch", "pod", "-n", self.namespace, a.name,
                              "--subresource=status", "--type=strategic", "-p", json.dumps(patch))
         return Death("not-ready", t0, a.address)
-
-    def ready_condition(self, name: str) -> Optional[str]:
-        p = self.pod(name) or {}
-        return next((c["status"] for c in (p.get("status") or {}).get("conditions") or []
-                     if c["type"] == "Ready"), None)
 
     def kill_ip_changed(self, a: Peer) -> Death:
         """A's container crashes (SIGKILL) and comes back with a new IP: podIP/podIPs and the
