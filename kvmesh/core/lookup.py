@@ -267,6 +267,7 @@ def _lmcache_controller(ns: str, gid: PeerGroupId, owner: dict, policy: PolicyDe
     selector = {names.LABEL_LOOKUP_FOR: gid.label}
     objs: list[dict] = []
     headless = f"{svc}-hl"
+    metrics = {"httpGet": {"path": "/metrics", "port": "http"}}
     monitor = ('{"pull":%d,"reply":%d,"heartbeat":%d}'
                % (policy.controller_pull_port, policy.controller_reply_port,
                   CONTROLLER_HEARTBEAT_PORT))
@@ -298,11 +299,19 @@ def _lmcache_controller(ns: str, gid: PeerGroupId, owner: dict, policy: PolicyDe
                                                "value": str(hash_seed)}]),
                                           {"name": "LMCACHE_TRACK_USAGE", "value": "false"}],
                                   "ports": ports,
+                                  # Starting is one Python import of LMCache with torch
+                                  # and transformers: 85 s cold on a 2-core node
+                                  # (docs/images.md), and on the real node under load it
+                                  # outlasted the liveness budget (60 s) again and again
+                                  # (tests/node/test_p2p_ctrl_real.py). Liveness waits for
+                                  # the HTTP API (up to 5 min); then 5 s per answer.
+                                  "startupProbe": {**metrics, "periodSeconds": 2,
+                                                   "timeoutSeconds": 5,
+                                                   "failureThreshold": 150},
                                   "readinessProbe": {"tcpSocket": {"port": "pull"},
                                                      "periodSeconds": 5},
-                                  "livenessProbe": {"httpGet": {"path": "/metrics",
-                                                                "port": "http"},
-                                                    "periodSeconds": 15,
+                                  "livenessProbe": {**metrics, "periodSeconds": 15,
+                                                    "timeoutSeconds": 5,
                                                     "failureThreshold": 4},
                                   "resources": {"requests": {"cpu": "250m", "memory": "1Gi"},
                                                 "limits": {"cpu": "2", "memory": "4Gi"}},

@@ -221,6 +221,17 @@ def test_lookup_image_from_policy_never_from_members():
     assert sts["spec"]["template"]["spec"]["containers"][0]["image"].startswith("registry.local")
 
 
+def test_lmcache_controller_liveness_waits_for_its_start():
+    """Its start (one big Python import) may outlast the liveness budget on a busy node: the
+    startup probe gives it 5 min on the liveness endpoint before liveness counts."""
+    sts = next(o for o in _objects("controller", "default") if o["kind"] == "StatefulSet")
+    c = sts["spec"]["template"]["spec"]["containers"][0]
+    start, live = c["startupProbe"], c["livenessProbe"]
+    assert start["httpGet"] == live["httpGet"] == {"path": "/metrics", "port": "http"}
+    assert start["periodSeconds"] * start["failureThreshold"] >= 300
+    assert live["periodSeconds"] * live["failureThreshold"] < 300 and live["timeoutSeconds"] >= 5
+
+
 def test_lookup_image_is_the_published_image_of_the_members_lmcache_version():
     from kvmesh.core.policy import PolicyDefaults
     pol = PolicyDefaults()

@@ -22,12 +22,15 @@ STAND-INS (test code; LMCache itself is not modified):
   2. `LookupAnswers` stands in for vLLM's scheduler-side async lookup server: LMCache's
      storage manager reports each async lookup's loaded prefix length to it
      (`send_response_to_scheduler`); here it is recorded in-process.
-  3. The pod's network namespace. In a pod, LMCacheWorker's `get_ip()` (which asks the routing
-     table for the source address towards 8.8.8.8) yields the pod IP, and its RPC socket bound
-     on `*:<worker port>` is reachable only at the pod's addresses. On this one-host harness
-     `get_ip()` would yield the machine's address and two pods' `*:<port>` would collide, so
-     inside `lmcache.v1.cache_controller.worker` only, `get_ip` returns the pod IP
-     (LMCACHE_P2P_HOST's value, i.e. $(KVMESH_POD_IP)) and a `*:` bind becomes `<pod IP>:`.
+  3. The pod's network namespace, ONLY for engines run as processes on this host
+     (KVMESH_TEST_POD_NETNS=1, set by tests/p2p/ctrlrunner.py; off in real pods, where
+     tests/node/test_p2p_ctrl_real.py runs this file unchanged). In a pod, LMCacheWorker's
+     `get_ip()` (which asks the routing table for the source address towards 8.8.8.8) yields
+     the pod IP, and its RPC socket bound on `*:<worker port>` is reachable only at the pod's
+     addresses. On the one-host harness `get_ip()` would yield the machine's address and two
+     pods' `*:<port>` would collide, so inside `lmcache.v1.cache_controller.worker` only,
+     `get_ip` returns the pod IP (LMCACHE_P2P_HOST's value, i.e. $(KVMESH_POD_IP)) and a `*:`
+     bind becomes `<pod IP>:`.
   4. LOOP WAKER (works around a suspected upstream bug; see docs/controller-mode-on-cpu.md).
      P2PBackend awaits the controller lookup on the worker's zmq.asyncio DEALER socket from the
      storage manager's event loop (p2p_backend.py:306 -> worker.py:279-280), while the worker's
@@ -174,7 +177,9 @@ class Node:
         self.cfg = LMCacheEngineConfig.from_env()  # what vLLM's connector does without a file
         self.cfg.validate()
         self.pod_ip = self.cfg.p2p_host
-        _pod_netns(self.pod_ip)
+        self.netns_standin = os.environ.get("KVMESH_TEST_POD_NETNS") == "1"
+        if self.netns_standin:
+            _pod_netns(self.pod_ip)
         self.watch = LogWatch()
         for name in ("lmcache.v1.storage_backend.p2p_backend",
                      "lmcache.v1.cache_controller.full_sync_sender",
@@ -281,7 +286,8 @@ def main() -> None:
            "transfer_channel": cfg.transfer_channel, "enable_p2p": cfg.enable_p2p,
            "enable_controller": cfg.enable_controller, "async_loading": cfg.enable_async_loading,
            "chunk_size": cfg.chunk_size, "bound": want <= set(listen_addrs()),
-           "listen": listen_addrs(), "import_s": T_IMPORTED - T_START, "init_s": node.init_s})
+           "listen": listen_addrs(), "import_s": T_IMPORTED - T_START, "init_s": node.init_s,
+           "netns_standin": node.netns_standin})
     serve(node, reply, {"store", "keys", "fetch"})
 
 if __name__ == "__main__":
