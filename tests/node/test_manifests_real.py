@@ -225,29 +225,18 @@ def dns_a(c, name: str, server: str = realnode.NODE_IP) -> list[str]:
     import random
     import socket
     import struct
-    import threading
 
     qid = random.randrange(65536)
     q = struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0)
     q += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0" + struct.pack(">HH", 1, 1)
-    out: dict = {}
 
-    def ask():
-        try:
-            realnode._setns(c.netns_path)
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                s.settimeout(3)
-                s.sendto(q, (server, 53))
-                out["reply"] = s.recv(4096)
-        except OSError as e:
-            out["error"] = e
+    def ask() -> bytes:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(3)
+            s.sendto(q, (server, 53))
+            return s.recv(4096)
 
-    t = threading.Thread(target=ask)
-    t.start()
-    t.join()
-    if "error" in out:
-        raise out["error"]
-    r = out["reply"]
+    r = in_node_netns(c, ask)
     an = struct.unpack(">H", r[6:8])[0]
     i = 12
     while r[i]:
@@ -285,28 +274,38 @@ def test_services_resolve_through_coredns(deployed):
     print(f"\nCoreDNS: {fqdn} -> {ip} (injected as {lookup})", file=sys.stderr)
 
 
-def resp_ping(c, ip: str, port: int) -> bytes:
-    """PING over TCP from inside the node namespace (so through kube-proxy's Service rules)."""
-    import socket
+def in_node_netns(c, fn):
+    """fn() in a thread that entered the node's network namespace (sockets it opens live
+    there; a socket keeps the namespace it was created in); its exception is re-raised here."""
     import threading
 
     out: dict = {}
 
-    def ask():
+    def run():
         try:
             realnode._setns(c.netns_path)
-            with socket.create_connection((ip, port), timeout=5) as s:
-                s.sendall(b"*1\r\n$4\r\nPING\r\n")
-                out["reply"] = s.recv(64)
-        except OSError as e:
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
             out["error"] = e
 
-    t = threading.Thread(target=ask)
+    t = threading.Thread(target=run)
     t.start()
     t.join()
     if "error" in out:
         raise out["error"]
-    return out["reply"]
+    return out["value"]
+
+
+def resp_ping(c, ip: str, port: int) -> bytes:
+    """PING over TCP from inside the node namespace (so through kube-proxy's Service rules)."""
+    import socket
+
+    def ask() -> bytes:
+        with socket.create_connection((ip, port), timeout=5) as s:
+            s.sendall(b"*1\r\n$4\r\nPING\r\n")
+            return s.recv(64)
+
+    return in_node_netns(c, ask)
 
 
 def pod_spec_redis_cli(image: str, args: list[str]) -> dict:

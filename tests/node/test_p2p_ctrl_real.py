@@ -45,7 +45,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -63,7 +62,7 @@ sys.path.insert(0, str(REPO / "tests" / "p2p"))
 import ctrlrunner  # noqa: E402
 from ctrlrunner import CALL_S, CHUNKS, IMAGE, TOKENS, assert_share, clean_miss, wait_warm  # noqa: E402
 from support import wait_for as wait  # noqa: E402
-from test_manifests_real import cluster, deployed, dns_a, tenant_namespace  # noqa: E402,F401  (fixtures)
+from test_manifests_real import cluster, deployed, dns_a, in_node_netns, tenant_namespace  # noqa: E402,F401  (fixtures)
 from test_p2p_real import CONTROL_PORT, PodEngine, consumers_module  # noqa: E402
 
 NS = "p2pctrl"
@@ -171,25 +170,6 @@ def mounts_apply_body(mounts: list[tuple[str, Path, str]]) -> dict:
 
 
 # --- the lookup tier, seen from the node ----------------------------------------------------
-
-def in_node_netns(c, fn):
-    """fn() in a thread that entered the node's network namespace (sockets it opens live there)."""
-    out: dict = {}
-
-    def run():
-        try:
-            realnode._setns(c.netns_path)
-            out["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
-            out["error"] = e
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join()
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
-
 
 class Lookup:
     """The group's lookup Service as the test reaches it: `lmcache_controller`'s HTTP API at the

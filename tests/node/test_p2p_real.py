@@ -37,7 +37,6 @@ import importlib.util
 import json
 import socket
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -50,7 +49,7 @@ from kvmesh.local import node as realnode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from support import wait_for as wait  # noqa: E402
-from test_manifests_real import cluster, deployed, tenant_namespace, webhook_pods  # noqa: E402,F401  (fixtures)
+from test_manifests_real import cluster, deployed, in_node_netns, tenant_namespace, webhook_pods  # noqa: E402,F401  (fixtures)
 
 REPO = Path(__file__).resolve().parents[2]
 ENGINE_ENV = "lmcache-0.3.6-engine"
@@ -136,22 +135,11 @@ def connect_in_netns(c, ip: str, port: int, deadline: float) -> socket.socket:
     """A TCP connection made from inside the node's namespace, retried until `deadline` (the
     container may not listen yet). A socket keeps the namespace it was created in."""
     while True:
-        out: dict = {}
-
-        def dial():
-            try:
-                realnode._setns(c.netns_path)
-                out["sock"] = socket.create_connection((ip, port), timeout=5)
-            except OSError as e:
-                out["error"] = e
-
-        t = threading.Thread(target=dial)
-        t.start()
-        t.join()
-        if "sock" in out:
-            return out["sock"]
-        if time.monotonic() > deadline:
-            raise out["error"]
+        try:
+            return in_node_netns(c, lambda: socket.create_connection((ip, port), timeout=5))
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
         time.sleep(0.5)
 
 
