@@ -12,6 +12,7 @@ import time
 
 import yaml
 from aiohttp import web
+from cryptography import x509
 
 from kvmesh.core import names
 from kvmesh.certs import authority
@@ -185,11 +186,17 @@ def test_ca_bundle_drift_is_repaired(stack, devcluster, namespace):
 def test_rotation_under_pod_creation_loop_drops_no_admission(stack, devcluster, namespace):
     """Short lifetimes (CA 45 s, leaves 15 s) so both leaf renewal and a CA rotation with
     overlap happen while pods are being created; every pod must be injected."""
+    # Stop first: a running controller recreates a deleted CA within its check interval, with
+    # its own (year-long) validity, which would then never rotate here (CI saw that once).
+    stack.down()
     devcluster.kubectl("delete", "secret", "-n", names.SYSTEM_NAMESPACE, names.CA_SECRET)
     stack.restart(controller_args=("--ca-validity-seconds", "45", "--cert-check-seconds", "1"),
                   webhook_args=("--leaf-validity-seconds", "15", "--cert-check-seconds", "1"))
     first_ca = devcluster.kubectl_json("get", "secret", "-n", names.SYSTEM_NAMESPACE,
                                        names.CA_SECRET)["data"]["ca.crt"]
+    ca = x509.load_pem_x509_certificate(base64.b64decode(first_ca))
+    assert ca.not_valid_after_utc - ca.not_valid_before_utc < dt.timedelta(minutes=1), \
+        "the CA was not made by the restarted controller (45 s validity)"
     try:
         created, failures = 0, []
         deadline = time.monotonic() + 55
