@@ -23,7 +23,7 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from kvmesh.core import groups, lookup, names
@@ -395,6 +395,11 @@ class Mesh:
         """Converge one group's objects and status. `full` re-applies everything (drift
         repair); otherwise only what changed since it was last applied is written."""
         ns, gid = gkey
+        # One view of the members for the whole pass: the live Group changes (or is replaced)
+        # while this awaits the API, and a change re-queues the group. What spec_applied
+        # records must be what was applied from, or a pass that saw the members differ midway
+        # (a NetworkPolicy deleted for an "empty" group) is never corrected by the event path.
+        g = replace(g, members=dict(g.members)) if g is not None else None
         if g is None or not g.members:
             since = self.empty_since.setdefault(gkey, time.monotonic())
             self.empty_at.setdefault(gkey, _now())

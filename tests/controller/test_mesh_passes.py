@@ -101,3 +101,31 @@ async def test_only_every_repair_pass_reapplies_objects():
     while len(m.queue):
         await m.work_one()
     assert len(api.applied) > n and len(api.status_applied) == s and not m.repair
+
+
+async def test_a_member_updated_while_its_group_is_reconciled_keeps_the_peer_policy():
+    """The real node showed it (tests/node/test_netpol_real.py): a group's only member was
+    updated (Pending -> Running) while the group's first reconcile awaited the API. The pass
+    then saw an empty member list, deleted kvmesh-peers-<group> instead of applying it, yet
+    recorded the inputs it had started from, so no event re-applied it until the full resync
+    (95 s later there)."""
+    api = FakeMeshClient()
+    m = Mesh(api, PolicyDefaults())
+    p = injected_pod(name="p1", uid="u1", ip="127.64.0.1")
+    p["metadata"]["namespace"] = "a"
+    p["status"]["conditions"] = [{"type": "Ready", "status": "False"}]
+    await m._on_pod("ADDED", p, None)
+    real_apply = api.apply
+    updated = copy.deepcopy(p)
+    updated["status"]["conditions"] = [{"type": "Ready", "status": "True"}]
+
+    async def apply_then_update(obj, subresource=None):
+        if obj["kind"] == "StatefulSet" and not any(o["kind"] == "StatefulSet" for o in api.applied):
+            await m._on_pod("MODIFIED", updated, p)  # arrives while the pass applies
+        return await real_apply(obj, subresource)
+    api.apply = apply_then_update
+    await m.resync_once(full=False)
+    peers = [o for o in api.applied if o["kind"] == "NetworkPolicy"
+             and o["metadata"]["name"].startswith("kvmesh-peers-")]
+    assert api.deleted == [] and len(peers) == 1, (api.deleted, peers)
+    assert api.status_applied[-1]["status"]["readyPeers"] == 1
