@@ -14,8 +14,7 @@ import pytest
 
 from kvmesh.core import health, names
 from helpers import apply, publish_keys, running_pods, vllm_deployment, wait_for
-from lmcache_controller import LMCacheController, child_env
-from test_mesh import group_cr, group_redis, lookup_pod, WorkerSim
+from test_mesh import controller_and_workers, group_cr, group_redis, lookup_pod
 
 ENABLED = {names.LABEL_INJECT: "enabled"}
 
@@ -179,13 +178,7 @@ def test_member_not_registered_with_lmcache_controller(fast, devcluster, namespa
     apply(devcluster, vllm_deployment("qwen", namespace, 2, ENABLED))
     vllm = running_pods(devcluster, namespace, "app=qwen", 2)
     cpod = wait_for("lmcache_controller pod", lambda: lookup_pod(devcluster, namespace, gid), 30)
-    ctrl = LMCacheController(cpod["status"]["podIP"], tmp_path)  # the StatefulSet's ports
-    sim = None
-    try:
-        sim = WorkerSim(ctrl.python, ctrl.pull_url, ctrl.reply_url, child_env(),
-                        tmp_path / "sim.stderr")
-        ctrl.wait_up(timeout=300)  # imports torch: minutes on a busy 2-core machine
-        sim.wait_ready(timeout=300)
+    with controller_and_workers(cpod, tmp_path) as (_, sim):
         registered, silent = sorted(p["metadata"]["name"] for p in vllm)
         ip = next(p["status"]["podIP"] for p in vllm if p["metadata"]["name"] == registered)
         assert sim.register(registered, 0, ip, 8500, f"{ip}:8200")["type"] == "RegisterRetMsg"
@@ -206,9 +199,5 @@ def test_member_not_registered_with_lmcache_controller(fast, devcluster, namespa
         line = probe_line(devcluster, namespace, gid)
         assert line["status"] == "ok", line
         assert "lmcache_controller holds chunks of 1 of 2 ready peers" in line["message"]
-    finally:
-        if sim is not None:
-            sim.close()
-        ctrl.stop()
     wait_condition(devcluster, namespace, gid, health.DEGRADED, "True",
                    health.LOOKUP_NOT_READY, 60)

@@ -4,6 +4,7 @@ the lookup pod's own loopback IP) while live members' keys stay; annotate-to-opt
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -51,6 +52,24 @@ def lookup_pod(cluster, ns, gid):
     ps = [p for p in pods(cluster, ns, f"kvmesh.dev/lookup-for={gid}")
           if p["status"].get("podIP") and p["status"].get("phase") == "Running"]
     return ps[0] if ps else None
+
+
+@contextlib.contextmanager
+def controller_and_workers(cpod: dict, workdir: Path):
+    """The real lmcache_controller on the lookup pod's IP (the StatefulSet's ports) and the
+    simulated workers connected to it, both answering; both stopped on the way out."""
+    ctrl = LMCacheController(cpod["status"]["podIP"], workdir)
+    sim = None
+    try:
+        sim = WorkerSim(ctrl.python, ctrl.pull_url, ctrl.reply_url, child_env(),
+                        workdir / "sim.stderr")
+        ctrl.wait_up(timeout=300)  # imports torch: minutes on a busy 2-core machine
+        sim.wait_ready(timeout=300)
+        yield ctrl, sim
+    finally:
+        if sim is not None:
+            sim.close()
+        ctrl.stop()
 
 
 def group_redis(cluster, namespace: str, rpod: dict, workdir, group: str = "default"):
@@ -241,13 +260,7 @@ def test_controller_group_deregisters_deleted_member(fast_controller, devcluster
     assert spec["image"] == "lmcache/vllm-openai:v0.3.9"  # same LMCache as the group
     assert spec["command"] == ["lmcache_controller"] and "--health-check-interval" in spec["args"]
     cpod = wait_for("lmcache_controller pod", lambda: lookup_pod(devcluster, namespace, gid), 30)
-    ctrl = LMCacheController(cpod["status"]["podIP"], tmp_path)  # the StatefulSet's ports
-    sim = None
-    try:
-        sim = WorkerSim(ctrl.python, ctrl.pull_url, ctrl.reply_url, child_env(),
-                        tmp_path / "sim.stderr")
-        ctrl.wait_up()
-        sim.wait_ready()
+    with controller_and_workers(cpod, tmp_path) as (ctrl, sim):
         for p in vllm:
             pip = p["status"]["podIP"]
             ret = sim.register(p["metadata"]["name"], 0, pip, 8500, f"{pip}:8200")
@@ -260,7 +273,3 @@ def test_controller_group_deregisters_deleted_member(fast_controller, devcluster
         wait_for("dead instance deregistered", lambda: ctrl.workers(dead) == [], 15, 0.05)
         print(f"\npod deletion -> deregistered: {(time.monotonic() - t0) * 1000:.0f} ms")
         assert ctrl.workers(alive)  # the live member stays registered
-    finally:
-        if sim is not None:
-            sim.close()
-        ctrl.stop()
