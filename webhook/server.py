@@ -504,7 +504,35 @@ async def _track(request: web.Request, handler: Callable) -> web.StreamResponse:
         c.busy_since, c.served, c.since = None, c.served + 1, edge.loop.time()
 
 
-class _Connection(sslproto.SSLProtocol):
+class _Tracked:
+    """What the Edge's cap and timeouts read of one connection, on either port."""
+
+    def _track(self, edge: "Edge") -> None:
+        self.edge = edge
+        self.raw: Optional[asyncio.Transport] = None
+        self.handler: Any = None
+        self.admitted = False
+        self.busy_since: Optional[float] = None  # a request's handler is running
+        self.served = 0
+        self.since = edge.loop.time()  # accepted, or the last response ended
+        self.rx_at: Optional[float] = None  # first bytes of the next request head
+
+    def _accept(self, transport: asyncio.BaseTransport) -> bool:
+        """Under the cap: makes and registers the aiohttp handler. Over it: aborts, False."""
+        self.raw = transport  # type: ignore[assignment]
+        if not self.edge.admit(self):
+            transport.abort()
+            return False
+        self.handler = self.edge.handler_factory()
+        self.edge.by_handler[self.handler] = self
+        return True
+
+    def _bytes_in(self) -> None:
+        if self.rx_at is None and self.busy_since is None:
+            self.rx_at = self.edge.loop.time()
+
+
+class _Connection(_Tracked, sslproto.SSLProtocol):
     """One accepted TCP connection: admitted under the cap, then TLS, then aiohttp.
 
     asyncio's own TLS protocol with two changes: a 32 KiB read buffer instead of 256 KiB per
@@ -517,28 +545,15 @@ class _Connection(sslproto.SSLProtocol):
         super().__init__(edge.loop, None, edge.tls, None, server_side=True,
                          ssl_handshake_timeout=edge.limits.handshake_timeout,
                          ssl_shutdown_timeout=edge.limits.handshake_timeout)
-        self.edge = edge
-        self.raw: Optional[asyncio.Transport] = None
-        self.handler: Any = None
-        self.admitted = False
-        self.busy_since: Optional[float] = None  # a request's handler is running
-        self.served = 0
-        self.since = edge.loop.time()  # accepted, or the last response ended
-        self.rx_at: Optional[float] = None  # first bytes of the next request head
+        self._track(edge)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.raw = transport  # type: ignore[assignment]
-        if not self.edge.admit(self):
-            transport.abort()
-            return
-        self.handler = self.edge.handler_factory()
-        self._set_app_protocol(self.handler)
-        self.edge.by_handler[self.handler] = self
-        super().connection_made(transport)
+        if self._accept(transport):
+            self._set_app_protocol(self.handler)
+            super().connection_made(transport)
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self.rx_at is None and self.busy_since is None:
-            self.rx_at = self._loop.time()
+        self._bytes_in()
         super().buffer_updated(nbytes)
 
     def connection_lost(self, exc: Optional[BaseException]) -> None:
@@ -548,32 +563,19 @@ class _Connection(sslproto.SSLProtocol):
         super().connection_lost(exc)
 
 
-class _PlainConnection(asyncio.Protocol):
+class _PlainConnection(_Tracked, asyncio.Protocol):
     """One accepted connection of the ops port (no TLS): admitted under the ops cap, then
     handed to aiohttp, with the same bookkeeping as _Connection for the Edge's timeouts."""
 
     def __init__(self, edge: "Edge"):
-        self.edge = edge
-        self.raw: Optional[asyncio.Transport] = None
-        self.handler: Any = None
-        self.admitted = False
-        self.busy_since: Optional[float] = None
-        self.served = 0
-        self.since = edge.loop.time()
-        self.rx_at: Optional[float] = None
+        self._track(edge)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.raw = transport  # type: ignore[assignment]
-        if not self.edge.admit(self):
-            transport.abort()
-            return
-        self.handler = self.edge.handler_factory()
-        self.edge.by_handler[self.handler] = self
-        self.handler.connection_made(transport)
+        if self._accept(transport):
+            self.handler.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
-        if self.rx_at is None and self.busy_since is None:
-            self.rx_at = self.edge.loop.time()
+        self._bytes_in()
         self.handler.data_received(data)
 
     def eof_received(self) -> Optional[bool]:
