@@ -4,12 +4,15 @@ The shipped manifests as in test_manifests_real.py, on a node started with
 `network_policy=True`: kube-router (network policy controller only) programs iptables and ipsets
 in the node's namespace. A redis-generation peer group gets the controller's
 `kvmesh-lookup-<group>` (its Redis Deployment) and `kvmesh-peers-<group>` (its vLLM pods'
-P2P port) policies; both must reject a pod outside the group and admit a member.
+P2P port) policies; both must reject a pod outside the group and admit a member. A controller-
+generation group (LMCache 0.5.x) gets the same two names with other rules: the lmcache_controller's
+ports open to members, and the workers' ports it connects to open to the lookup pods (and no
+other P2P port).
 
 Test-only arrangement: the vLLM pods are the pause stand-in (they listen on nothing), so the
-peers policy is probed at a listener pod that carries the group's label (a redis-server on the
-P2P port the policy names): the policy selects pods by that label, as it does the vLLM pods.
-Clients are redis-cli pods, with and without the group's label.
+policies are probed at listener pods that carry the labels they select by (a redis-server on the
+port a rule names): the policies select pods by those labels, as they do the vLLM pods and the
+lookup pod. Clients are redis-cli pods, with and without the group's (or the lookup's) label.
 Skipped unless cluster/kube-router-build.sh has built kube-router and ipset is installed
 (fails instead under KVMESH_REQUIRE_NETPOL=1, KVMESH_REQUIRE_CLUSTER=1 or KVMESH_REQUIRE_NODE=1).
 """
@@ -57,37 +60,79 @@ def cluster(request):
         c.stop()
 
 
-def pod_ready(c, name: str) -> dict | None:
-    p = c.api("GET", f"/api/v1/namespaces/{NS}/pods/{name}")
+def pod_ready(c, name: str, ns: str = NS) -> dict | None:
+    p = c.api("GET", f"/api/v1/namespaces/{ns}/pods/{name}")
     ok = any(x.get("type") == "Ready" and x.get("status") == "True" for x in p.get("status", {}).get("conditions", []))
     return p if ok else None
 
 
-def redis_pod(c, name: str, labels: dict, command: list[str], args: list[str], restart: str) -> None:
-    c.api("POST", f"/api/v1/namespaces/{NS}/pods", {
+def redis_pod(c, name: str, labels: dict, command: list[str], args: list[str], restart: str,
+              ns: str = NS) -> None:
+    c.api("POST", f"/api/v1/namespaces/{ns}/pods", {
         "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": labels},
         "spec": {"restartPolicy": restart, "nodeSelector": {"kvmesh.dev/real-node": "true"},
                  "containers": [{"name": "c", "image": c.image_refs["redis"], "imagePullPolicy": "Never",
                                  "command": command, "args": args}]}})
 
 
-def ping_from_pod(c, name: str, labels: dict, host: str, port: int) -> str:
+def ping_from_pod(c, name: str, labels: dict, host: str, port: int, ns: str = NS) -> str:
     """redis-cli PING from a new pod on the bridge: PONG, or the last of 8 attempts' error. A
     member retries because kube-router adds a new pod's IP to the allowed sources only once the
     kubelet has reported it, which may be after the container's first connect; an outsider is
     rejected by every attempt (a single PONG ends the loop and fails the test)."""
     script = (f"for i in 1 2 3 4 5 6 7 8; do out=$(timeout 5 redis-cli -h {host} -p {port} ping 2>&1); "
               f'[ "$out" = PONG ] && break; sleep 1; done; echo "$out"')
-    redis_pod(c, name, labels, ["sh", "-c"], [script], "Never")
-    wait(f"client pod {name} done", lambda: c.api("GET", f"/api/v1/namespaces/{NS}/pods/{name}")
+    redis_pod(c, name, labels, ["sh", "-c"], [script], "Never", ns)
+    wait(f"client pod {name} done", lambda: c.api("GET", f"/api/v1/namespaces/{ns}/pods/{name}")
          .get("status", {}).get("phase") in ("Succeeded", "Failed"), timeout=90)
-    return c.kubectl("-n", NS, "logs", name).stdout.strip()
+    return c.kubectl("-n", ns, "logs", name).stdout.strip()
 
 
-def rules_for(c, pod: str) -> bool:
+def rules_for(c, pod: str, ns: str = NS) -> bool:
     """kube-router has programmed this pod's ingress firewall chain."""
     out = c.ns_run("iptables-save", "-t", "filter", check=False).stdout
-    return f"POD name:{pod} namespace: {NS}" in out
+    return f"POD name:{pod} namespace: {ns}" in out
+
+
+def listener(c, name: str, labels: dict, port: int, ns: str) -> str:
+    """A redis-server pod listening on `port` with `labels`, Ready and firewalled: its IP."""
+    redis_pod(c, name, labels, ["redis-server"],
+              ["--port", str(port), "--protected-mode", "no", "--save", ""], "Always", ns)
+    ready = wait(f"{name} Ready", lambda: pod_ready(c, name, ns), timeout=90)
+    wait(f"kube-router's rules for {name}", lambda: rules_for(c, name, ns), timeout=60)
+    return ready["status"]["podIP"]
+
+
+def opted_in_deployment(c, ns: str, name: str, image: str) -> str:
+    """Two stand-in vLLM pods of `image`, admitted by kvmesh, rolled out: their peer group."""
+    deploy = {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": ns},
+        "spec": {"replicas": 2, "selector": {"matchLabels": {"app": name}},
+                 "template": {"metadata": {"labels": {"app": name, "kvmesh.dev/inject": "enabled"}},
+                              "spec": {"containers": [{
+                                  "name": "vllm", "image": image,
+                                  "command": ["vllm", "serve"], "args": ["Qwen/Qwen2.5-0.5B-Instruct"]}]}}}}
+    c.kubectl("apply", "-f", "-", input=json.dumps(deploy))
+    c.kubectl("-n", ns, "rollout", "status", f"deployment/{name}", "--timeout=120s", timeout=130)
+    return c.kubectl_json("-n", ns, "get", "pods", "-l", f"app={name}")["items"][0]["metadata"]["labels"][
+        names.LABEL_PEER_GROUP]
+
+
+def group_policies(c, ns: str, group: str) -> tuple[dict, dict]:
+    """The group's kvmesh-lookup-* and kvmesh-peers-* policies, once the controller applied both."""
+    want = (names.LOOKUP_POLICY_PREFIX + group, names.PEER_POLICY_PREFIX + group)
+    got: dict = {}
+
+    def both() -> bool:
+        got.update({p["metadata"]["name"]: p for p in c.kubectl_json("-n", ns, "get", "networkpolicies")["items"]})
+        return all(w in got for w in want)
+    try:
+        wait(f"{want} in {ns}", both, timeout=90)
+    except TimeoutError as e:
+        logs = c.kubectl("-n", "kvmesh-system", "logs", "deployment/kvmesh-controller", "--tail=40", check=False)
+        raise AssertionError(f"{e}; policies there: {sorted(got)}; kvmesh-controller's log:\n"
+                             f"{logs.stdout}{logs.stderr}") from None
+    return got[want[0]], got[want[1]]
 
 
 def test_lookup_and_peer_policies_reject_outsiders_and_admit_members(cluster):
@@ -95,24 +140,12 @@ def test_lookup_and_peer_policies_reject_outsiders_and_admit_members(cluster):
     c._ctr("images", "tag", "--force", c.image_refs["redis"], "docker.io/library/redis:7.2-alpine")
     c._ctr("images", "tag", "--force", STANDIN_REF, "docker.io/lmcache/vllm-openai:v0.3.6")
     tenant_namespace(c, NS)
-    deploy = {
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "old", "namespace": NS},
-        "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "old"}},
-                 "template": {"metadata": {"labels": {"app": "old", "kvmesh.dev/inject": "enabled"}},
-                              "spec": {"containers": [{
-                                  "name": "vllm", "image": "lmcache/vllm-openai:v0.3.6",
-                                  "command": ["vllm", "serve"], "args": ["Qwen/Qwen2.5-0.5B-Instruct"]}]}}}}
-    c.kubectl("apply", "-f", "-", input=json.dumps(deploy))
-    c.kubectl("-n", NS, "rollout", "status", "deployment/old", "--timeout=120s", timeout=130)
-    group = c.kubectl_json("-n", NS, "get", "pods", "-l", "app=old")["items"][0]["metadata"]["labels"][
-        names.LABEL_PEER_GROUP]
+    group = opted_in_deployment(c, NS, "old", "lmcache/vllm-openai:v0.3.6")
     member = {names.LABEL_PEER_GROUP: group}
     wait("the lookup Deployment", lambda: c.kubectl("-n", NS, "get", "deployment", "kvmesh-redis-default",
                                                      check=False).returncode == 0, timeout=60)
     c.kubectl("-n", NS, "rollout", "status", "deployment/kvmesh-redis-default", "--timeout=120s", timeout=130)
-    policies = {p["metadata"]["name"]: p for p in c.kubectl_json("-n", NS, "get", "networkpolicies")["items"]}
-    lookup_policy = policies[names.LOOKUP_POLICY_PREFIX + group]
-    peers_policy = policies[names.PEER_POLICY_PREFIX + group]
+    lookup_policy, peers_policy = group_policies(c, NS, group)
 
     # The lookup tier: the controller's Redis, by its Service name (kube-proxy DNATs to the pod
     # before kube-router's rules see the packet).
@@ -125,11 +158,7 @@ def test_lookup_and_peer_policies_reject_outsiders_and_admit_members(cluster):
 
     # The peers policy: the group's P2P port, at a listener that carries the group's label.
     p2p_port = peers_policy["spec"]["ingress"][0]["ports"][0]["port"]
-    redis_pod(c, "p2p-listener", member, ["redis-server"],
-              ["--port", str(p2p_port), "--protected-mode", "no", "--save", ""], "Always")
-    listener = wait("listener Ready", lambda: pod_ready(c, "p2p-listener"), timeout=90)
-    wait("kube-router's rules for p2p-listener", lambda: rules_for(c, "p2p-listener"), timeout=60)
-    ip = listener["status"]["podIP"]
+    ip = listener(c, "p2p-listener", member, p2p_port, NS)
     p2p_outsider = ping_from_pod(c, "p2p-outsider", {"app": "curious"}, ip, p2p_port)
     p2p_insider = ping_from_pod(c, "p2p-member", member, ip, p2p_port)
     print(f"\nNetworkPolicy (kube-router): {lookup_policy['metadata']['name']} port {port}: outsider "
@@ -142,8 +171,45 @@ def test_lookup_and_peer_policies_reject_outsiders_and_admit_members(cluster):
     # outsider reaches the listener on another port.
     p2p_ports = {p["port"] for p in peers_policy["spec"]["ingress"][0]["ports"]}
     other_port = next(p for p in range(7000, 7100) if p not in p2p_ports)
-    redis_pod(c, "other-port", member, ["redis-server"],
-              ["--port", str(other_port), "--protected-mode", "no", "--save", ""], "Always")
-    other = wait("other-port Ready", lambda: pod_ready(c, "other-port"), timeout=90)
-    wait("kube-router's rules for other-port", lambda: rules_for(c, "other-port"), timeout=60)
-    assert ping_from_pod(c, "other-outsider", {"app": "curious"}, other["status"]["podIP"], other_port) == "PONG"
+    other = listener(c, "other-port", member, other_port, NS)
+    assert ping_from_pod(c, "other-outsider", {"app": "curious"}, other, other_port) == "PONG"
+
+
+def test_controller_generation_policies_admit_the_lookup_pod_to_worker_ports_only(cluster):
+    """LMCache 0.5.x groups: the lmcache_controller's ports are open to the group's pods, and
+    the workers' ports it connects to (control operations, health checks) to the lookup pods,
+    which get no other P2P port. The lookup StatefulSet runs the stand-in image, which has no
+    lmcache_controller; the listeners carry the labels the policies select by instead."""
+    c = cluster
+    ns = "npctrl"
+    c._ctr("images", "tag", "--force", STANDIN_REF, "docker.io/lmcache/vllm-openai:v0.3.9")
+    tenant_namespace(c, ns)
+    group = opted_in_deployment(c, ns, "new", "lmcache/vllm-openai:v0.3.9")
+    assert group.startswith(names.MODE_CONTROLLER), group
+    member = {names.LABEL_PEER_GROUP: group}
+    lookup_pod = {names.LABEL_LOOKUP_FOR: group}
+    lookup_policy, peers_policy = group_policies(c, ns, group)
+    ctrl_port = lookup_policy["spec"]["ingress"][0]["ports"][0]["port"]
+    [worker_rule] = [r for r in peers_policy["spec"]["ingress"]
+                     if r.get("from") == [{"podSelector": {"matchLabels": lookup_pod}}]]
+    worker_port = worker_rule["ports"][0]["port"]
+    init_port = next(p["port"] for p in peers_policy["spec"]["ingress"][0]["ports"]
+                     if p["port"] not in {q["port"] for q in worker_rule["ports"]})
+
+    at_ctrl = listener(c, "ctrl-listener", lookup_pod, ctrl_port, ns)
+    at_worker = listener(c, "worker-listener", member, worker_port, ns)
+    at_init = listener(c, "init-listener", member, init_port, ns)
+    seen = {
+        "controller port, outsider": ping_from_pod(c, "c-out", {"app": "curious"}, at_ctrl, ctrl_port, ns),
+        "controller port, member": ping_from_pod(c, "c-mem", member, at_ctrl, ctrl_port, ns),
+        "worker port, outsider": ping_from_pod(c, "w-out", {"app": "curious"}, at_worker, worker_port, ns),
+        "worker port, lookup pod": ping_from_pod(c, "w-look", lookup_pod, at_worker, worker_port, ns),
+        "worker port, member": ping_from_pod(c, "w-mem", member, at_worker, worker_port, ns),
+        "P2P port, lookup pod": ping_from_pod(c, "i-look", lookup_pod, at_init, init_port, ns),
+    }
+    print(f"\nNetworkPolicy (kube-router), controller generation {group}: controller port "
+          f"{ctrl_port}, worker port {worker_port}, P2P port {init_port}: {seen}", file=sys.stderr)
+    admitted = {k for k, v in seen.items() if v == "PONG"}
+    assert admitted == {"controller port, member", "worker port, lookup pod", "worker port, member"}, seen
+    for k in set(seen) - admitted:
+        assert "refused" in seen[k].lower(), seen
