@@ -166,13 +166,24 @@ def kubelet_expand(words: Sequence[str], env: Env) -> tuple[str, ...]:
 
 
 def _script_at(argv: Sequence[str], shell: int) -> Optional[int]:
-    """Index of the script in `sh [options] -c SCRIPT` (options before -c skipped)."""
-    j = shell + 1
-    while j < len(argv) and argv[j].startswith("-") and "c" not in argv[j][1:]:
-        j += 1
-    if j + 1 < len(argv) and argv[j].startswith("-") and "c" in argv[j][1:]:
-        return j + 1
-    return None
+    """Index of the script in `sh [options] -c [options] [--] SCRIPT`: as the shell reads it,
+    the first operand after the options once `-c` is among them. `-o NAME`/`-O NAME` (also
+    inside a cluster such as `-eo`) and bash's `--rcfile FILE`/`--init-file FILE` take the next
+    word; `--` or `-` ends the options (KubeRay starts pods with `bash -lc -- SCRIPT`)."""
+    j, has_c = shell + 1, False
+    while j < len(argv):
+        w = argv[j]
+        if w in ("--", "-"):
+            j += 1
+            break
+        if w.startswith("--"):  # bash's long options: never -c
+            j += 2 if w in ("--rcfile", "--init-file") else 1
+            continue
+        if len(w) < 2 or w[0] not in "-+":
+            break  # the first operand
+        has_c = has_c or (w[0] == "-" and "c" in w[1:])
+        j += 1 + sum(ch in "oO" for ch in w[1:])
+    return j if has_c and j < len(argv) else None
 
 
 def script_in(argv: Sequence[str]) -> Optional[str]:

@@ -276,3 +276,41 @@ def test_a_pod_document_gets_the_instance_id_the_webhook_gives_it():
 def test_a_very_long_image_reference_is_decided_without_caching_it():
     r = decide(pod(c(image="example.com/" + "a" * 5000 + ":20240101")), CTX)
     assert r.reason == inject.R_IMAGE and images._unsupported.cache_info().currsize < 256
+
+
+@pytest.mark.parametrize("script", [
+    "export LMCACHE_DISTRIBUTED_URL=${POD_IP} && vllm serve m",
+    "LMCACHE_CHUNK_SIZE=512 exec vllm serve m",
+    "cd /w; env LMCACHE_CONFIG_FILE=/etc/lmc.yaml vllm serve m",
+])
+def test_a_script_that_sets_lmcache_variables_itself_is_configured_elsewhere(script):
+    # Real case: llm-d-kv-cache-manager's vllm-setup-helm chart at its defaults exports
+    # LMCACHE_DISTRIBUTED_URL=${POD_IP} before `vllm serve`; the shell's value beats kvmesh's
+    # env and LMCache 0.3.6 fails to split a bare IP.
+    r = decide(pod(c(command=("/bin/sh", "-c"), args=(script,))), CTX)
+    assert (r.action, r.reason) == ("skip", inject.R_ELSEWHERE), r.message
+    assert "its script sets LMCache variables itself (LMCACHE_" in r.message
+
+
+def test_a_script_that_only_mentions_lmcache_is_injected():
+    r = decide(pod(c(command=("/bin/sh", "-c"), args=('echo "LMCACHE_X is kvmesh\'s"; vllm serve m',))), CTX)
+    assert r.action == "inject", r.message
+
+
+@pytest.mark.parametrize("command", [
+    ("/bin/bash", "-lc", "--"),           # KubeRay's form
+    ("bash", "-o", "pipefail", "-c"),     # an option with an argument before -c
+    ("bash", "--norc", "-ec"),            # a long option, then a cluster with c
+    ("sh", "-c", "-"),
+])
+def test_the_script_is_the_first_operand_after_the_shell_options(command):
+    script = "exec vllm serve m --tensor-parallel-size 2"
+    assert launch.script_in([*command, script]) == script
+    r = decide(pod(c(command=command, args=(script,))), CTX)
+    assert r.reason == inject.R_PARALLEL and "tensor-parallel 2" in r.message, r.message
+
+
+def test_a_shell_without_c_runs_no_script():
+    assert launch.script_in(["bash", "--rcfile", "-c", "x"]) is None  # -c is --rcfile's file
+    assert launch.script_in(["sh", "run.sh", "-c", "x"]) is None
+    assert launch.script_in(["sh", "-c"]) is None
