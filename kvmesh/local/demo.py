@@ -8,6 +8,7 @@ everything it started.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import signal
 import tempfile
@@ -98,11 +99,17 @@ def run(sample_file: str | None = None, exit_after_showing: bool = False) -> int
             _say(f"running; try `KUBECONFIG={cluster.kubeconfig} kubectl get pods -A` in "
                  "another shell. Ctrl-C stops everything.")
             signal.signal(signal.SIGTERM, signal.default_int_handler)
+            # `kill -USR1 <pid>` prints where every thread is (a stop that takes too long).
+            faulthandler.register(signal.SIGUSR1, all_threads=True)
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
             return 0
         finally:
             _say("stopping webhook, controller and control plane")
+            t = time.monotonic()
             stack.down()
+            _say(f"webhook and controller stopped ({time.monotonic() - t:.1f}s)")
+            t = time.monotonic()
             cluster.stop()
+            _say(f"control plane stopped ({time.monotonic() - t:.1f}s)")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 from support import REPO
 
@@ -53,6 +54,25 @@ def wait_ready(proc, lines_q) -> tuple[str, str]:
                              if w.endswith("admin.kubeconfig")).rsplit("/", 2)[0]
 
 
+def stuck(proc, lines_q, workdir: str) -> str:
+    """What a demo that does not stop is doing: its threads' stacks (faulthandler, SIGUSR1),
+    its output since Ctrl-C, and the processes of its work dir with their state and wait
+    channel (D: in the kernel, e.g. disk I/O)."""
+    proc.send_signal(signal.SIGUSR1)
+    time.sleep(3)
+    out = "".join(line for line in list(lines_q.queue) if line is not None)
+    procs = []
+    for pid in pids_of(workdir).split():
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            wchan = Path(f"/proc/{pid}/wchan").read_text()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
+            procs.append(f"{pid} {stat} {wchan} {cmd}")
+        except OSError:
+            pass
+    return f"output since Ctrl-C:\n{out}\nprocesses:\n" + "\n".join(procs)
+
+
 def pids_of(workdir: str) -> str:
     return subprocess.run(["pgrep", "-f", workdir], capture_output=True, text=True).stdout
 
@@ -66,7 +86,10 @@ def test_demo_runs_and_stops_cleanly_on_ctrl_c():
         assert out.count("LMCACHE_P2P_HOST=$(KVMESH_POD_IP)   -> 127.64.") == 2, out
         proc.send_signal(signal.SIGINT)
         # Bounded generously for a busy 2-core machine: each kvmesh process stops within 10 s.
-        proc.wait(timeout=120)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"demo still running 120 s after Ctrl-C\n{stuck(proc, lines_q, workdir)}") from None
         reader.join(10)  # EOF follows the exit (unless a child kept the pipe open)
         rest = "".join(line for line in list(lines_q.queue) if line is not None)
         assert proc.returncode == 0, rest
