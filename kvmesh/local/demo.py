@@ -98,7 +98,11 @@ def run(sample_file: str | None = None, exit_after_showing: bool = False) -> int
                 return 0
             _say(f"running; try `KUBECONFIG={cluster.kubeconfig} kubectl get pods -A` in "
                  "another shell. Ctrl-C stops everything.")
-            signal.signal(signal.SIGTERM, signal.default_int_handler)
+            # Explicitly: a shell's `cmd &` (and so CI harnesses) start us with SIGINT ignored,
+            # and Python then installs no KeyboardInterrupt for it (seen in the suite: the demo
+            # slept through Ctrl-C).
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.default_int_handler)
             # `kill -USR1 <pid>` prints where every thread is (a stop that takes too long).
             faulthandler.register(signal.SIGUSR1, all_threads=True)
             while True:

@@ -511,6 +511,8 @@ def main(argv: list[str] | None = None) -> int:
     nodes = int(argv[0]) if argv else 3
     with DevCluster(nodes=nodes, verbose=True, keep_workdir=True) as c:
         print(f"export KUBECONFIG={c.kubeconfig}   # server {c.server}, ready in {c.startup_seconds:.1f}s", flush=True)
+        for sig in (signal.SIGINT, signal.SIGTERM):  # SIGINT may start ignored (`cmd &`)
+            signal.signal(sig, signal.default_int_handler)
         try:
             signal.pause()
         except KeyboardInterrupt:
