@@ -160,12 +160,18 @@ def test_unbounded_cpu_cache_is_denied(target, value):
 
 def test_compressed_body_is_refused_unread(target):
     bomb = A.gzip_bomb(256)
+    answered = 0
     with A.Prober(target) as p:
         for _ in range(5):
             code, body, took = target.post("/mutate", bomb, {
                 "Content-Type": "application/json", "Content-Encoding": "gzip"})
-            assert code == 415 and b"uncompressed" in body
-            assert took < BUDGET_S
+            # The webhook answers on the headers and closes without reading the body; a client
+            # still sending it may get the reset before the answer (0: seen once in a full run).
+            assert code in (415, 0) and took < BUDGET_S, (code, took)
+            if code == 415:
+                assert b"uncompressed" in body
+                answered += 1
+    assert answered >= 1
     healthy(target, p)
 
 
