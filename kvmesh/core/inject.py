@@ -566,19 +566,27 @@ def elsewhere(s: _Pod) -> None:
                 found.append(f"{n}={v}")
         elif n in contract.OTHER_TIER_VARS and (e.get("value") or "valueFrom" in e):
             found.append(f"{n}={e.get('value', '(valueFrom)')}")
-    script = launch.script_in([str(w) for w in (s.c.get("command") or []) + (s.c.get("args") or [])
-                               if isinstance(w, (str, int, float))])
-    assigned = list(dict.fromkeys(_SCRIPT_ASSIGN.findall(script))) if script and not found else []
-    if assigned:
-        # The shell's own assignment (`export LMCACHE_X=...`, `LMCACHE_X=... vllm serve`) wins
-        # over the container env kvmesh would inject, so the script configures LMCache itself.
-        raise _Skip(R_ELSEWHERE, f"container {s.c['name']!r}: its script sets LMCache variables "
-                                 f"itself ({', '.join(assigned[:3])}), which would override what "
-                                 "kvmesh injects; " + ADVICE[R_ELSEWHERE])
     if found:
         raise _Skip(R_ELSEWHERE, f"container {s.c['name']!r}: LMCache is already configured "
                                  f"toward something kvmesh does not run ({', '.join(found[:3])}); "
                                  + ADVICE[R_ELSEWHERE])
+    # The shell's own assignment (`export LMCACHE_X=...`, `LMCACHE_X=... vllm serve`) wins over
+    # the container env kvmesh would inject, so such a script configures LMCache itself.
+    assigned = list(dict.fromkeys(_SCRIPT_ASSIGN.findall(_script(s))))
+    if assigned:
+        raise _Skip(R_ELSEWHERE, f"container {s.c['name']!r}: its script sets LMCache variables "
+                                 f"itself ({', '.join(assigned[:3])}), which would override what "
+                                 "kvmesh injects; " + ADVICE[R_ELSEWHERE])
+
+
+def _script(s: _Pod) -> str:
+    """The `sh -c` script the target container runs (where target's launch found it), or ''."""
+    ln = s.launch
+    if ln is None or ln.form != "shell" or ln.script_field not in ("command", "args"):
+        return ""
+    holder = s.c.get(ln.script_field) or []
+    w = holder[ln.script_index] if ln.script_index < len(holder) else None
+    return w if isinstance(w, str) else ""
 
 
 _SCRIPT_ASSIGN = re.compile(r"(?:^|[\s;&|(`])(LMCACHE_[A-Za-z0-9_]+)=")
